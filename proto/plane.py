@@ -1,0 +1,104 @@
+"""Request-plane frames: what travels on NATS between a client and an endpoint instance.
+
+A request is one NATS message to the endpoint's subject with ``reply`` set to a per-stream
+subject under the caller's inbox. The responder answers on that reply subject with a
+sequence of :class:`Frame` s numbered from 0:
+
+- ``ACK`` (seq 0): the instance accepted the request and names itself, so the caller can
+  cancel it, grant it credit, and notice if it vanishes from discovery.
+- ``DATA``: one or more chunks. Chunks are coalesced into one frame when the caller has not
+  granted credit for more frames (it is behind), so a slow caller costs fewer messages.
+- ``HEARTBEAT``: sent on a stream that has been quiet for the heartbeat interval.
+- ``END``: the last frame; may carry the final chunks.
+- ``ERROR``: the last frame; carries an :class:`ErrorBody`.
+
+The caller talks back to the instance on its control subject with :class:`Control` messages
+(cancel, credit). Every frame is a msgpack array so the per-chunk overhead is a few bytes;
+chunks stay as raw msgpack (``msgspec.Raw``) until the consumer decodes them with its own type.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class FrameKind(enum.IntEnum):
+    ACK = 0
+    DATA = 1
+    HEARTBEAT = 2
+    END = 3
+    ERROR = 4
+
+
+class ErrorCode(enum.StrEnum):
+    """Why a stream failed. ``RETRYABLE_CODES`` says which ones another instance may fix."""
+
+    OVERLOADED = "overloaded"
+    SHUTTING_DOWN = "shutting_down"
+    NO_RESPONDERS = "no_responders"
+    RESPONDER_GONE = "responder_gone"
+    STREAM_GAP = "stream_gap"
+    TRANSPORT = "transport"
+    TIMEOUT = "timeout"
+    INVALID_REQUEST = "invalid_request"
+    HANDLER_ERROR = "handler_error"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+RETRYABLE_CODES = frozenset(
+    {
+        ErrorCode.OVERLOADED,
+        ErrorCode.SHUTTING_DOWN,
+        ErrorCode.NO_RESPONDERS,
+        ErrorCode.RESPONDER_GONE,
+        ErrorCode.STREAM_GAP,
+        ErrorCode.TRANSPORT,
+        ErrorCode.TIMEOUT,
+    }
+)
+
+
+class ErrorBody(msgspec.Struct, array_like=True, frozen=True):
+    code: ErrorCode
+    message: str
+    retryable: bool
+
+
+class RequestEnvelope(msgspec.Struct, array_like=True):
+    """What the caller publishes to an endpoint subject.
+
+    ``body`` is the handler's request, already msgpack-encoded by the caller, so the runtime
+    never decodes it twice. ``window`` is the initial credit: how many frames the responder
+    may send before it must wait for a ``Control.CREDIT``.
+    """
+
+    request_id: str
+    body: msgspec.Raw
+    window: int = 0
+
+
+class Frame(msgspec.Struct, array_like=True):
+    seq: int
+    kind: FrameKind
+    chunks: list[msgspec.Raw] = []
+    error: ErrorBody | None = None
+    instance_id: int | None = None
+
+
+class ControlKind(enum.IntEnum):
+    CANCEL = 0
+    CREDIT = 1
+
+
+class Control(msgspec.Struct, array_like=True):
+    """Caller -> instance, on the instance's control subject.
+
+    For ``CREDIT``, ``value`` is the highest frame seq the caller has consumed.
+    """
+
+    request_id: str
+    kind: ControlKind
+    value: int = 0

@@ -1,0 +1,37 @@
+"""The distributed runtime: NATS request plane, etcd lease discovery, endpoints and clients."""
+
+from shared.runtime.client import Client, ResponseStream, RouterMode
+from shared.runtime.endpoint import Context, Endpoint, ServedEndpoint
+from shared.runtime.errors import (
+    InvalidRequestError,
+    MeshError,
+    NoInstancesError,
+    NoRespondersError,
+    OverloadedError,
+    RemoteError,
+    ResponderDeadError,
+    ShuttingDownError,
+    StreamGapError,
+    TransportError,
+)
+from shared.runtime.runtime import DistributedRuntime
+
+__all__ = [
+    "Client",
+    "Context",
+    "DistributedRuntime",
+    "Endpoint",
+    "InvalidRequestError",
+    "MeshError",
+    "NoInstancesError",
+    "NoRespondersError",
+    "OverloadedError",
+    "RemoteError",
+    "ResponderDeadError",
+    "ResponseStream",
+    "RouterMode",
+    "ServedEndpoint",
+    "ShuttingDownError",
+    "StreamGapError",
+    "TransportError",
+]

@@ -1,0 +1,355 @@
+"""Serving an endpoint: NATS subscriptions, the instance record in etcd, and response streams.
+
+An instance listens on two subjects: the endpoint's queue-group subject (``ns.comp.ep``: any
+one instance gets each request) and its own direct subject (``ns.comp.ep.<instance hex>``). A
+request is answered on its reply subject by a stream of frames (see ``proto.plane``). The
+handler is an async generator; its chunks are coalesced into fewer frames when the caller has
+not granted credit for more, which bounds what a slow caller can make a worker buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from proto.discovery import InstanceRecord, instance_key
+from proto.plane import ErrorBody, ErrorCode, Frame, FrameKind, RequestEnvelope
+from shared.config import EndpointId
+from shared.runtime import metrics
+from shared.runtime.errors import MeshError
+
+if TYPE_CHECKING:
+    from shared.runtime.runtime import DistributedRuntime
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, "Context"], AsyncIterator[Any]]
+
+# A handler may run this many chunks ahead of the caller's credit before it is paused.
+MAX_PENDING_CHUNKS = 4096
+_ENVELOPE_DECODER = msgspec.msgpack.Decoder(RequestEnvelope)
+
+
+class StopReason(enum.Enum):
+    CALLER = "caller"
+    SHUTDOWN = "shutdown"
+    TRANSPORT = "transport"
+    CALLER_GONE = "caller_gone"
+
+
+class Context:
+    """What a handler knows about its request besides the payload."""
+
+    __slots__ = ("_stopped", "_task", "instance_id", "request_id", "stop_reason")
+
+    def __init__(self, request_id: str, instance_id: int) -> None:
+        self.request_id = request_id
+        self.instance_id = instance_id
+        self.stop_reason: StopReason | None = None
+        self._stopped = False
+        self._task: asyncio.Task[None] | None = None
+
+    def is_stopped(self) -> bool:
+        """True once the caller cancelled, the caller is gone, or the instance is shutting down."""
+        return self._stopped
+
+    def _stop(self, reason: StopReason) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.stop_reason = reason
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+
+
+class ServerStream:
+    """One response stream: sequence numbers, credit, and chunks waiting for credit."""
+
+    __slots__ = (
+        "acked",
+        "ctx",
+        "credit",
+        "last_send",
+        "pending",
+        "reply",
+        "request_id",
+        "runtime",
+        "seq",
+        "window",
+    )
+
+    def __init__(
+        self, runtime: DistributedRuntime, request_id: str, reply: str, window: int
+    ) -> None:
+        self.runtime = runtime
+        self.request_id = request_id
+        self.reply = reply
+        self.window = window
+        self.seq = 0  # next seq to send
+        self.acked = 0
+        self.pending: list[msgspec.Raw] = []
+        self.last_send = time.monotonic()
+        self.credit = asyncio.Event()
+        self.ctx = Context(request_id, runtime.instance_id)
+
+    def can_send_data(self) -> bool:
+        return self.window <= 0 or self.seq <= self.acked + self.window
+
+    async def send(self, kind: FrameKind, **fields: Any) -> None:
+        frame = Frame(seq=self.seq, kind=kind, **fields)
+        self.seq += 1
+        self.last_send = time.monotonic()
+        await self.runtime.publish(self.reply, self.runtime.encoder.encode(frame))
+
+    async def flush_data(self) -> None:
+        if self.pending:
+            chunks, self.pending = self.pending, []
+            await self.send(FrameKind.DATA, chunks=chunks)
+
+    async def grant(self, consumed_seq: int) -> None:
+        if consumed_seq > self.acked:
+            self.acked = consumed_seq
+            self.credit.set()
+            if self.pending and self.can_send_data():
+                await self.flush_data()
+
+
+class ServedEndpoint:
+    """An endpoint this process serves; created by :meth:`Endpoint.serve`."""
+
+    def __init__(
+        self,
+        runtime: DistributedRuntime,
+        eid: EndpointId,
+        handler: Handler,
+        request_type: Any,
+        limit: int,
+        record_fields: dict[str, Any],
+    ) -> None:
+        self.runtime = runtime
+        self.eid = eid
+        self.name = str(eid)
+        self._handler = handler
+        self._decoder = msgspec.msgpack.Decoder(request_type)
+        self._limit = limit
+        fields = dict(record_fields)
+        self._metadata: dict[str, str] = dict(fields.pop("metadata", None) or {})
+        self._record_fields = fields
+        self.streams: dict[str, ServerStream] = {}
+        self.direct_subject = f"{eid.subject}.{runtime.instance_id:x}"
+        self.key = instance_key(eid.namespace, eid.component, eid.endpoint, runtime.instance_id)
+        self.serving = False
+        self.registered = False
+        self._subs: list[Any] = []
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    def record(self, *, draining: bool = False) -> InstanceRecord:
+        metadata = {**self._metadata, "state": "draining"} if draining else self._metadata
+        return InstanceRecord(
+            namespace=self.eid.namespace,
+            component=self.eid.component,
+            endpoint=self.eid.endpoint,
+            instance_id=self.runtime.instance_id,
+            subject=self.direct_subject,
+            control_subject=self.runtime.control_subject,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self.runtime.started_at,
+            lease_id=self.runtime.etcd.lease_id,
+            metadata=metadata,
+            **self._record_fields,
+        )
+
+    def _encoded_record(self, *, draining: bool = False) -> bytes:
+        return self.runtime.encoder.encode(self.record(draining=draining))
+
+    async def start(self, *, register: bool = True) -> None:
+        nc = self.runtime.nats
+        self._subs.append(
+            await nc.subscribe(self.eid.subject, queue=self.eid.subject, cb=self._on_request)
+        )
+        self._subs.append(await nc.subscribe(self.direct_subject, cb=self._on_request))
+        self.serving = True
+        if register:
+            await self.register()
+
+    async def register(self) -> None:
+        """Make the instance discoverable (again)."""
+        await self.runtime.etcd.put(self.key, self._encoded_record())
+        self.registered = True
+
+    def refresh_lease(self, lease_id: int) -> None:
+        del lease_id  # the record reads the current lease id when encoded
+        if self.registered:
+            self.runtime.etcd.remember(self.key, self._encoded_record())
+
+    async def unregister(self) -> None:
+        """Leave discovery; in-flight streams go on.
+
+        The record is first rewritten as draining, so callers that see the deletion next know
+        it was graceful and keep waiting for the streams this instance still serves.
+        """
+        if not self.registered:
+            return
+        self.registered = False
+        with contextlib.suppress(Exception):
+            await self.runtime.etcd.put(self.key, self._encoded_record(draining=True))
+        with contextlib.suppress(Exception):
+            await self.runtime.etcd.delete(self.key)
+
+    async def stop_accepting(self) -> None:
+        self.serving = False
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.drain()
+
+    async def drain(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for in-flight streams, then stop the rest as retryable."""
+        if self.streams:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout=max(grace, 0.0))
+        for stream in list(self.streams.values()):
+            stream.ctx._stop(StopReason.SHUTDOWN)
+        tasks = [s.ctx._task for s in self.streams.values() if s.ctx._task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+
+    def stop_all(self, reason: StopReason) -> None:
+        for stream in list(self.streams.values()):
+            stream.ctx._stop(reason)
+
+    async def _reject(self, reply: str, code: ErrorCode, message: str) -> None:
+        metrics.errors_total.labels(self.name, code.value).inc()
+        body = MeshError(message, code=code).to_body()
+        frame = Frame(seq=0, kind=FrameKind.ERROR, error=body)
+        with contextlib.suppress(Exception):
+            await self.runtime.publish(reply, self.runtime.encoder.encode(frame))
+
+    async def _on_request(self, msg: Any) -> None:
+        reply: str = msg.reply
+        try:
+            env = _ENVELOPE_DECODER.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning(
+                "undecodable request", extra={"endpoint": self.name, "error": str(exc)}
+            )
+            if reply:
+                await self._reject(reply, ErrorCode.INVALID_REQUEST, f"bad request frame: {exc}")
+            return
+        if not reply:
+            log.warning("request without reply subject", extra={"endpoint": self.name})
+            return
+        if not self.serving or self.runtime.shutting_down:
+            await self._reject(reply, ErrorCode.SHUTTING_DOWN, f"{self.name} is shutting down")
+            return
+        if self._limit > 0 and len(self.streams) >= self._limit:
+            await self._reject(
+                reply, ErrorCode.OVERLOADED, f"{self.name} is at its limit of {self._limit}"
+            )
+            return
+        try:
+            request = self._decoder.decode(env.body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await self._reject(reply, ErrorCode.INVALID_REQUEST, f"invalid request: {exc}")
+            return
+        stream = ServerStream(self.runtime, env.request_id, reply, env.window)
+        self.streams[env.request_id] = stream
+        self.runtime.server_streams[env.request_id] = stream
+        self._drained.clear()
+        await stream.send(FrameKind.ACK, instance_id=self.runtime.instance_id)
+        stream.ctx._task = asyncio.create_task(self._run(stream, request))
+
+    async def _run(self, stream: ServerStream, request: Any) -> None:
+        started = time.perf_counter()
+        metrics.requests_total.labels(self.name).inc()
+        metrics.inflight_requests.labels(self.name).inc()
+        encode = self.runtime.encoder.encode
+        error: ErrorBody | None = None
+        agen = self._handler(request, stream.ctx)
+        try:
+            async for chunk in agen:
+                stream.pending.append(chunk if isinstance(chunk, msgspec.Raw) else msgspec.Raw(encode(chunk)))
+                if stream.can_send_data():
+                    await stream.flush_data()
+                elif len(stream.pending) >= MAX_PENDING_CHUNKS:
+                    await self._wait_for_credit(stream)
+            chunks, stream.pending = stream.pending, []
+            await stream.send(FrameKind.END, chunks=chunks)
+        except asyncio.CancelledError:
+            reason = stream.ctx.stop_reason
+            if reason is None:
+                raise  # cancelled from outside the request plane (loop teardown)
+            if reason is StopReason.CALLER:
+                metrics.cancellations_total.labels(self.name).inc()
+            elif reason is StopReason.SHUTDOWN:
+                error = ErrorBody(ErrorCode.SHUTTING_DOWN, f"{self.name} is shutting down", True)
+        except MeshError as exc:
+            error = exc.to_body()
+        except Exception as exc:
+            log.exception("handler failed", extra={"endpoint": self.name})
+            error = ErrorBody(ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}", False)
+        finally:
+            stream.ctx._stopped = True
+            with contextlib.suppress(BaseException):
+                await agen.aclose()  # type: ignore[attr-defined]
+            self.streams.pop(stream.request_id, None)
+            self.runtime.server_streams.pop(stream.request_id, None)
+            if not self.streams:
+                self._drained.set()
+            metrics.inflight_requests.labels(self.name).dec()
+            metrics.request_duration.labels(self.name).observe(time.perf_counter() - started)
+        if error is not None:
+            metrics.errors_total.labels(self.name, error.code.value).inc()
+            with contextlib.suppress(Exception):
+                await stream.send(FrameKind.ERROR, error=error)
+
+    async def _wait_for_credit(self, stream: ServerStream) -> None:
+        # A caller that grants no credit for this long is gone (or hopelessly stuck): stop
+        # working for it instead of holding engine capacity forever.
+        timeout = self.runtime.config.stream_timeout * 2
+        while not stream.can_send_data():
+            stream.credit.clear()
+            try:
+                await asyncio.wait_for(stream.credit.wait(), timeout)
+            except TimeoutError:
+                stream.ctx._stop(StopReason.CALLER_GONE)
+                raise asyncio.CancelledError from None
+        await stream.flush_data()
+
+
+class Endpoint:
+    """A named endpoint: serve it here, or call it with :meth:`client`."""
+
+    def __init__(self, runtime: DistributedRuntime, eid: EndpointId) -> None:
+        self.runtime = runtime
+        self.id = eid
+
+    async def serve(
+        self,
+        handler: Handler,
+        *,
+        request_type: Any = Any,
+        concurrency_limit: int | None = None,
+        register: bool = True,
+        **record_fields: Any,
+    ) -> ServedEndpoint:
+        """Start serving ``handler``; returns once subscribed and registered.
+
+        ``record_fields`` go into the instance record (model, worker_type, runtime_config,
+        zmq, metadata). ``concurrency_limit`` defaults to ``--engine-request-limit``.
+        """
+        limit = self.runtime.config.engine_request_limit if concurrency_limit is None else concurrency_limit
+        served = ServedEndpoint(self.runtime, self.id, handler, request_type, limit, record_fields)
+        await self.runtime.add_served(served, register=register)
+        return served

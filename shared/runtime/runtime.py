@@ -1,0 +1,275 @@
+"""The distributed runtime of one process: one NATS connection, one etcd session and lease.
+
+It owns the process-wide plumbing every endpoint and client shares: a single wildcard inbox
+subscription that demultiplexes response frames to their streams, a single control
+subscription for cancels and credit, one ticker that sends heartbeats on quiet outgoing
+streams and fails silent incoming ones, and the shutdown sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+
+from proto.plane import Control, ControlKind, Frame, FrameKind
+from shared.config import EndpointId, MeshConfig, parse_endpoint
+from shared.runtime import metrics
+from shared.runtime.client import Client, ResponseStream, control_subject
+from shared.runtime.endpoint import Endpoint, ServedEndpoint, ServerStream, StopReason
+from shared.runtime.errors import (
+    NoRespondersError,
+    ResponderDeadError,
+    StreamGapError,
+    TransportError,
+)
+from shared.runtime.etcd import EtcdSession
+
+log = logging.getLogger(__name__)
+
+_FRAME_DECODER = msgspec.msgpack.Decoder(Frame)
+_CONTROL_DECODER = msgspec.msgpack.Decoder(Control)
+
+
+class DistributedRuntime:
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        # Random, not the lease id: the id must survive a lease re-grant so routers and KV
+        # indexes keep recognising the instance after an etcd restart.
+        self.instance_id = secrets.randbits(63) or 1
+        self.started_at = time.time()
+        self.encoder = msgspec.msgpack.Encoder()
+        self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+        self.nats = NATS()
+        self.etcd = EtcdSession(config.etcd_hostports(), config.lease_ttl)
+        self.control_subject = control_subject(self.instance_id)
+        self.inbox = ""
+        self.server_streams: dict[str, ServerStream] = {}
+        self.client_streams: dict[str, ResponseStream] = {}
+        self.served: list[ServedEndpoint] = []
+        self.clients: list[Client] = []
+        self.shutting_down = False
+        self.shutdown_event = asyncio.Event()
+        self._stream_ids = itertools.count(1)
+        self._id_prefix = f"{self.instance_id:x}"
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self, *, connect_timeout: float = 10.0) -> None:
+        await self._connect_nats(connect_timeout)
+        self.inbox = self.nats.new_inbox()
+        await self.nats.subscribe(f"{self.inbox}.*", cb=self._on_inbox)
+        await self.nats.subscribe(self.control_subject, cb=self._on_control)
+        await self.etcd.start(connect_timeout=connect_timeout)
+        self.etcd.on_lease_change(self._on_lease_change)
+        self._ticker = asyncio.create_task(self._tick(), name="runtime-ticker")
+        log.info(
+            "runtime started",
+            extra={
+                "instance_id": f"{self.instance_id:x}",
+                "namespace": self.config.namespace,
+                "lease_id": self.etcd.lease_id,
+            },
+        )
+
+    async def _connect_nats(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self.nats.connect(
+                    servers=self.config.nats_servers,
+                    name=f"sglmesh-{self.instance_id:x}",
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    connect_timeout=2,
+                    ping_interval=5,
+                    max_outstanding_pings=3,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_nats_error,
+                )
+                return
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(
+                        f"cannot reach NATS at {self.config.nats_url}: {exc}"
+                    ) from exc
+                await asyncio.sleep(0.25)
+
+    def request_shutdown(self) -> None:
+        self.shutdown_event.set()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Leave discovery, let in-flight requests finish (up to ``grace``), then close."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self.shutdown_event.set()
+        grace = self.config.graceful_shutdown_grace_period if grace is None else grace
+        log.info("shutting down", extra={"grace_period": grace, "inflight": len(self.server_streams)})
+        for served in self.served:
+            await served.unregister()
+        for served in self.served:
+            await served.stop_accepting()
+        await asyncio.gather(*(served.drain(grace) for served in self.served))
+        for client in self.clients:
+            await client.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        await self.etcd.close(revoke=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.nats.drain(), 2.0)
+        with contextlib.suppress(Exception):
+            await self.nats.close()
+        for task in list(self._tasks):
+            task.cancel()
+        log.info("runtime closed")
+
+    # -- endpoints and clients ----------------------------------------------------------------
+    def endpoint(self, name: str | EndpointId, endpoint: str | None = None) -> Endpoint:
+        """``endpoint("backend", "generate")`` in this namespace, or a full ``ns.comp.ep``."""
+        if isinstance(name, EndpointId):
+            eid = name
+        elif endpoint is not None:
+            eid = EndpointId(self.config.namespace, name, endpoint)
+        else:
+            eid = parse_endpoint(name)
+        return Endpoint(self, eid)
+
+    async def client(self, name: str | EndpointId, endpoint: str | None = None) -> Client:
+        client = Client(self, self.endpoint(name, endpoint).id)
+        await client.start()
+        self.clients.append(client)
+        return client
+
+    async def add_served(self, served: ServedEndpoint, *, register: bool) -> None:
+        self.served.append(served)
+        await served.start(register=register)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        endpoints = {
+            s.name: "ready" if (s.serving and s.registered) else "notready" for s in self.served
+        }
+        ready = (
+            not self.shutting_down
+            and self.nats.is_connected
+            and self.etcd.healthy
+            and all(v == "ready" for v in endpoints.values())
+        )
+        return ready, {
+            "status": "ready" if ready else "notready",
+            "instance_id": f"{self.instance_id:x}",
+            "endpoints": endpoints,
+            "nats": "connected" if self.nats.is_connected else "disconnected",
+            "etcd": "healthy" if self.etcd.healthy else "unreachable",
+            "uptime": round(time.time() - self.started_at, 3),
+        }
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def decoder_for(self, type_: Any) -> msgspec.msgpack.Decoder[Any]:
+        dec = self._decoders.get(type_)
+        if dec is None:
+            dec = self._decoders[type_] = msgspec.msgpack.Decoder(type_)
+        return dec
+
+    def next_stream_ids(self) -> tuple[str, str]:
+        n = next(self._stream_ids)
+        sid = f"{n:x}"
+        return sid, f"{self._id_prefix}-{sid}"
+
+    async def publish(self, subject: str, data: bytes, reply: str = "") -> None:
+        await self.nats.publish(subject, data, reply=reply)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a fire-and-forget coroutine, keeping a reference so it is not collected."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_inbox(self, msg: Any) -> None:
+        stream = self.client_streams.get(msg.subject[len(self.inbox) + 1 :])
+        headers = msg.headers
+        if headers and headers.get("Status") == "503":
+            if stream is not None:
+                stream._fail(NoRespondersError("no responders on the endpoint subject"))
+            return
+        try:
+            frame = _FRAME_DECODER.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("undecodable response frame", extra={"error": str(exc)})
+            if stream is not None:
+                stream._fail(StreamGapError(f"undecodable frame: {exc}"))
+            return
+        if stream is not None:
+            stream._deliver(frame)
+        elif frame.kind is FrameKind.ACK and frame.instance_id is not None:
+            # The caller gave up before the responder acknowledged: cancel the orphan.
+            request_id = f"{self._id_prefix}-{msg.subject[len(self.inbox) + 1 :]}"
+            ctl = self.encoder.encode(Control(request_id, ControlKind.CANCEL))
+            await self.publish(control_subject(frame.instance_id), ctl)
+
+    async def _on_control(self, msg: Any) -> None:
+        try:
+            ctl = _CONTROL_DECODER.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("undecodable control message", extra={"error": str(exc)})
+            return
+        stream = self.server_streams.get(ctl.request_id)
+        if stream is None:
+            return
+        if ctl.kind is ControlKind.CANCEL:
+            stream.ctx._stop(StopReason.CALLER)
+        elif ctl.kind is ControlKind.CREDIT:
+            await stream.grant(ctl.value)
+
+    async def _tick(self) -> None:
+        hb = self.config.heartbeat_interval
+        timeout = self.config.stream_timeout
+        period = min(hb / 2, timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for stream in list(self.server_streams.values()):
+                if now - stream.last_send >= hb:
+                    with contextlib.suppress(Exception):
+                        await stream.send(FrameKind.HEARTBEAT)
+            for cstream in list(self.client_streams.values()):
+                if now - cstream.last_recv > timeout:
+                    cstream._fail(
+                        ResponderDeadError(f"no frame from the responder for {timeout:g} s")
+                    )
+
+    async def _on_disconnected(self) -> None:
+        if self.shutting_down:
+            return
+        log.warning("NATS disconnected; failing in-flight streams")
+        for stream in list(self.client_streams.values()):
+            stream._fail(TransportError("NATS connection lost"))
+        # Their callers fail them too, so nobody would read what these handlers produce.
+        for served in self.served:
+            served.stop_all(StopReason.TRANSPORT)
+
+    async def _on_reconnected(self) -> None:
+        metrics.nats_reconnects_total.inc()
+        log.info("NATS reconnected", extra={"url": str(self.nats.connected_url)})
+
+    async def _on_nats_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            log.warning("NATS slow consumer", extra={"subject": exc.subject})
+        else:
+            log.info("NATS error", extra={"error": repr(exc)})
+
+    def _on_lease_change(self, lease_id: int) -> None:
+        for served in self.served:
+            served.refresh_lease(lease_id)
