@@ -17,6 +17,7 @@ import itertools
 import logging
 import random
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -106,6 +107,16 @@ class ResponseStream:
         return self
 
     async def __anext__(self) -> Any:
+        if self._chunks:  # fast path: no await, nothing to cancel
+            return self._decoder.decode(self._chunks.popleft())
+        try:
+            return await self._next()
+        except asyncio.CancelledError:
+            # The consumer was cancelled (e.g. its HTTP client left): stop the handler.
+            self._finish(cancel=True)
+            raise
+
+    async def _next(self) -> Any:
         while True:
             if self._chunks:
                 return self._decoder.decode(self._chunks.popleft())
@@ -122,18 +133,12 @@ class ResponseStream:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
-            except asyncio.CancelledError:
-                # The consumer was cancelled (e.g. its HTTP client left): stop the handler.
-                self._finish(cancel=True)
-                raise
             finally:
                 self._waiter = None
 
     async def _consume(self, frame: Frame) -> None:
         if frame.seq != self._expected:
-            self._fail(
-                StreamGapError(f"expected frame {self._expected}, got {frame.seq}")
-            )
+            self._fail(StreamGapError(f"expected frame {self._expected}, got {frame.seq}"))
             self._frames.clear()
             return
         self._expected += 1
@@ -173,9 +178,8 @@ class ResponseStream:
         self._closed = True
         self._runtime.client_streams.pop(self.stream_id, None)
         self._client.streams.discard(self)
-        if cancel and not self._ended:
-            if self.instance_id is not None:
-                self._runtime.spawn(self._send_control(ControlKind.CANCEL))
+        if cancel and not self._ended and self.instance_id is not None:
+            self._runtime.spawn(self._send_control(ControlKind.CANCEL))
             # else: the ACK, if it ever comes, finds no stream and the dispatcher cancels.
 
     async def aclose(self) -> None:
@@ -193,8 +197,7 @@ class ResponseStream:
     def __del__(self) -> None:
         # A consumer that walked away without closing must not leave the handler running.
         if not self._closed and not self._ended and self.instance_id is not None:
-            with contextlib.suppress(Exception):
-                self._runtime.spawn(self._send_control(ControlKind.CANCEL))
+            self._runtime.cancel_remote(self.instance_id, self.request_id, from_gc=True)
 
 
 class Client:
@@ -211,7 +214,7 @@ class Client:
         )
         self._watcher.on_put(self._on_put)
         self._watcher.on_delete(self._on_delete)
-        self.streams: set[ResponseStream] = set()
+        self.streams: weakref.WeakSet[ResponseStream] = weakref.WeakSet()
         self._draining: set[int] = set()
         self._rr = itertools.count()
         self._ids: list[int] = []
@@ -225,9 +228,7 @@ class Client:
     # -- discovery ---------------------------------------------------------------------------
     def instances(self) -> list[InstanceRecord]:
         """Instances that take new requests (draining ones excluded)."""
-        return [
-            r for r in self._watcher.items.values() if r.instance_id not in self._draining
-        ]
+        return [r for r in self._watcher.items.values() if r.instance_id not in self._draining]
 
     def instance_ids(self) -> list[int]:
         return list(self._ids)
@@ -282,9 +283,9 @@ class Client:
         rt = self.runtime
         metrics.client_requests_total.labels(self.name).inc()
         if not rt.nats.is_connected:
-            err = TransportError("NATS is not connected")
-            self.count_error(err)
-            raise err
+            down = TransportError("NATS is not connected")
+            self.count_error(down)
+            raise down
         mode = RouterMode(mode)
         if instance_id is None and mode is not RouterMode.ANY:
             try:
@@ -292,11 +293,11 @@ class Client:
             except NoInstancesError as err:
                 self.count_error(err)
                 raise
-        subject = (
-            self.eid.subject if instance_id is None else f"{self.eid.subject}.{instance_id:x}"
-        )
+        subject = self.eid.subject if instance_id is None else f"{self.eid.subject}.{instance_id:x}"
         stream_id, request_id = rt.next_stream_ids()
-        body = request if isinstance(request, msgspec.Raw) else msgspec.Raw(rt.encoder.encode(request))
+        body = (
+            request if isinstance(request, msgspec.Raw) else msgspec.Raw(rt.encoder.encode(request))
+        )
         stream = ResponseStream(
             self, stream_id, request_id, rt.decoder_for(response_type), instance_id, window
         )
@@ -307,9 +308,9 @@ class Client:
             await rt.publish(subject, data, reply=f"{rt.inbox}.{stream_id}")
         except Exception as exc:
             stream._finish()
-            err = TransportError(f"cannot publish to {subject}: {exc}")
-            self.count_error(err)
-            raise err from exc
+            failed = TransportError(f"cannot publish to {subject}: {exc}")
+            self.count_error(failed)
+            raise failed from exc
         return stream
 
     def count_error(self, error: MeshError) -> None:

@@ -135,4 +135,3 @@ class PrefixWatcher(Generic[T]):
                 )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
-

@@ -76,8 +76,8 @@ class ServerStream:
 
     __slots__ = (
         "acked",
-        "ctx",
         "credit",
+        "ctx",
         "last_send",
         "pending",
         "reply",
@@ -241,9 +241,7 @@ class ServedEndpoint:
         try:
             env = _ENVELOPE_DECODER.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning(
-                "undecodable request", extra={"endpoint": self.name, "error": str(exc)}
-            )
+            log.warning("undecodable request", extra={"endpoint": self.name, "error": str(exc)})
             if reply:
                 await self._reject(reply, ErrorCode.INVALID_REQUEST, f"bad request frame: {exc}")
             return
@@ -279,7 +277,9 @@ class ServedEndpoint:
         agen = self._handler(request, stream.ctx)
         try:
             async for chunk in agen:
-                stream.pending.append(chunk if isinstance(chunk, msgspec.Raw) else msgspec.Raw(encode(chunk)))
+                stream.pending.append(
+                    chunk if isinstance(chunk, msgspec.Raw) else msgspec.Raw(encode(chunk))
+                )
                 if stream.can_send_data():
                     await stream.flush_data()
                 elif len(stream.pending) >= MAX_PENDING_CHUNKS:
@@ -349,7 +349,11 @@ class Endpoint:
         ``record_fields`` go into the instance record (model, worker_type, runtime_config,
         zmq, metadata). ``concurrency_limit`` defaults to ``--engine-request-limit``.
         """
-        limit = self.runtime.config.engine_request_limit if concurrency_limit is None else concurrency_limit
+        limit = (
+            self.runtime.config.engine_request_limit
+            if concurrency_limit is None
+            else concurrency_limit
+        )
         served = ServedEndpoint(self.runtime, self.id, handler, request_type, limit, record_fields)
         await self.runtime.add_served(served, register=register)
         return served

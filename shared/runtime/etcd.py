@@ -22,6 +22,17 @@ log = logging.getLogger(__name__)
 
 _RETRY_INTERVAL = 0.25
 
+# gRPC's default reconnect backoff grows to 120 s; after an etcd restart the process must be
+# back within a lease TTL. etcd is cluster-internal, so an HTTP proxy from the environment is
+# never the way to it.
+_GRPC_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1000,
+    "grpc.enable_http_proxy": 0,
+    "grpc.use_local_subchannel_pool": 1,
+}
+
 
 class EtcdSession:
     def __init__(
@@ -90,7 +101,7 @@ class EtcdSession:
             with contextlib.suppress(Exception):
                 await self._client.close()
         host, port = self._hostports[self._endpoint_index]
-        client = aetcd.Client(host=host, port=port, timeout=self._timeout)
+        client = aetcd.Client(host=host, port=port, timeout=self._timeout, options=_GRPC_OPTIONS)
         await client.connect()
         await client.status()  # connect() is lazy; this proves the server answers
         self._client = client

@@ -14,6 +14,7 @@ import itertools
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Coroutine
 from typing import Any
 
@@ -54,7 +55,11 @@ class DistributedRuntime:
         self.control_subject = control_subject(self.instance_id)
         self.inbox = ""
         self.server_streams: dict[str, ServerStream] = {}
-        self.client_streams: dict[str, ResponseStream] = {}
+        # Weak, so a stream its consumer dropped without closing is collected, and its
+        # finalizer cancels the remote handler.
+        self.client_streams: weakref.WeakValueDictionary[str, ResponseStream] = (
+            weakref.WeakValueDictionary()
+        )
         self.served: list[ServedEndpoint] = []
         self.clients: list[Client] = []
         self.shutting_down = False
@@ -63,9 +68,11 @@ class DistributedRuntime:
         self._id_prefix = f"{self.instance_id:x}"
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, *, connect_timeout: float = 10.0) -> None:
+        self.loop = asyncio.get_running_loop()
         await self._connect_nats(connect_timeout)
         self.inbox = self.nats.new_inbox()
         await self.nats.subscribe(f"{self.inbox}.*", cb=self._on_inbox)
@@ -91,7 +98,7 @@ class DistributedRuntime:
                     name=f"sglmesh-{self.instance_id:x}",
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,
+                    reconnect_time_wait=0.25,  # type: ignore[arg-type]  # seconds; the stub says int
                     connect_timeout=2,
                     ping_interval=5,
                     max_outstanding_pings=3,
@@ -117,7 +124,9 @@ class DistributedRuntime:
         self.shutting_down = True
         self.shutdown_event.set()
         grace = self.config.graceful_shutdown_grace_period if grace is None else grace
-        log.info("shutting down", extra={"grace_period": grace, "inflight": len(self.server_streams)})
+        log.info(
+            "shutting down", extra={"grace_period": grace, "inflight": len(self.server_streams)}
+        )
         for served in self.served:
             await served.unregister()
         for served in self.served:
@@ -191,6 +200,19 @@ class DistributedRuntime:
     async def publish(self, subject: str, data: bytes, reply: str = "") -> None:
         await self.nats.publish(subject, data, reply=reply)
 
+    def cancel_remote(self, instance_id: int, request_id: str, *, from_gc: bool = False) -> None:
+        """Tell an instance to stop a request, without waiting (callable from sync code)."""
+        loop = self.loop
+        if loop is None or loop.is_closed() or self.nats.is_closed:
+            return
+        data = self.encoder.encode(Control(request_id, ControlKind.CANCEL))
+        subject = control_subject(instance_id)
+        if from_gc:
+            # Finalizers may run anywhere, even outside the loop's thread.
+            loop.call_soon_threadsafe(lambda: self.spawn(self.publish(subject, data)))
+        else:
+            self.spawn(self.publish(subject, data))
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a fire-and-forget coroutine, keeping a reference so it is not collected."""
         task = asyncio.get_running_loop().create_task(coro)
@@ -216,8 +238,7 @@ class DistributedRuntime:
         elif frame.kind is FrameKind.ACK and frame.instance_id is not None:
             # The caller gave up before the responder acknowledged: cancel the orphan.
             request_id = f"{self._id_prefix}-{msg.subject[len(self.inbox) + 1 :]}"
-            ctl = self.encoder.encode(Control(request_id, ControlKind.CANCEL))
-            await self.publish(control_subject(frame.instance_id), ctl)
+            self.cancel_remote(frame.instance_id, request_id)
 
     async def _on_control(self, msg: Any) -> None:
         try:

@@ -1,0 +1,160 @@
+"""What a process advertises in etcd: its instances and the model cards it serves.
+
+Keys (all attached to the process's lease, so they vanish when it dies)::
+
+    /{ns}/instances/{component}/{endpoint}/{instance_id:x}  -> InstanceRecord
+    /{ns}/models/{model}/{instance_id:x}                    -> ModelCard
+
+Model names may contain ``/`` (``Qwen/Qwen3-0.6B``), so a reader takes the model name from the
+card, never from the key; the instance id is always the last key segment. ``RuntimeConfig``
+uses the reference's ``ModelRuntimeConfig`` field names.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from proto.request import U16
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class WorkerType(enum.StrEnum):
+    AGGREGATED = "aggregated"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    ENCODE = "encode"
+    EMBEDDING = "embedding"
+
+
+class ModelType(enum.StrEnum):
+    """Values for ``ModelCard.model_type``: which APIs the model is served on."""
+
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDING = "embedding"
+    PREFILL = "prefill"
+
+
+class ZmqEndpoints(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """The engine's ZMQ sockets, as the publisher should dial them."""
+
+    # One per local DP rank, in rank order: SGLang offsets the base port by the rank.
+    kv_events: list[str] = []
+    kv_events_replay: list[str] = []
+    metrics: str | None = None
+
+
+class RuntimeConfig(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Engine capacity and topology, read by the router and the processor."""
+
+    total_kv_blocks: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    context_length: int | None = None
+    kv_cache_block_size: int | None = None
+    data_parallel_start_rank: int = 0
+    data_parallel_size: PositiveInt = 1
+    bootstrap_host: str | None = None
+    bootstrap_port: U16 | None = None
+    # False on a disaggregated decode worker: its KV comes from prefill, not from its own
+    # prefix matches, so there is nothing worth indexing.
+    enable_local_indexer: bool = False
+    kv_event_publishing_enabled: bool = False
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
+    worker_type: WorkerType = WorkerType.AGGREGATED
+    # Peer roles this worker needs to be useful, in disjunctive normal form: any inner list
+    # whose roles are all present satisfies it, e.g. ``[["prefill"]]`` for a decode worker.
+    needs: list[list[str]] = []
+    engine_specific: dict[str, Any] = {}
+
+    @property
+    def dp_ranks(self) -> range:
+        start = self.data_parallel_start_rank
+        return range(start, start + self.data_parallel_size)
+
+
+def instance_key(namespace: str, component: str, endpoint: str, instance_id: int) -> str:
+    return f"/{namespace}/instances/{component}/{endpoint}/{instance_id:x}"
+
+
+def instances_prefix(namespace: str, component: str, endpoint: str) -> str:
+    return f"/{namespace}/instances/{component}/{endpoint}/"
+
+
+def model_key(namespace: str, model: str, instance_id: int) -> str:
+    return f"/{namespace}/models/{model}/{instance_id:x}"
+
+
+def models_prefix(namespace: str) -> str:
+    return f"/{namespace}/models/"
+
+
+def instance_id_from_key(key: str) -> int:
+    """The instance id (last segment, hex) of an instance or model key.
+
+    A watcher needs this on a delete, which carries only the key.
+    """
+    _, _, last = key.rpartition("/")
+    try:
+        return int(last, 16)
+    except ValueError:
+        raise ValueError(f"not an instance or model key: {key!r}") from None
+
+
+class InstanceRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
+    namespace: str
+    component: str
+    endpoint: str
+    instance_id: int
+    # NATS subject requests go to, and the one for cancel/credit control messages.
+    subject: str
+    control_subject: str
+    host: str
+    pid: int
+    started_at: float
+    lease_id: int = 0
+    model: str | None = None
+    worker_type: WorkerType | None = None
+    runtime_config: RuntimeConfig | None = None
+    zmq: ZmqEndpoints | None = None
+    metadata: dict[str, str] = {}
+
+    def key(self) -> str:
+        return instance_key(self.namespace, self.component, self.endpoint, self.instance_id)
+
+
+class ModelCard(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """What a processor needs to serve a model: how to tokenize and template it, which APIs it
+    is on, and which endpoint to route it to."""
+
+    name: str
+    aliases: list[str] = []
+    model_path: str = ""
+    # None: load the tokenizer from ``model_path``.
+    tokenizer_path: str | None = None
+    chat_template_path: str | None = None
+    custom_template_path: str | None = None
+    context_length: int | None = None
+    kv_cache_block_size: int | None = None
+    model_type: list[str] = msgspec.field(
+        default_factory=lambda: [ModelType.CHAT, ModelType.COMPLETIONS]
+    )
+    model_input: Literal["tokens", "text"] = "tokens"
+    worker_type: WorkerType = WorkerType.AGGREGATED
+    needs: list[list[str]] = []
+    runtime_config: RuntimeConfig | None = None
+    instance_id: int = 0
+    # "namespace.component.endpoint" to send requests to.
+    endpoint: str = ""
+    eos_token_ids: list[int] = []
+    bos_token_id: int | None = None
+    mdc_sum: str | None = None
+
+    @property
+    def served_names(self) -> list[str]:
+        return [self.name, *self.aliases]

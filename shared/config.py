@@ -1,0 +1,680 @@
+"""Mesh-wide configuration: endpoint names, the settings every process shares, and their flags.
+
+Why one module: every service (worker, processor, publisher, ...) needs the same handful of
+settings to join the mesh -- where NATS and etcd are, which namespace, how long its lease
+lives, how it shuts down. Declaring them once keeps the flag names, environment variables,
+defaults and validation identical everywhere, so one deployment file works for every role.
+
+Sources, highest precedence first:
+
+1. the command-line flag (``--lease-ttl 5``);
+2. its ``SGLMESH_<FIELD>`` environment variable (``SGLMESH_LEASE_TTL=5``);
+3. the reference deployment's variable where one exists (``DYN_NAMESPACE``, ``NATS_SERVER``,
+   ``ETCD_ENDPOINTS``, ``DYN_ENDPOINT``, ``DYN_SYSTEM_PORT``,
+   ``DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS``, ``DYN_ENGINE_REQUEST_LIMIT``, ``DYN_LOG``), so
+   manifests written for the reference keep working;
+4. the default.
+
+An environment variable set to the empty string counts as unset: compose files and Helm
+charts routinely render ``FOO=`` for "not configured".
+
+Parsing uses ``parse_known_args`` and leaves every flag it does not know, in order and
+untouched, for the engine's own parser (SGLang's ``ServerArgs``) to read later. Prefix
+matching is off, otherwise ``--log`` or ``--end`` meant for another parser would be claimed
+here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+__all__ = [
+    "DEFAULT_ETCD_PORT",
+    "EndpointId",
+    "MeshConfig",
+    "MeshConfigError",
+    "add_mesh_args",
+    "mesh_config_from_namespace",
+    "parse_bool",
+    "parse_endpoint",
+    "parse_mesh_args",
+]
+
+DEFAULT_ETCD_PORT = 2379
+
+# One NATS subject token / etcd key segment. Dots would split a name into extra subject
+# tokens, and '*' / '>' are NATS wildcards, so both would silently change what is addressed.
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
+_URI_PREFIX = "dyn://"
+_ENDPOINT_FORM = "dyn://namespace.component.endpoint"
+
+_LOG_LEVELS = {
+    "trace": "debug",  # the reference's Rust filter syntax knows trace; Python's logging does not
+    "debug": "debug",
+    "info": "info",
+    "warn": "warning",
+    "warning": "warning",
+    "error": "error",
+    "critical": "critical",
+}
+_LOG_FORMATS = ("json", "text")
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+_ETCD_SCHEMES = ("http", "https")
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+class MeshConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag and the env var."""
+
+
+def parse_bool(text: str) -> bool:
+    """Read a bool the way environment variables spell it (true/1/yes/on, false/0/no/off)."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected a boolean (true/1/yes/on or false/0/no/off), got {text!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Endpoint names
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointId:
+    """``namespace.component.endpoint``: what a worker serves and what a client addresses."""
+
+    namespace: str
+    component: str
+    endpoint: str
+
+    def __post_init__(self) -> None:
+        for name in ("namespace", "component", "endpoint"):
+            part = getattr(self, name)
+            if not isinstance(part, str) or not _TOKEN_RE.fullmatch(part):
+                raise ValueError(
+                    f"invalid endpoint {name} {part!r}: each part must be non-empty and use "
+                    f"only letters, digits, '_' or '-' (expected {_ENDPOINT_FORM})"
+                )
+
+    def __str__(self) -> str:
+        return f"{self.namespace}.{self.component}.{self.endpoint}"
+
+    @property
+    def uri(self) -> str:
+        return f"{_URI_PREFIX}{self}"
+
+    @property
+    def subject(self) -> str:
+        """The NATS subject that any instance of the endpoint answers (via its queue group)."""
+        return str(self)
+
+
+def parse_endpoint(text: str) -> EndpointId:
+    """Parse ``dyn://ns.comp.ep`` or ``ns.comp.ep``; anything else is a ``ValueError``."""
+    if not isinstance(text, str):
+        raise ValueError(f"invalid endpoint {text!r}: expected a string like {_ENDPOINT_FORM}")
+    body = text[len(_URI_PREFIX) :] if text.startswith(_URI_PREFIX) else text
+    parts = body.split(".")
+    if len(parts) != 3 or not all(_TOKEN_RE.fullmatch(p) for p in parts):
+        raise ValueError(
+            f"invalid endpoint {text!r}: expected {_ENDPOINT_FORM} (or namespace.component."
+            "endpoint) with exactly three non-empty parts of letters, digits, '_' or '-'"
+        )
+    return EndpointId(parts[0], parts[1], parts[2])
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks shared by the dataclass (typed values) and the converters (text values)
+
+
+def _check_token(what: str, value: object) -> str:
+    if not isinstance(value, str) or not _TOKEN_RE.fullmatch(value):
+        raise ValueError(
+            f"{what} must be one non-empty token of letters, digits, '_' or '-' "
+            f"(it becomes part of NATS subjects and etcd keys), got {value!r}"
+        )
+    return value
+
+
+def _check_port(value: int, what: str) -> int:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{what} port {value} is out of range (0-65535)")
+    return value
+
+
+def _split_nats_servers(url: str) -> list[str]:
+    """Normalise a comma-separated server list; a bare ``host:port`` means ``nats://``."""
+    servers: list[str] = []
+    for raw in url.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        full = entry if "://" in entry else f"nats://{entry}"
+        try:
+            parts = urlsplit(full)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"invalid NATS server {entry!r}: {exc}") from None
+        if parts.scheme not in _NATS_SCHEMES:
+            raise ValueError(
+                f"invalid NATS server {entry!r}: scheme must be one of "
+                f"{', '.join(s + '://' for s in _NATS_SCHEMES)}"
+            )
+        if not parts.hostname:
+            raise ValueError(f"invalid NATS server {entry!r}: no host")
+        if port is not None:
+            _check_port(port, f"NATS server {entry!r}")
+        servers.append(full)
+    if not servers:
+        raise ValueError(f"no NATS server in {url!r}; expected e.g. nats://127.0.0.1:4222")
+    return servers
+
+
+def _parse_etcd_endpoint(entry: str) -> tuple[str, int]:
+    text = entry.strip()
+    full = text if "://" in text else f"http://{text}"
+    try:
+        parts = urlsplit(full)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid etcd endpoint {entry!r}: {exc}") from None
+    if parts.scheme not in _ETCD_SCHEMES:
+        raise ValueError(
+            f"invalid etcd endpoint {entry!r}: scheme must be http:// or https:// "
+            "(or give host:port)"
+        )
+    if not parts.hostname:
+        raise ValueError(f"invalid etcd endpoint {entry!r}: no host; expected http://host:port")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(
+            f"invalid etcd endpoint {entry!r}: expected http://host:port with no path or query"
+        )
+    if parts.username is not None:
+        # Credentials in a URL end up in logs and `ps`; etcd auth is not configured this way.
+        raise ValueError(f"invalid etcd endpoint {entry!r}: user info is not supported")
+    return parts.hostname, _check_port(DEFAULT_ETCD_PORT if port is None else port, "etcd")
+
+
+def _split_csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _check_log_level(value: object) -> str:
+    level = _LOG_LEVELS.get(str(value).strip().lower()) if isinstance(value, str) else None
+    if level is None:
+        raise ValueError(
+            f"unknown log level {value!r}; expected one of debug, info, warning, error, critical"
+        )
+    return level
+
+
+def _check_log_format(value: object) -> str:
+    fmt = value.strip().lower() if isinstance(value, str) else None
+    if fmt not in _LOG_FORMATS:
+        raise ValueError(f"unknown log format {value!r}; expected json or text")
+    return fmt
+
+
+def _finite(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return number
+
+
+def _integer(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# The configuration
+
+
+def _default_etcd_endpoints() -> list[str]:
+    return ["http://127.0.0.1:2379"]
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """Settings every mesh process shares. Validated on construction; see the module doc.
+
+    Normalisations applied on construction (so every consumer sees one spelling):
+    ``log_level``/``log_format`` lower-cased (``warn`` -> ``warning``, ``trace`` -> ``debug``),
+    a negative ``graceful_shutdown_grace_period`` becomes 0, and a negative ``system_port``
+    becomes ``None`` (disabled), as the reference treats a negative ``DYN_SYSTEM_PORT``.
+    ``system_port=0`` means "bind any free port".
+    """
+
+    namespace: str = "sglmesh"
+    nats_url: str = "nats://127.0.0.1:4222"
+    etcd_endpoints: list[str] = field(default_factory=_default_etcd_endpoints)
+    endpoint: EndpointId | None = None
+    lease_ttl: int = 10
+    system_host: str = "0.0.0.0"
+    system_port: int | None = None
+    graceful_shutdown_grace_period: float = 5.0
+    heartbeat_interval: float = 1.0
+    stream_timeout: float = 5.0
+    engine_request_limit: int = 0
+    log_level: str = "info"
+    log_format: str = "json"
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        _check_token("namespace", self.namespace)
+        if not isinstance(self.nats_url, str):
+            raise ValueError(f"nats_url must be a string, got {self.nats_url!r}")
+        _split_nats_servers(self.nats_url)
+
+        endpoints: object = self.etcd_endpoints
+        if isinstance(endpoints, str):
+            endpoints = _split_csv(endpoints)
+        if not isinstance(endpoints, list | tuple) or not all(
+            isinstance(e, str) for e in endpoints
+        ):
+            raise ValueError(f"etcd_endpoints must be a list of strings, got {endpoints!r}")
+        cleaned = [e.strip() for e in endpoints if e.strip()]
+        if not cleaned:
+            raise ValueError("etcd_endpoints must name at least one endpoint")
+        for entry in cleaned:
+            _parse_etcd_endpoint(entry)
+        # A private copy: the caller's list must not be able to change a frozen config.
+        put("etcd_endpoints", cleaned)
+
+        if isinstance(self.endpoint, str):
+            put("endpoint", parse_endpoint(self.endpoint))
+        elif self.endpoint is not None and not isinstance(self.endpoint, EndpointId):
+            raise ValueError(f"endpoint must be an EndpointId or None, got {self.endpoint!r}")
+
+        if _integer(self.lease_ttl, "lease_ttl") < 1:
+            raise ValueError(f"lease_ttl must be >= 1 second, got {self.lease_ttl}")
+        if not isinstance(self.system_host, str) or not self.system_host.strip():
+            raise ValueError(f"system_host must be a non-empty string, got {self.system_host!r}")
+        if self.system_port is not None:
+            port = _integer(self.system_port, "system_port")
+            put("system_port", None if port < 0 else _check_port(port, "system"))
+
+        grace = _finite(self.graceful_shutdown_grace_period, "graceful_shutdown_grace_period")
+        put("graceful_shutdown_grace_period", max(0.0, grace))
+        heartbeat = _finite(self.heartbeat_interval, "heartbeat_interval")
+        if heartbeat <= 0:
+            raise ValueError(f"heartbeat_interval must be > 0, got {self.heartbeat_interval}")
+        put("heartbeat_interval", heartbeat)
+        timeout = _finite(self.stream_timeout, "stream_timeout")
+        if timeout <= heartbeat:
+            raise ValueError(
+                f"stream_timeout ({timeout:g}) must be greater than heartbeat_interval "
+                f"({heartbeat:g}), or a live responder would be declared dead between heartbeats"
+            )
+        put("stream_timeout", timeout)
+        if _integer(self.engine_request_limit, "engine_request_limit") < 0:
+            raise ValueError(
+                f"engine_request_limit must be >= 0 (0 = unlimited), "
+                f"got {self.engine_request_limit}"
+            )
+        put("log_level", _check_log_level(self.log_level))
+        put("log_format", _check_log_format(self.log_format))
+
+    def endpoint_or(self, component: str, endpoint: str = "generate") -> EndpointId:
+        """``endpoint`` if one was configured, else the role's default in this namespace."""
+        return self.endpoint or EndpointId(self.namespace, component, endpoint)
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """``nats_url`` split into servers; a bare ``host:port`` gets ``nats://``."""
+        return _split_nats_servers(self.nats_url)
+
+    def etcd_hostports(self) -> list[tuple[str, int]]:
+        """``etcd_endpoints`` as ``(host, port)``; the port defaults to 2379.
+
+        IPv6 hosts come back without brackets (``"::1"``), as ``urllib`` spells a hostname.
+        """
+        return [_parse_etcd_endpoint(entry) for entry in self.etcd_endpoints]
+
+
+# --------------------------------------------------------------------------------------------
+# Flags and environment variables
+
+_Converter = Callable[[str], Any]
+
+
+def _conv_namespace(text: str) -> str:
+    return _check_token("namespace", text)
+
+
+def _conv_nats_url(text: str) -> str:
+    _split_nats_servers(text)
+    return text.strip()
+
+
+def _conv_etcd_endpoints(text: str) -> list[str]:
+    entries = _split_csv(text)
+    if not entries:
+        raise ValueError(f"no etcd endpoint in {text!r}; expected e.g. http://127.0.0.1:2379")
+    for entry in entries:
+        _parse_etcd_endpoint(entry)
+    return entries
+
+
+def _conv_int(minimum: int, meaning: str = "") -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum}{meaning}, got {value}")
+        return value
+
+    return convert
+
+
+def _conv_float(*, positive: bool) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {text!r}")
+        if positive and value <= 0:
+            raise ValueError(f"must be > 0, got {text.strip()}")
+        return value
+
+    return convert
+
+
+def _conv_grace(text: str) -> float:
+    return max(0.0, _conv_float(positive=False)(text))
+
+
+def _conv_port(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a port number, got {text!r}") from None
+    # Negative = disabled, as the reference reads DYN_SYSTEM_PORT. Kept negative here (the
+    # config turns it into None) because None in the namespace means "flag not given".
+    return value if value < 0 else _check_port(value, "system")
+
+
+def _conv_host(text: str) -> str:
+    if not text.strip():
+        raise ValueError("expected a host name or address, got an empty string")
+    return text.strip()
+
+
+def _conv_dyn_log(text: str) -> str:
+    # DYN_LOG is a Rust env-filter ("info,some_crate=debug"); the bare directive is the level.
+    bare = [d.strip() for d in text.split(",") if d.strip() and "=" not in d]
+    if len(bare) != 1:
+        raise ValueError(f"expected a log level such as info or debug, got {text!r}")
+    return _check_log_level(bare[0])
+
+
+@dataclass(frozen=True, slots=True)
+class _Option:
+    name: str  # MeshConfig field
+    convert: _Converter
+    metavar: str
+    help: str
+    default_text: str
+    fallback_envs: tuple[str, ...] = ()
+    # Reference variables whose syntax differs from ours get their own reader.
+    env_converters: Mapping[str, _Converter] = field(default_factory=dict)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def envs(self) -> tuple[str, ...]:
+        return ("SGLMESH_" + self.name.upper(), *self.fallback_envs)
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option(
+        "namespace",
+        _conv_namespace,
+        "NAME",
+        "namespace that scopes every endpoint, etcd key and event subject",
+        "sglmesh",
+        ("DYN_NAMESPACE",),
+    ),
+    _Option(
+        "nats_url",
+        _conv_nats_url,
+        "URL[,URL...]",
+        "NATS server(s), comma-separated",
+        "nats://127.0.0.1:4222",
+        ("NATS_SERVER",),
+    ),
+    _Option(
+        "etcd_endpoints",
+        _conv_etcd_endpoints,
+        "URL[,URL...]",
+        "etcd endpoint(s), comma-separated: http://host:port, https://host:port or host:port",
+        "http://127.0.0.1:2379",
+        ("ETCD_ENDPOINTS",),
+    ),
+    _Option(
+        "endpoint",
+        parse_endpoint,
+        "dyn://NS.COMP.EP",
+        "endpoint this process serves (dyn://namespace.component.endpoint or "
+        "namespace.component.endpoint)",
+        "the role's default",
+        ("DYN_ENDPOINT",),
+    ),
+    _Option(
+        "lease_ttl",
+        _conv_int(1, " second"),
+        "SECONDS",
+        "etcd lease TTL: a crashed process leaves discovery this long after it dies",
+        "10",
+    ),
+    _Option(
+        "system_host",
+        _conv_host,
+        "HOST",
+        "bind address of the system server (health, metrics)",
+        "0.0.0.0",
+    ),
+    _Option(
+        "system_port",
+        _conv_port,
+        "PORT",
+        "port of the system server (health, metrics); 0 = any free port, negative = off",
+        "off",
+        ("DYN_SYSTEM_PORT",),
+    ),
+    _Option(
+        "graceful_shutdown_grace_period",
+        _conv_grace,
+        "SECONDS",
+        "after leaving discovery on SIGTERM, wait this long for in-flight requests; negative = 0",
+        "5",
+        ("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS",),
+    ),
+    _Option(
+        "heartbeat_interval",
+        _conv_float(positive=True),
+        "SECONDS",
+        "interval between keep-alive messages on an idle response stream",
+        "1",
+    ),
+    _Option(
+        "stream_timeout",
+        _conv_float(positive=True),
+        "SECONDS",
+        "silence after which a responder is considered dead; must exceed the heartbeat interval",
+        "5",
+    ),
+    _Option(
+        "engine_request_limit",
+        _conv_int(0, " (0 = unlimited)"),
+        "N",
+        "maximum concurrent requests per endpoint; 0 = unlimited",
+        "0",
+        ("DYN_ENGINE_REQUEST_LIMIT",),
+    ),
+    _Option(
+        "log_level",
+        _check_log_level,
+        "LEVEL",
+        "log level: debug, info, warning, error or critical",
+        "info",
+        ("DYN_LOG",),
+        {"DYN_LOG": _conv_dyn_log},
+    ),
+    _Option(
+        "log_format",
+        _check_log_format,
+        "FORMAT",
+        "log format: json (one object per line) or text",
+        "json",
+    ),
+)
+
+# The table must cover the dataclass exactly; a new field without a flag is a bug.
+if [o.name for o in _OPTIONS] != [f.name for f in fields(MeshConfig)]:
+    raise RuntimeError("shared.config: _OPTIONS is out of step with MeshConfig's fields")
+
+# Read from fields(): on a slots dataclass the class attribute is the slot, not the default.
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(MeshConfig)}
+
+
+def _cli_type(option: _Option) -> _Converter:
+    def convert(text: str) -> Any:
+        try:
+            return option.convert(text)
+        except ValueError as exc:
+            # argparse prefixes "argument --flag: ", which names the flag for the user.
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = option.name  # argparse shows it if anything else goes wrong
+    return convert
+
+
+def add_mesh_args(parser: argparse.ArgumentParser) -> None:
+    """Add the mesh flags, in an argument group "mesh", to ``parser``.
+
+    Every flag defaults to ``None`` so ``mesh_config_from_namespace`` can tell "not given"
+    from "given", and then consult the environment. The parser should be built with
+    ``allow_abbrev=False`` if it passes unknown flags on to another parser.
+    """
+    group = parser.add_argument_group(
+        "mesh", "How this process joins the mesh. Precedence: flag > SGLMESH_* > reference env."
+    )
+    for option in _OPTIONS:
+        envs = ", ".join(option.envs)
+        group.add_argument(
+            option.flag,
+            dest=option.name,
+            metavar=option.metavar,
+            type=_cli_type(option),
+            default=None,
+            help=f"{option.help} (env: {envs}; default: {option.default_text})".replace("%", "%%"),
+        )
+
+
+def mesh_config_from_namespace(
+    ns: argparse.Namespace,
+    env: Mapping[str, str] | None = None,
+    *,
+    parser: argparse.ArgumentParser | None = None,
+) -> MeshConfig:
+    """Build a ``MeshConfig`` from flags parsed by a parser that ran ``add_mesh_args``.
+
+    ``env`` defaults to ``os.environ``. An invalid value (including one read from the
+    environment) is reported through ``parser.error`` (exit status 2) when ``parser`` is
+    given; otherwise it raises ``MeshConfigError`` naming the flag and the env var.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # how each value was set, for error messages
+    try:
+        for option in _OPTIONS:
+            given = getattr(ns, option.name, None)
+            if given is not None:
+                values[option.name] = given
+                origin[option.name] = "flag"
+                continue
+            for var in option.envs:
+                raw = environ.get(var)
+                if raw is None or not raw.strip():
+                    continue
+                convert = option.env_converters.get(var, option.convert)
+                try:
+                    values[option.name] = convert(raw)
+                except ValueError as exc:
+                    raise MeshConfigError(
+                        f"invalid value for {option.flag} from environment variable "
+                        f"{var}={raw!r}: {exc}"
+                    ) from None
+                origin[option.name] = f"from {var}"
+                break
+
+        def describe(name: str) -> str:
+            value = values.get(name, _DEFAULTS[name])
+            flag = "--" + name.replace("_", "-")
+            return f"{flag} {value:g} ({origin.get(name, 'default')})"
+
+        # The one rule that spans two settings; checked here so the message names both sources.
+        heartbeat = values.get("heartbeat_interval", _DEFAULTS["heartbeat_interval"])
+        timeout = values.get("stream_timeout", _DEFAULTS["stream_timeout"])
+        if timeout <= heartbeat:
+            raise MeshConfigError(
+                f"{describe('stream_timeout')} must be greater than "
+                f"{describe('heartbeat_interval')}: a live responder would be declared dead "
+                "between heartbeats"
+            )
+        try:
+            return MeshConfig(**values)
+        except ValueError as exc:  # every field is pre-checked; this is a safety net
+            raise MeshConfigError(f"invalid mesh configuration: {exc}") from None
+    except MeshConfigError as exc:
+        if parser is None:
+            raise
+        _fail(parser, str(exc))
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    parser.error(message)
+
+
+def parse_mesh_args(
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str = "sglmesh",
+    env: Mapping[str, str] | None = None,
+    add_help: bool = True,
+) -> tuple[MeshConfig, list[str]]:
+    """Parse the mesh flags out of ``argv``; return the config and every other argument.
+
+    The other arguments come back in their original order and spelling (``--foo=bar``
+    stays one item), ready for the engine's own parser. ``argv`` defaults to
+    ``sys.argv[1:]``, ``env`` to ``os.environ``. Pass ``add_help=False`` when a later
+    parser should see ``--help``. Invalid values exit with status 2 and a message naming
+    the flag (and the env var the value came from).
+    """
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, add_help=add_help)
+    add_mesh_args(parser)
+    ns, rest = parser.parse_known_args(None if argv is None else list(argv))
+    return mesh_config_from_namespace(ns, env, parser=parser), rest

@@ -1,0 +1,64 @@
+"""Fixtures that run REAL nats-server and etcd processes on 127.0.0.1 (neither is ever mocked).
+
+Why real servers: reconnects, lease expiry and lost registrations are exactly what the mesh
+must survive, and a fake would only test our assumptions about them. The process handling
+lives in `shared.infra`; this file only maps it onto pytest scopes.
+
+- `nats_server`, `etcd_server`: shared by the whole session; do not stop or kill them.
+- `own_nats`, `own_etcd`: private to one test, free to kill/restart (chaos tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from shared.infra import EtcdServer, InfraError, NatsServer
+
+_Server = TypeVar("_Server", NatsServer, EtcdServer)
+
+
+def _serve(make: Callable[[], _Server]) -> Iterator[_Server]:
+    try:
+        server = make().__enter__()
+    except InfraError as exc:
+        # A missing binary is a broken setup, not an optional feature: fail, never skip, and
+        # report one clear line rather than a chained traceback.
+        raise pytest.fail.Exception(
+            f"cannot run real infrastructure: {exc}", pytrace=False
+        ) from None
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _nats(root: Path) -> NatsServer:
+    return NatsServer(data_dir=root / "nats")
+
+
+def _etcd(root: Path) -> EtcdServer:
+    return EtcdServer(data_dir=root / "etcd-data")
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    yield from _serve(lambda: _nats(tmp_path_factory.mktemp("infra")))
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    yield from _serve(lambda: _etcd(tmp_path_factory.mktemp("infra")))
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    yield from _serve(lambda: _nats(tmp_path))
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    yield from _serve(lambda: _etcd(tmp_path))

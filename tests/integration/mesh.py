@@ -1,0 +1,84 @@
+"""Helpers for integration tests: runtimes and responder processes on real NATS and etcd."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from shared.config import MeshConfig
+from shared.infra import EtcdServer, NatsServer
+from shared.runtime import DistributedRuntime
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_config(nats: NatsServer, etcd: EtcdServer, **overrides: Any) -> MeshConfig:
+    base = MeshConfig(
+        namespace=overrides.pop("namespace", f"t{os.getpid()}x{time.monotonic_ns() % 10**9}"),
+        nats_url=nats.url,
+        etcd_endpoints=[etcd.endpoint],
+        lease_ttl=2,
+        heartbeat_interval=0.2,
+        stream_timeout=1.0,
+        graceful_shutdown_grace_period=5.0,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def runtime(config: MeshConfig) -> AsyncIterator[DistributedRuntime]:
+    rt = DistributedRuntime(config)
+    await rt.start()
+    try:
+        yield rt
+    finally:
+        await rt.shutdown(grace=0.5)
+
+
+class Responder:
+    """A responder subprocess (tests/integration/responder.py)."""
+
+    def __init__(self, config: MeshConfig, endpoint: str) -> None:
+        args = [
+            sys.executable, "-m", "tests.integration.responder",
+            "--endpoint", endpoint,
+            "--namespace", config.namespace,
+            "--nats-url", config.nats_url,
+            "--etcd-endpoints", ",".join(config.etcd_endpoints),
+            "--lease-ttl", str(config.lease_ttl),
+            "--heartbeat-interval", str(config.heartbeat_interval),
+            "--stream-timeout", str(config.stream_timeout),
+            "--graceful-shutdown-grace-period", str(config.graceful_shutdown_grace_period),
+            "--log-format", "text",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line.startswith("READY "):
+            self.proc.kill()
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise RuntimeError(f"responder failed to start: {line!r} {err[-2000:]}")
+        self.instance_id = int(line.split()[1], 16)
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
