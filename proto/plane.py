@@ -2,10 +2,12 @@
 
 A request is one NATS message to the endpoint's subject with ``reply`` set to a per-stream
 subject under the caller's inbox. The responder answers on that reply subject with a
-sequence of :class:`Frame` s numbered from 0:
+sequence of :class:`Frame` s numbered from 0. The first frame (seq 0) always carries
+``instance_id``: it is the acknowledgement that names the instance, so the caller can cancel
+it, grant it credit, and notice if it vanishes from discovery.
 
-- ``ACK`` (seq 0): the instance accepted the request and names itself, so the caller can
-  cancel it, grant it credit, and notice if it vanishes from discovery.
+- ``ACK``: a bare acknowledgement, sent only when the handler has produced nothing by the
+  next event-loop iteration (a fast handler's first chunk acknowledges in the same write).
 - ``DATA``: one or more chunks. Chunks are coalesced into one frame when the caller has not
   granted credit for more frames (it is behind), so a slow caller costs fewer messages.
 - ``HEARTBEAT``: sent on a stream that has been quiet for the heartbeat interval.

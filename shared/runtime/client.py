@@ -142,6 +142,10 @@ class ResponseStream:
             self._frames.clear()
             return
         self._expected += 1
+        if frame.instance_id is not None and not self.acked:
+            self.instance_id = frame.instance_id
+            self.acked = True
+            self._client.ack_latency.observe(time.perf_counter() - self.sent_at)
         kind = frame.kind
         if kind is FrameKind.DATA:
             self._chunks.extend(frame.chunks)
@@ -150,12 +154,6 @@ class ResponseStream:
             self._ended = True
             self._finish()
             return
-        elif kind is FrameKind.ACK:
-            self.instance_id = frame.instance_id
-            self.acked = True
-            metrics.client_ack_latency.labels(self._client.name).observe(
-                time.perf_counter() - self.sent_at
-            )
         elif kind is FrameKind.ERROR:
             assert frame.error is not None
             self._fail(RemoteError(frame.error))
@@ -217,6 +215,8 @@ class Client:
         self.streams: weakref.WeakSet[ResponseStream] = weakref.WeakSet()
         self._draining: set[int] = set()
         self._rr = itertools.count()
+        self.ack_latency = metrics.client_ack_latency.labels(self.name)
+        self._m_requests = metrics.client_requests_total.labels(self.name)
         self._ids: list[int] = []
 
     async def start(self) -> None:
@@ -281,7 +281,7 @@ class Client:
         when discovery knows none and :class:`TransportError` while NATS is disconnected.
         """
         rt = self.runtime
-        metrics.client_requests_total.labels(self.name).inc()
+        self._m_requests.inc()
         if not rt.nats.is_connected:
             down = TransportError("NATS is not connected")
             self.count_error(down)

@@ -105,6 +105,9 @@ class ServerStream:
         return self.window <= 0 or self.seq <= self.acked + self.window
 
     async def send(self, kind: FrameKind, **fields: Any) -> None:
+        if self.seq == 0:
+            # The first frame always names the instance: it is the acknowledgement.
+            fields["instance_id"] = self.runtime.instance_id
         frame = Frame(seq=self.seq, kind=kind, **fields)
         self.seq += 1
         self.last_send = time.monotonic()
@@ -152,6 +155,9 @@ class ServedEndpoint:
         self._subs: list[Any] = []
         self._drained = asyncio.Event()
         self._drained.set()
+        self._m_requests = metrics.requests_total.labels(self.name)
+        self._m_inflight = metrics.inflight_requests.labels(self.name)
+        self._m_duration = metrics.request_duration.labels(self.name)
 
     def record(self, *, draining: bool = False) -> InstanceRecord:
         metadata = {**self._metadata, "state": "draining"} if draining else self._metadata
@@ -265,13 +271,20 @@ class ServedEndpoint:
         self.streams[env.request_id] = stream
         self.runtime.server_streams[env.request_id] = stream
         self._drained.clear()
-        await stream.send(FrameKind.ACK, instance_id=self.runtime.instance_id)
         stream.ctx._task = asyncio.create_task(self._run(stream, request))
+
+    async def _ack_if_quiet(self, stream: ServerStream) -> None:
+        # Runs one loop iteration after the handler started: a handler that answered at once
+        # has sent its first frame (which acknowledges) in the same write; a slow one gets a
+        # bare ACK now, so the caller learns who serves it without waiting for a chunk.
+        if stream.seq == 0 and stream.request_id in self.streams:
+            await stream.send(FrameKind.ACK)
 
     async def _run(self, stream: ServerStream, request: Any) -> None:
         started = time.perf_counter()
-        metrics.requests_total.labels(self.name).inc()
-        metrics.inflight_requests.labels(self.name).inc()
+        self._m_requests.inc()
+        self._m_inflight.inc()
+        asyncio.get_running_loop().call_soon(self.runtime.spawn, self._ack_if_quiet(stream))
         encode = self.runtime.encoder.encode
         error: ErrorBody | None = None
         agen = self._handler(request, stream.ctx)
@@ -307,8 +320,8 @@ class ServedEndpoint:
             self.runtime.server_streams.pop(stream.request_id, None)
             if not self.streams:
                 self._drained.set()
-            metrics.inflight_requests.labels(self.name).dec()
-            metrics.request_duration.labels(self.name).observe(time.perf_counter() - started)
+            self._m_inflight.dec()
+            self._m_duration.observe(time.perf_counter() - started)
         if error is not None:
             metrics.errors_total.labels(self.name, error.code.value).inc()
             with contextlib.suppress(Exception):

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _FRAME_DECODER = msgspec.msgpack.Decoder(Frame)
 _CONTROL_DECODER = msgspec.msgpack.Decoder(Control)
+_FINAL_KINDS = (FrameKind.END, FrameKind.ERROR)
 
 
 class DistributedRuntime:
@@ -235,7 +236,7 @@ class DistributedRuntime:
             return
         if stream is not None:
             stream._deliver(frame)
-        elif frame.kind is FrameKind.ACK and frame.instance_id is not None:
+        elif frame.instance_id is not None and frame.kind not in _FINAL_KINDS:
             # The caller gave up before the responder acknowledged: cancel the orphan.
             request_id = f"{self._id_prefix}-{msg.subject[len(self.inbox) + 1 :]}"
             self.cancel_remote(frame.instance_id, request_id)
