@@ -67,10 +67,6 @@ class EtcdSession:
     def lease_id(self) -> int:
         return self._lease_id
 
-    @property
-    def lease_ttl(self) -> int:
-        return self._ttl
-
     def on_lease_change(self, listener: Callable[[int], None]) -> None:
         """Called with the new lease id after a re-grant, before keys are written again.
 

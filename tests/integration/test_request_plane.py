@@ -343,3 +343,52 @@ async def test_system_server_health_and_metrics(
                     assert resp.status == 503
         finally:
             await system.close()
+
+
+async def test_a_caller_that_stops_granting_credit_is_treated_as_gone(
+    nats_server: NatsServer, etcd_server: EtcdServer
+) -> None:
+    from proto.plane import RequestEnvelope
+    from shared.runtime.endpoint import StopReason
+
+    cfg = make_config(nats_server, etcd_server)
+    reasons: list[StopReason | None] = []
+    stopped = asyncio.Event()
+
+    async def endless(request: Any, ctx: Context) -> AsyncIterator[int]:
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+                await asyncio.sleep(0)
+        finally:
+            reasons.append(ctx.stop_reason)
+            stopped.set()
+
+    async with runtime(cfg) as worker:
+        served = await worker.endpoint("backend", "generate").serve(endless)
+        raw = await nats.connect(nats_server.url)
+        try:
+            inbox = raw.new_inbox()
+            frames: list[Frame] = []
+
+            async def on_frame(msg: Any) -> None:
+                frames.append(msgspec.msgpack.decode(msg.data, type=Frame))
+
+            await raw.subscribe(inbox, cb=on_frame)
+            envelope = RequestEnvelope("stuck-1", msgspec.Raw(msgspec.msgpack.encode({})), 4)
+            t0 = time.monotonic()
+            await raw.publish(
+                f"{cfg.namespace}.backend.generate", msgspec.msgpack.encode(envelope), reply=inbox
+            )
+            await asyncio.wait_for(stopped.wait(), timeout=cfg.stream_timeout * 2 + 2)
+            waited = time.monotonic() - t0
+        finally:
+            await raw.close()
+        assert reasons == [StopReason.CALLER_GONE]
+        assert cfg.stream_timeout * 2 - 0.2 <= waited <= cfg.stream_timeout * 2 + 1.5
+        # It sent what its credit allowed (frames 0..4) plus heartbeats, then stopped.
+        data_frames = [f for f in frames if f.kind is FrameKind.DATA]
+        assert 1 <= len(data_frames) <= 5
+        assert not served.streams
