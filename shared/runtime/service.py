@@ -21,7 +21,10 @@ from shared.runtime.system_server import SystemServer
 
 log = logging.getLogger(__name__)
 
-ServiceMain = Callable[[DistributedRuntime, SystemServer | None], Awaitable[None]]
+Cleanup = Callable[[], Awaitable[None]]
+# A service's start function: serves its endpoints and may return a cleanup coroutine function
+# that runs after the runtime drained (e.g. the engine's shutdown).
+ServiceMain = Callable[[DistributedRuntime, SystemServer | None], Awaitable[Cleanup | None]]
 
 
 async def serve(config: MeshConfig, main: ServiceMain) -> None:
@@ -40,11 +43,14 @@ async def serve(config: MeshConfig, main: ServiceMain) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    cleanup: Cleanup | None = None
     try:
-        await main(runtime, system)
+        cleanup = await main(runtime, system)
         await runtime.shutdown_event.wait()
     finally:
         await runtime.shutdown()
+        if cleanup is not None:
+            await cleanup()
         if system is not None:
             await system.close()
 

@@ -44,11 +44,21 @@ async def runtime(config: MeshConfig) -> AsyncIterator[DistributedRuntime]:
 
 
 class Responder:
-    """A responder subprocess (tests/integration/responder.py)."""
+    """A serving subprocess that prints ``READY <instance hex> [extra...]`` once it serves.
 
-    def __init__(self, config: MeshConfig, endpoint: str) -> None:
+    ``module`` defaults to the streaming test responder (tests/integration/responder.py).
+    """
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        endpoint: str,
+        *,
+        module: str = "tests.integration.responder",
+        extra_args: list[str] | None = None,
+    ) -> None:
         args = [
-            sys.executable, "-m", "tests.integration.responder",
+            sys.executable, "-m", module,
             "--endpoint", endpoint,
             "--namespace", config.namespace,
             "--nats-url", config.nats_url,
@@ -58,6 +68,7 @@ class Responder:
             "--stream-timeout", str(config.stream_timeout),
             "--graceful-shutdown-grace-period", str(config.graceful_shutdown_grace_period),
             "--log-format", "text",
+            *(extra_args or []),
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -67,7 +78,9 @@ class Responder:
             self.proc.kill()
             err = self.proc.stderr.read() if self.proc.stderr else ""
             raise RuntimeError(f"responder failed to start: {line!r} {err[-2000:]}")
-        self.instance_id = int(line.split()[1], 16)
+        fields = line.split()
+        self.instance_id = int(fields[1], 16)
+        self.ready_fields = fields[2:]
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)

@@ -485,11 +485,21 @@ class Scheduler:
         req = self.requests.get(rid)
         if req is None:
             return False
-        if req.state == SENDING and self.kv_sender is not None and req.bootstrap_room is not None:
-            self.kv_sender.abort(req.bootstrap_room)
+        self._release_decode_peer(req)
         self._terminate(req, _abort(message))
         self._wake.set()
         return True
+
+    def _release_decode_peer(self, req: SimRequest) -> None:
+        # Whatever stage a prefill request is at (queued, prefilling, sending), its decode
+        # peer waits on the room: tell it now rather than let it run into the bootstrap
+        # timeout. The sender remembers the room for a decode that registers later.
+        if (
+            self.kv_sender is not None
+            and req.bootstrap_room is not None
+            and req.bootstrap_host != FAKE_BOOTSTRAP_HOST
+        ):
+            self.kv_sender.abort(req.bootstrap_room)
 
     def pause(self) -> None:
         """Stop stepping after the current step; requests stay where they are."""
@@ -513,9 +523,7 @@ class Scheduler:
         :meth:`resume_memory`, like SGLang's ``release_memory_occupation``."""
         self._released = True
         for req in list(self.requests.values()):
-            if req.state == SENDING and self.kv_sender is not None:
-                assert req.bootstrap_room is not None
-                self.kv_sender.abort(req.bootstrap_room)
+            self._release_decode_peer(req)
             self._terminate(req, _abort("the engine's memory is being released", 503))
         self.cache.reset()
         self._publish_events()
