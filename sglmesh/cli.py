@@ -50,6 +50,9 @@ COMMANDS: dict[str, Command] = {
         "relay an engine's KV events and load metrics to NATS; export Prometheus metrics",
     ),
     "status": Command("sglmesh.status", "main", "show the instances and models registered"),
+    "model": Command(
+        "shared.model", "main", "prepare the default model (SmolLM2-135M-Instruct), print its path"
+    ),
 }
 
 
