@@ -152,6 +152,9 @@ class ServedEndpoint:
         self.key = instance_key(eid.namespace, eid.component, eid.endpoint, runtime.instance_id)
         self.serving = False
         self.registered = False
+        # When a request last started or ended here (monotonic): health canaries run only
+        # after an idle spell, so real traffic is never delayed by them.
+        self.last_activity = time.monotonic()
         self._subs: list[Any] = []
         self._drained = asyncio.Event()
         self._drained.set()
@@ -267,6 +270,7 @@ class ServedEndpoint:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._reject(reply, ErrorCode.INVALID_REQUEST, f"invalid request: {exc}")
             return
+        self.last_activity = time.monotonic()
         stream = ServerStream(self.runtime, env.request_id, reply, env.window)
         self.streams[env.request_id] = stream
         self.runtime.server_streams[env.request_id] = stream
@@ -320,6 +324,7 @@ class ServedEndpoint:
             self.runtime.server_streams.pop(stream.request_id, None)
             if not self.streams:
                 self._drained.set()
+            self.last_activity = time.monotonic()
             self._m_inflight.dec()
             self._m_duration.observe(time.perf_counter() - started)
         if error is not None:

@@ -62,6 +62,7 @@ class DistributedRuntime:
             weakref.WeakValueDictionary()
         )
         self.served: list[ServedEndpoint] = []
+        self._extra_keys: list[str] = []
         self.clients: list[Client] = []
         self.shutting_down = False
         self.shutdown_event = asyncio.Event()
@@ -166,6 +167,13 @@ class DistributedRuntime:
     async def add_served(self, served: ServedEndpoint, *, register: bool) -> None:
         self.served.append(served)
         await served.start(register=register)
+
+    async def put_registered(self, key: str, value: bytes) -> None:
+        """Write a key under the lease (e.g. a model card): rewritten after a lease re-grant
+        and deleted first when the process leaves discovery."""
+        await self.etcd.put(key, value)
+        if key not in self._extra_keys:
+            self._extra_keys.append(key)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         endpoints = {

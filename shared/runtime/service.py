@@ -21,6 +21,11 @@ from shared.runtime.system_server import SystemServer
 
 log = logging.getLogger(__name__)
 
+
+class StartupError(Exception):
+    """A service could not start (engine, registration): one clear line, exit code 1."""
+
+
 Cleanup = Callable[[], Awaitable[None]]
 # A service's start function: serves its endpoints and may return a cleanup coroutine function
 # that runs after the runtime drained (e.g. the engine's shutdown).
@@ -59,7 +64,7 @@ def run_service(config: MeshConfig, main: ServiceMain, *, service: str) -> int:
     configure_logging(config.log_level, config.log_format, service=service)
     try:
         uvloop.run(serve(config, main))
-    except ConnectionError as exc:
+    except (ConnectionError, StartupError) as exc:
         log.error(str(exc))
         return 1
     return 0

@@ -28,10 +28,26 @@ class SystemServer:
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/live", self._live)
         self.app.router.add_get("/metrics", self._metrics)
+        # aiohttp freezes its router once serving, but services add routes (engine control)
+        # after they start: those live in this table behind one catch-all resource.
+        self._routes: dict[tuple[str, str], RouteHandler] = {}
+        self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner: web.AppRunner | None = None
 
     def add_route(self, method: str, path: str, handler: RouteHandler) -> None:
-        self.app.router.add_route(method, path, handler)
+        self._routes[(method.upper(), path)] = handler
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        handler = self._routes.get((request.method, request.path))
+        if handler is not None:
+            return await handler(request)
+        if any(path == request.path for _, path in self._routes):
+            return web.json_response(
+                {"status": "error", "message": f"{request.method} not allowed"}, status=405
+            )
+        return web.json_response(
+            {"status": "error", "message": f"no route {request.path}"}, status=404
+        )
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)

@@ -1,0 +1,1 @@
+"""The prefill service: the prefill half of a disaggregated pair."""

@@ -1,0 +1,1 @@
+"""LLM workers: request handlers, registration, health canaries, engine routes, lifecycle."""
