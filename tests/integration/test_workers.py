@@ -384,3 +384,19 @@ def test_bad_flags_fail_at_once_with_one_clear_line(tmp_path: Path) -> None:
     for flag in ("--namespace", "--nats-url", "--canary-wait-time", "--model-path",
                  "--disaggregation-mode", "--speedup-ratio"):  # fmt: skip
         assert flag in helptext.stdout, flag
+
+
+async def test_follower_node_runs_the_engine_only(
+    mesh: tuple[MeshConfig, DistributedRuntime], model_dir: Path, workers: list[Worker]
+) -> None:
+    cfg, rt = mesh
+    follower = Worker(cfg, model_dir, "--nnodes", "2", "--node-rank", "1",
+                      "--dist-init-addr", "127.0.0.1:5000")  # fmt: skip
+    await start(workers, follower)  # its system server answers: the engine side is up
+    client = await rt.client("backend", "generate")
+    await asyncio.sleep(1.0)
+    assert client.instances() == []  # it never serves or registers
+    kvs = list(await rt.etcd.client.get_prefix(f"/{cfg.namespace}/".encode()))
+    assert kvs == []
+    follower.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(follower.proc.wait, 20) == 0
