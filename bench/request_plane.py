@@ -7,7 +7,9 @@ streaming endpoint, and measures from this process at 1 and 64 concurrent stream
 - round trip: one request, one chunk back, p50/p99;
 
 each beside the same handler called directly in-process (the baseline), with ratios and the
-latency the mesh adds per hop. Prints a table and writes ``bench/results/request_plane.json``.
+latency the mesh adds per hop; and beside a bare NATS request/reply to the same worker process
+(the floor any NATS request plane pays), to show what the runtime itself adds.
+Prints a table and writes ``bench/results/request_plane.json``.
 
     python bench/request_plane.py [--quick]
 """
@@ -53,6 +55,11 @@ def worker_main(args: argparse.Namespace) -> None:
         rt = DistributedRuntime(config)
         await rt.start()
         await rt.endpoint("bench", "generate").serve(handler)
+
+        async def echo(msg: Any) -> None:  # the bare-NATS baseline: one reply per request
+            await rt.nats.publish(msg.reply, msg.data)
+
+        await rt.nats.subscribe("bench.raw", cb=echo)
         print("READY", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         await rt.shutdown(grace=0)
@@ -120,6 +127,24 @@ async def bench(quick: bool) -> dict[str, Any]:
                 count += 1
             return count
 
+        raw_inbox = rt.nats.new_inbox()
+        raw_waiters: dict[str, asyncio.Future[None]] = {}
+
+        async def on_raw(msg: Any) -> None:
+            waiter = raw_waiters.pop(msg.subject, None)
+            if waiter is not None:
+                waiter.set_result(None)
+
+        await rt.nats.subscribe(f"{raw_inbox}.*", cb=on_raw)
+        raw_ids = iter(range(10**9))
+
+        async def bare_nats(n: int) -> int:
+            reply = f"{raw_inbox}.{next(raw_ids)}"
+            waiter = raw_waiters[reply] = asyncio.get_running_loop().create_future()
+            await rt.nats.publish("bench.raw", b"x", reply=reply)
+            await waiter
+            return 1
+
         async def direct(n: int) -> int:
             count = 0
             async for _ in handler({"n": n}, None):
@@ -136,6 +161,7 @@ async def bench(quick: bool) -> dict[str, Any]:
             n_req = int((2000 if conc == 1 else 100) * scale)
             mesh_rt = await round_trips(via_mesh, conc, n_req)
             direct_rt = await round_trips(direct, conc, n_req)
+            nats_rt = await round_trips(bare_nats, conc, n_req)
             results[f"c{conc}"] = {
                 "concurrency": conc,
                 "chunks_per_stream": per_stream,
@@ -148,6 +174,11 @@ async def bench(quick: bool) -> dict[str, Any]:
                 "mesh_rtt_mean_ms": round(statistics.fmean(mesh_rt) * 1e3, 4),
                 "direct_rtt_p50_ms": round(pct(direct_rt, 0.5) * 1e3, 4),
                 "direct_rtt_p99_ms": round(pct(direct_rt, 0.99) * 1e3, 4),
+                "bare_nats_rtt_p50_ms": round(pct(nats_rt, 0.5) * 1e3, 4),
+                "bare_nats_rtt_p99_ms": round(pct(nats_rt, 0.99) * 1e3, 4),
+                "runtime_over_bare_nats_p50_ms": round(
+                    (pct(mesh_rt, 0.5) - pct(nats_rt, 0.5)) * 1e3, 4
+                ),
                 "added_p50_ms_per_hop": round((pct(mesh_rt, 0.5) - pct(direct_rt, 0.5)) * 1e3, 4),
             }
         await rt.shutdown(grace=0)
@@ -183,7 +214,8 @@ def main() -> None:
     results = uvloop.run(bench(args.quick))
     header = (
         f"{'conc':>4} {'mesh chunks/s':>14} {'direct chunks/s':>16} {'ratio':>7} "
-        f"{'mesh p50 ms':>11} {'mesh p99 ms':>11} {'direct p50 ms':>13} {'added p50 ms':>12}"
+        f"{'mesh p50 ms':>11} {'mesh p99 ms':>11} {'direct p50 ms':>13} {'added p50 ms':>12} "
+        f"{'NATS p50 ms':>11} {'over NATS ms':>12}"
     )
     print(header)
     for r in results.values():
@@ -191,7 +223,8 @@ def main() -> None:
             f"{r['concurrency']:>4} {r['mesh_chunks_per_s']:>14,} {r['direct_chunks_per_s']:>16,} "
             f"{r['throughput_ratio_mesh_over_direct']:>7.4f} {r['mesh_rtt_p50_ms']:>11.3f} "
             f"{r['mesh_rtt_p99_ms']:>11.3f} {r['direct_rtt_p50_ms']:>13.4f} "
-            f"{r['added_p50_ms_per_hop']:>12.3f}"
+            f"{r['added_p50_ms_per_hop']:>12.3f} {r['bare_nats_rtt_p50_ms']:>11.3f} "
+            f"{r['runtime_over_bare_nats_p50_ms']:>12.3f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
