@@ -16,7 +16,8 @@ Sources, highest precedence first:
 4. the default.
 
 An environment variable set to the empty string counts as unset: compose files and Helm
-charts routinely render ``FOO=`` for "not configured".
+charts routinely render ``FOO=`` for "not configured". The precedence is applied by
+``shared.flags``, which the engine and worker flags use too.
 
 Parsing uses ``parse_known_args`` and leaves every flag it does not know, in order and
 untouched, for the engine's own parser (SGLang's ``ServerArgs``) to read later. Prefix
@@ -28,12 +29,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, NoReturn
 from urllib.parse import urlsplit
+
+from shared.flags import (
+    Flag,
+    FlagError,
+    add_flags,
+    float_converter,
+    int_converter,
+    non_empty,
+    parse_bool,
+    resolve_flags,
+)
 
 __all__ = [
     "DEFAULT_ETCD_PORT",
@@ -67,22 +77,10 @@ _LOG_LEVELS = {
 _LOG_FORMATS = ("json", "text")
 _NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 _ETCD_SCHEMES = ("http", "https")
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
 
 
 class MeshConfigError(ValueError):
     """A configuration value is invalid; the message names the flag and the env var."""
-
-
-def parse_bool(text: str) -> bool:
-    """Read a bool the way environment variables spell it (true/1/yes/on, false/0/no/off)."""
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"expected a boolean (true/1/yes/on or false/0/no/off), got {text!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,8 +349,6 @@ class MeshConfig:
 # --------------------------------------------------------------------------------------------
 # Flags and environment variables
 
-_Converter = Callable[[str], Any]
-
 
 def _conv_namespace(text: str) -> str:
     return _check_token("namespace", text)
@@ -372,36 +368,8 @@ def _conv_etcd_endpoints(text: str) -> list[str]:
     return entries
 
 
-def _conv_int(minimum: int, meaning: str = "") -> Callable[[str], int]:
-    def convert(text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise ValueError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise ValueError(f"must be >= {minimum}{meaning}, got {value}")
-        return value
-
-    return convert
-
-
-def _conv_float(*, positive: bool) -> Callable[[str], float]:
-    def convert(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise ValueError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise ValueError(f"expected a finite number, got {text!r}")
-        if positive and value <= 0:
-            raise ValueError(f"must be > 0, got {text.strip()}")
-        return value
-
-    return convert
-
-
 def _conv_grace(text: str) -> float:
-    return max(0.0, _conv_float(positive=False)(text))
+    return max(0.0, float_converter()(text))
 
 
 def _conv_port(text: str) -> int:
@@ -414,12 +382,6 @@ def _conv_port(text: str) -> int:
     return value if value < 0 else _check_port(value, "system")
 
 
-def _conv_host(text: str) -> str:
-    if not text.strip():
-        raise ValueError("expected a host name or address, got an empty string")
-    return text.strip()
-
-
 def _conv_dyn_log(text: str) -> str:
     # DYN_LOG is a Rust env-filter ("info,some_crate=debug"); the bare directive is the level.
     bare = [d.strip() for d in text.split(",") if d.strip() and "=" not in d]
@@ -428,148 +390,117 @@ def _conv_dyn_log(text: str) -> str:
     return _check_log_level(bare[0])
 
 
-@dataclass(frozen=True, slots=True)
-class _Option:
-    name: str  # MeshConfig field
-    convert: _Converter
-    metavar: str
-    help: str
-    default_text: str
-    fallback_envs: tuple[str, ...] = ()
-    # Reference variables whose syntax differs from ours get their own reader.
-    env_converters: Mapping[str, _Converter] = field(default_factory=dict)
+_DEFAULT = MeshConfig()
 
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def envs(self) -> tuple[str, ...]:
-        return ("SGLMESH_" + self.name.upper(), *self.fallback_envs)
-
-
-_OPTIONS: tuple[_Option, ...] = (
-    _Option(
+_OPTIONS: tuple[Flag, ...] = (
+    Flag(
         "namespace",
         _conv_namespace,
+        _DEFAULT.namespace,
         "NAME",
         "namespace that scopes every endpoint, etcd key and event subject",
-        "sglmesh",
         ("DYN_NAMESPACE",),
     ),
-    _Option(
+    Flag(
         "nats_url",
         _conv_nats_url,
+        _DEFAULT.nats_url,
         "URL[,URL...]",
         "NATS server(s), comma-separated",
-        "nats://127.0.0.1:4222",
         ("NATS_SERVER",),
     ),
-    _Option(
+    Flag(
         "etcd_endpoints",
         _conv_etcd_endpoints,
+        tuple(_DEFAULT.etcd_endpoints),
         "URL[,URL...]",
         "etcd endpoint(s), comma-separated: http://host:port, https://host:port or host:port",
-        "http://127.0.0.1:2379",
         ("ETCD_ENDPOINTS",),
     ),
-    _Option(
+    Flag(
         "endpoint",
         parse_endpoint,
+        _DEFAULT.endpoint,
         "dyn://NS.COMP.EP",
         "endpoint this process serves (dyn://namespace.component.endpoint or "
         "namespace.component.endpoint)",
-        "the role's default",
         ("DYN_ENDPOINT",),
+        default_text="the role's default",
     ),
-    _Option(
+    Flag(
         "lease_ttl",
-        _conv_int(1, " second"),
+        int_converter(1, " second"),
+        _DEFAULT.lease_ttl,
         "SECONDS",
         "etcd lease TTL: a crashed process leaves discovery this long after it dies",
-        "10",
     ),
-    _Option(
+    Flag(
         "system_host",
-        _conv_host,
+        non_empty("a host name or address"),
+        _DEFAULT.system_host,
         "HOST",
         "bind address of the system server (health, metrics)",
-        "0.0.0.0",
     ),
-    _Option(
+    Flag(
         "system_port",
         _conv_port,
+        _DEFAULT.system_port,
         "PORT",
         "port of the system server (health, metrics); 0 = any free port, negative = off",
-        "off",
         ("DYN_SYSTEM_PORT",),
+        default_text="off",
     ),
-    _Option(
+    Flag(
         "graceful_shutdown_grace_period",
         _conv_grace,
+        _DEFAULT.graceful_shutdown_grace_period,
         "SECONDS",
         "after leaving discovery on SIGTERM, wait this long for in-flight requests; negative = 0",
-        "5",
         ("DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS",),
     ),
-    _Option(
+    Flag(
         "heartbeat_interval",
-        _conv_float(positive=True),
+        float_converter(0.0, strict=True),
+        _DEFAULT.heartbeat_interval,
         "SECONDS",
         "interval between keep-alive messages on an idle response stream",
-        "1",
     ),
-    _Option(
+    Flag(
         "stream_timeout",
-        _conv_float(positive=True),
+        float_converter(0.0, strict=True),
+        _DEFAULT.stream_timeout,
         "SECONDS",
         "silence after which a responder is considered dead; must exceed the heartbeat interval",
-        "5",
     ),
-    _Option(
+    Flag(
         "engine_request_limit",
-        _conv_int(0, " (0 = unlimited)"),
+        int_converter(0, " (0 = unlimited)"),
+        _DEFAULT.engine_request_limit,
         "N",
         "maximum concurrent requests per endpoint; 0 = unlimited",
-        "0",
         ("DYN_ENGINE_REQUEST_LIMIT",),
     ),
-    _Option(
+    Flag(
         "log_level",
         _check_log_level,
+        _DEFAULT.log_level,
         "LEVEL",
         "log level: debug, info, warning, error or critical",
-        "info",
         ("DYN_LOG",),
         {"DYN_LOG": _conv_dyn_log},
     ),
-    _Option(
+    Flag(
         "log_format",
         _check_log_format,
+        _DEFAULT.log_format,
         "FORMAT",
         "log format: json (one object per line) or text",
-        "json",
     ),
 )
 
 # The table must cover the dataclass exactly; a new field without a flag is a bug.
-if [o.name for o in _OPTIONS] != [f.name for f in fields(MeshConfig)]:
+if [o.dest for o in _OPTIONS] != [f.name for f in fields(MeshConfig)]:
     raise RuntimeError("shared.config: _OPTIONS is out of step with MeshConfig's fields")
-
-# Read from fields(): on a slots dataclass the class attribute is the slot, not the default.
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(MeshConfig)}
-
-
-def _cli_type(option: _Option) -> _Converter:
-    def convert(text: str) -> Any:
-        try:
-            return option.convert(text)
-        except ValueError as exc:
-            # argparse prefixes "argument --flag: ", which names the flag for the user.
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = option.name  # argparse shows it if anything else goes wrong
-    return convert
 
 
 def add_mesh_args(parser: argparse.ArgumentParser) -> None:
@@ -582,16 +513,7 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "mesh", "How this process joins the mesh. Precedence: flag > SGLMESH_* > reference env."
     )
-    for option in _OPTIONS:
-        envs = ", ".join(option.envs)
-        group.add_argument(
-            option.flag,
-            dest=option.name,
-            metavar=option.metavar,
-            type=_cli_type(option),
-            default=None,
-            help=f"{option.help} (env: {envs}; default: {option.default_text})".replace("%", "%%"),
-        )
+    add_flags(group, _OPTIONS)
 
 
 def mesh_config_from_namespace(
@@ -606,57 +528,32 @@ def mesh_config_from_namespace(
     environment) is reported through ``parser.error`` (exit status 2) when ``parser`` is
     given; otherwise it raises ``MeshConfigError`` naming the flag and the env var.
     """
-    environ: Mapping[str, str] = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    origin: dict[str, str] = {}  # how each value was set, for error messages
     try:
-        for option in _OPTIONS:
-            given = getattr(ns, option.name, None)
-            if given is not None:
-                values[option.name] = given
-                origin[option.name] = "flag"
-                continue
-            for var in option.envs:
-                raw = environ.get(var)
-                if raw is None or not raw.strip():
-                    continue
-                convert = option.env_converters.get(var, option.convert)
-                try:
-                    values[option.name] = convert(raw)
-                except ValueError as exc:
-                    raise MeshConfigError(
-                        f"invalid value for {option.flag} from environment variable "
-                        f"{var}={raw!r}: {exc}"
-                    ) from None
-                origin[option.name] = f"from {var}"
-                break
+        try:
+            settings = resolve_flags(_OPTIONS, ns, env)
+        except FlagError as exc:
+            raise MeshConfigError(str(exc)) from None
 
         def describe(name: str) -> str:
-            value = values.get(name, _DEFAULTS[name])
-            flag = "--" + name.replace("_", "-")
-            return f"{flag} {value:g} ({origin.get(name, 'default')})"
+            value, source = settings[name].value, settings[name].source
+            origin = source if source in ("flag", "default") else f"from {source}"
+            return f"--{name.replace('_', '-')} {value:g} ({origin})"
 
         # The one rule that spans two settings; checked here so the message names both sources.
-        heartbeat = values.get("heartbeat_interval", _DEFAULTS["heartbeat_interval"])
-        timeout = values.get("stream_timeout", _DEFAULTS["stream_timeout"])
-        if timeout <= heartbeat:
+        if settings["stream_timeout"].value <= settings["heartbeat_interval"].value:
             raise MeshConfigError(
                 f"{describe('stream_timeout')} must be greater than "
                 f"{describe('heartbeat_interval')}: a live responder would be declared dead "
                 "between heartbeats"
             )
         try:
-            return MeshConfig(**values)
+            return MeshConfig(**{name: s.value for name, s in settings.items()})
         except ValueError as exc:  # every field is pre-checked; this is a safety net
             raise MeshConfigError(f"invalid mesh configuration: {exc}") from None
     except MeshConfigError as exc:
         if parser is None:
             raise
-        _fail(parser, str(exc))
-
-
-def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
-    parser.error(message)
+        parser.error(str(exc))
 
 
 def parse_mesh_args(

@@ -21,8 +21,8 @@ What we force, as the reference deployment does before ``ServerArgs.from_cli_arg
 - ``served_model_name``: a comma/whitespace-separated list; the first name is the model's
   name, the rest are aliases. SGLang only ever sees the first.
 
-The mesh-level engine flags (``--engine``, ``--speedup-ratio``, ...) follow the conventions of
-``shared.config``: each has an ``SGLMESH_*`` environment twin (an empty value counts as unset)
+The mesh-level engine flags (``--engine``, ``--speedup-ratio``, ...) are ``shared.flags`` flags,
+as the mesh's are: each has an ``SGLMESH_*`` environment twin (an empty value counts as unset)
 and, where the reference has one, its variable as a fallback.
 """
 
@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
@@ -43,6 +42,17 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, NoReturn
+
+from shared.flags import (
+    FALSE_WORDS,
+    TRUE_WORDS,
+    Flag,
+    add_flags,
+    flag_values,
+    float_converter,
+    int_converter,
+    non_empty,
+)
 
 __all__ = [
     "BUILTIN_SGLANG_FLAGS",
@@ -71,8 +81,6 @@ DISAGGREGATION_MODES = ("null", "prefill", "decode")
 # 32 layers x 8 KV heads x 128 head dim x 2 (K and V) x 2 bytes (bf16): Llama-3-8B.
 DEFAULT_KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2
 DEFAULT_BOOTSTRAP_PORT = 8998
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
 
 
 class EngineSelectionError(ValueError):
@@ -140,34 +148,6 @@ def resolve_engine_kind(requested: str, env: Mapping[str, str] | None = None) ->
 # Mesh-level engine flags (each with an environment twin)
 
 
-def _parse_float(minimum: float, *, strict: bool) -> Callable[[str], float]:
-    def convert(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise ValueError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise ValueError(f"expected a finite number, got {text!r}")
-        if value < minimum or (strict and value == minimum):
-            raise ValueError(f"must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
-        return value
-
-    return convert
-
-
-def _parse_int(minimum: int) -> Callable[[str], int]:
-    def convert(text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise ValueError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise ValueError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return convert
-
-
 def _parse_engine(text: str) -> str:
     value = text.strip().lower()
     if value not in ENGINE_KINDS:
@@ -175,38 +155,8 @@ def _parse_engine(text: str) -> str:
     return value
 
 
-def _parse_path(text: str) -> str:
-    if not text.strip():
-        raise ValueError("expected a file path, got an empty string")
-    return text.strip()
-
-
-def _parse_key(text: str) -> str:
-    if not text.strip():
-        raise ValueError("expected a key, got an empty string")
-    return text.strip()
-
-
-@dataclass(frozen=True, slots=True)
-class _MeshFlag:
-    dest: str
-    convert: Callable[[str], Any]
-    default: Any
-    metavar: str
-    help: str
-    fallback_envs: tuple[str, ...] = ()
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.dest.replace("_", "-")
-
-    @property
-    def envs(self) -> tuple[str, ...]:
-        return ("SGLMESH_" + self.dest.upper(), *self.fallback_envs)
-
-
-_MESH_FLAGS: tuple[_MeshFlag, ...] = (
-    _MeshFlag(
+_ENGINE_FLAGS: tuple[Flag, ...] = (
+    Flag(
         "engine",
         _parse_engine,
         "auto",
@@ -214,70 +164,53 @@ _MESH_FLAGS: tuple[_MeshFlag, ...] = (
         "which engine runs the model: sglang (needs a GPU), sim (the CPU simulator) or auto "
         "(sglang when it is installed and a GPU is visible, else sim)",
     ),
-    _MeshFlag(
+    Flag(
         "speedup_ratio",
-        _parse_float(0.0, strict=False),
+        float_converter(0.0),
         1.0,
         "RATIO",
         "sim engine: divide every modelled delay by this; 0 = no delay at all",
     ),
-    _MeshFlag(
+    Flag(
         "kv_bytes_per_token",
-        _parse_int(1),
+        int_converter(1),
         DEFAULT_KV_BYTES_PER_TOKEN,
         "BYTES",
         "sim engine: KV bytes per token moved by a disaggregated transfer "
         "(default: Llama-3-8B in bf16, 32 layers x 8 KV heads x 128 x 2 x 2 bytes)",
     ),
-    _MeshFlag(
+    Flag(
         "sim_output_len_mean",
-        _parse_int(0),
+        int_converter(0),
         0,
         "TOKENS",
         "sim engine: mean output length before an early EOS; 0 = never stop early",
     ),
-    _MeshFlag(
+    Flag(
         "bootstrap_timeout",
-        _parse_float(0.0, strict=True),
+        float_converter(0.0, strict=True),
         300.0,
         "SECONDS",
         "disaggregation: how long either side waits for its peer's KV transfer",
         ("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT",),
     ),
-    _MeshFlag(
+    Flag(
         "disagg_config",
-        _parse_path,
+        non_empty("a file path"),
         None,
         "FILE",
         "YAML file with one section of SGLang flags per role; needs --disagg-config-key",
         ("DYN_SGL_DISAGG_CONFIG",),
     ),
-    _MeshFlag(
+    Flag(
         "disagg_config_key",
-        _parse_key,
+        non_empty("a key"),
         None,
         "KEY",
         "section of --disagg-config to use (e.g. prefill or decode)",
         ("DYN_SGL_DISAGG_CONFIG_KEY",),
     ),
 )
-
-
-def _argparse_type(flag: _MeshFlag) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return flag.convert(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = flag.dest
-    return convert
-
-
-def _default_text(value: Any) -> str:
-    if value is None:
-        return "none"
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -291,18 +224,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "Engine selection and simulator settings. Precedence: flag > SGLMESH_* > "
         "reference env > default.",
     )
-    for flag in _MESH_FLAGS:
-        default = _default_text(flag.default)
-        group.add_argument(
-            flag.flag,
-            dest=flag.dest,
-            metavar=flag.metavar,
-            type=_argparse_type(flag),
-            default=None,
-            help=f"{flag.help} (env: {', '.join(flag.envs)}; default: {default})".replace(
-                "%", "%%"
-            ),
-        )
+    add_flags(group, _ENGINE_FLAGS)
 
 
 def engine_flag_values(
@@ -311,26 +233,7 @@ def engine_flag_values(
     """Final values of the flags ``add_engine_args`` added: the flag, else its environment
     variables in order (an empty value counts as unset), else the default. A bad environment
     value is a ``ValueError`` naming the flag and the variable."""
-    environ: Mapping[str, str] = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for flag in _MESH_FLAGS:
-        given = getattr(ns, flag.dest, None)
-        if given is not None:
-            values[flag.dest] = given
-            continue
-        values[flag.dest] = flag.default
-        for var in flag.envs:
-            raw = environ.get(var)
-            if raw is None or not raw.strip():
-                continue
-            try:
-                values[flag.dest] = flag.convert(raw)
-            except ValueError as exc:
-                raise ValueError(
-                    f"invalid value for {flag.flag} from environment variable {var}={raw!r}: {exc}"
-                ) from None
-            break
-    return values
+    return flag_values(_ENGINE_FLAGS, ns, env)
 
 
 # --------------------------------------------------------------------------------------------
@@ -761,9 +664,9 @@ def _merge_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list
     for raw_key, value in data.items():
         flag = "--" + str(raw_key).replace("_", "-")
         if flag in store_true:
-            if value is True or (isinstance(value, str) and value.lower() in _TRUE):
+            if value is True or (isinstance(value, str) and value.lower() in TRUE_WORDS):
                 merged.append(flag)
-            elif not (value is False or value is None or str(value).lower() in _FALSE):
+            elif not (value is False or value is None or str(value).lower() in FALSE_WORDS):
                 raise ValueError(f"--config: {raw_key} must be true or false, got {value!r}")
         elif isinstance(value, list):
             merged += [flag, *map(str, value)]
@@ -932,7 +835,7 @@ class EngineArgs:
 
 
 _FIELD_NAMES = frozenset(EngineArgs.__dataclass_fields__)
-_MESH_DESTS = frozenset(f.dest for f in _MESH_FLAGS)
+_MESH_DESTS = frozenset(f.dest for f in _ENGINE_FLAGS)
 
 
 def split_served_model_name(text: str | None, model_path: str) -> list[str]:

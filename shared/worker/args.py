@@ -24,6 +24,7 @@ from shared.engine.args import (
     parse_engine_args,
     resolve_engine_kind,
 )
+from shared.flags import TRUE_WORDS, Flag, FlagError, add_flags, flag_values, float_converter
 
 AGGREGATED = "aggregated"
 DECODE = "decode"
@@ -85,98 +86,82 @@ class WorkerFlags:
     custom_jinja_template: str | None = None
 
 
-# flag, env names, default, type, help
-_WORKER_FLAGS: list[tuple[str, tuple[str, ...], object, type, str]] = [
-    (
-        "--canary-wait-time",
-        ("SGLMESH_CANARY_WAIT_TIME", "DYN_CANARY_WAIT_TIME"),
-        10.0,
-        float,
+def _endpoint_types(text: str) -> tuple[str, ...]:
+    types = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = set(types) - {"chat", "completions"}
+    if unknown:
+        raise ValueError(f"unknown {sorted(unknown)}; use chat, completions")
+    return types
+
+
+def _template_file(text: str) -> str:
+    path = os.path.expandvars(os.path.expanduser(text))
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file {path!r}")
+    return path
+
+
+def _truthy(text: str) -> bool:
+    # Anything but a "true" spelling turns health checks off, as the reference reads it.
+    return text.strip().lower() in TRUE_WORDS
+
+
+_DEFAULTS = WorkerFlags()
+_WORKER_FLAGS: tuple[Flag, ...] = (
+    Flag(
+        "canary_wait_time",
+        float_converter(0.0, strict=True),
+        _DEFAULTS.canary_wait_time,
+        "SECONDS",
         "seconds an endpoint must be idle before a health canary is sent",
+        ("DYN_CANARY_WAIT_TIME",),
     ),
-    (
-        "--health-check-timeout",
-        ("SGLMESH_HEALTH_CHECK_TIMEOUT", "DYN_HEALTH_CHECK_REQUEST_TIMEOUT"),
-        3.0,
-        float,
+    Flag(
+        "health_check_timeout",
+        float_converter(0.0, strict=True),
+        _DEFAULTS.health_check_timeout,
+        "SECONDS",
         "seconds a health canary may take before the worker counts as unhealthy",
+        ("DYN_HEALTH_CHECK_REQUEST_TIMEOUT",),
     ),
-    (
-        "--endpoint-types",
-        ("SGLMESH_ENDPOINT_TYPES", "DYN_ENDPOINT_TYPES"),
-        "chat,completions",
-        str,
+    Flag(
+        "endpoint_types",
+        _endpoint_types,
+        _DEFAULTS.endpoint_types,
+        "TYPES",
         "APIs the model is served on: chat, completions (comma-separated)",
+        ("DYN_ENDPOINT_TYPES",),
     ),
-    (
-        "--custom-jinja-template",
-        ("SGLMESH_CUSTOM_JINJA_TEMPLATE", "DYN_CUSTOM_JINJA_TEMPLATE"),
-        None,
-        str,
+    Flag(
+        "custom_jinja_template",
+        _template_file,
+        _DEFAULTS.custom_jinja_template,
+        "FILE",
         "a chat template file that overrides the model's own",
+        ("DYN_CUSTOM_JINJA_TEMPLATE",),
     ),
-]
+    Flag(
+        "health_check",
+        _truthy,
+        _DEFAULTS.health_check,
+        None,
+        "send health canaries on idle endpoints",
+        ("DYN_HEALTH_CHECK_ENABLED",),
+    ),
+)
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("worker")
-    for flag, envs, default, _type, text in _WORKER_FLAGS:
-        group.add_argument(
-            flag, default=None, help=f"{text} (env {', '.join(envs)}; default {default})"
-        )
-    group.add_argument(
-        "--health-check",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="send health canaries on idle endpoints "
-        "(env SGLMESH_HEALTH_CHECK, DYN_HEALTH_CHECK_ENABLED; default on)",
-    )
+    add_flags(parser.add_argument_group("worker"), _WORKER_FLAGS)
 
 
 def _worker_flags(
     ns: argparse.Namespace, env: Mapping[str, str], parser: argparse.ArgumentParser
 ) -> WorkerFlags:
-    values: dict[str, object] = {}
-    for flag, envs, default, type_, _text in _WORKER_FLAGS:
-        dest = flag.lstrip("-").replace("-", "_")
-        raw = getattr(ns, dest)
-        source = flag
-        if raw is None:
-            for name in envs:
-                if env.get(name):
-                    raw, source = env[name], f"{flag} (from {name})"
-                    break
-        if raw is None:
-            values[dest] = default
-            continue
-        try:
-            values[dest] = type_(raw)
-        except ValueError:
-            parser.error(f"{source}: invalid value {raw!r}")
-    if ns.health_check is None:
-        raw = env.get("SGLMESH_HEALTH_CHECK") or env.get("DYN_HEALTH_CHECK_ENABLED")
-        health = True if raw is None else raw.strip().lower() in ("1", "true", "yes", "on")
-    else:
-        health = bool(ns.health_check)
-    for dest in ("canary_wait_time", "health_check_timeout"):
-        if float(values[dest]) <= 0:  # type: ignore[arg-type]
-            parser.error(f"--{dest.replace('_', '-')} must be > 0")
-    types = tuple(t.strip() for t in str(values["endpoint_types"]).split(",") if t.strip())
-    unknown = set(types) - {"chat", "completions"}
-    if unknown:
-        parser.error(f"--endpoint-types: unknown {sorted(unknown)}; use chat, completions")
-    template = values["custom_jinja_template"]
-    if template is not None:
-        template = os.path.expandvars(os.path.expanduser(str(template)))
-        if not os.path.isfile(template):
-            parser.error(f"--custom-jinja-template: no such file {template!r}")
-    return WorkerFlags(
-        canary_wait_time=float(values["canary_wait_time"]),  # type: ignore[arg-type]
-        health_check_timeout=float(values["health_check_timeout"]),  # type: ignore[arg-type]
-        health_check=health,
-        endpoint_types=types,
-        custom_jinja_template=template,
-    )
+    try:
+        return WorkerFlags(**flag_values(_WORKER_FLAGS, ns, env))
+    except FlagError as exc:
+        parser.error(str(exc))
 
 
 @dataclass(frozen=True)

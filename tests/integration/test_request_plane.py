@@ -252,7 +252,8 @@ async def test_no_instances_and_no_responders(
         t0 = time.perf_counter()
         with pytest.raises(NoRespondersError):
             await stream.__anext__()
-        assert time.perf_counter() - t0 < 0.5  # the server says so at once, no timeout
+        # NATS says so at once: well before the 1 s stream timeout could have fired.
+        assert time.perf_counter() - t0 < 0.9
 
 
 async def test_garbage_on_the_subject_gets_an_error_and_the_worker_keeps_serving(

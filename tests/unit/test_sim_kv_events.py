@@ -466,7 +466,12 @@ async def test_replay_waits_for_a_slow_client_instead_of_dropping(
         pub.publish([BlockRemoved(block_hashes=[i, *big])])
     try:
         dealer.send_multipart([b"", encode_seq(0)])
-        await asyncio.sleep(0.1)  # not reading: the replay task must wait, the loop must not
+        # Not reading: the replay task must start, then wait for us without blocking the loop.
+        started = time.monotonic() + 2
+        while pub.replayed == 0:
+            assert time.monotonic() < started, "the replay never started"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
         assert 0 < pub.replayed < 3000
         seqs: list[int] = []
         deadline = time.monotonic() + 5
