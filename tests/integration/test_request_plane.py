@@ -158,7 +158,10 @@ async def test_client_cancel_stops_the_handler(
         await asyncio.wait_for(saw_cancel.wait(), timeout=1.0)
         elapsed = time.perf_counter() - t0
         assert stopped_flag == [True]
-        assert elapsed < 0.1, f"handler saw the cancel after {elapsed * 1000:.1f} ms"
+        # Closing or cancelling must reach the handler within 100 ms; the finalizer of a dropped
+        # stream is a best-effort fallback that runs whenever the garbage collector gets to it.
+        bound = 0.1 if how != "walk_away" else 0.5
+        assert elapsed < bound, f"handler saw the cancel after {elapsed * 1000:.1f} ms"
         await asyncio.sleep(0.05)
         assert not served.streams
 

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible processor service: HTTP front door, tokenization and routing."""

@@ -1,0 +1,410 @@
+"""Turn OpenAI requests into :class:`~proto.request.PreprocessedRequest`: chat templating,
+tokenization and the mapping of sampling/stop/output parameters.
+
+A :class:`ModelPreprocessor` is built once per model card (:meth:`ModelPreprocessor.from_card`):
+it loads ``tokenizer.json`` with the ``tokenizers`` library and compiles the chat template once
+in a sandboxed Jinja environment configured as Hugging Face's ``apply_chat_template`` does
+(``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, ``raise_exception``, ``tojson``,
+``strftime_now``). Per request there is one template render and one encode.
+
+Where the chat template comes from, first found wins: the ``custom_template`` text given to
+``from_card``; the file ``card.custom_template_path``; the file ``card.chat_template_path``;
+``chat_template.jinja`` in the tokenizer directory; ``chat_template`` in
+``tokenizer_config.json`` (a string, or a list of ``{name, template}`` of which ``default`` is
+used). Template files ending in ``.json`` are read as ``{"chat_template": ...}``.
+
+Chat prompts are encoded without the tokenizer's special tokens, as Hugging Face does: the
+template writes BOS itself when the model wants it. Completion prompts given as text are
+encoded with special tokens, but a BOS the text already starts with is not doubled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from proto.discovery import ModelCard
+from proto.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, RequestError
+from proto.request import OutputOptions, PreprocessedRequest, SamplingOptions, StopConditions
+
+__all__ = ["ModelPreprocessor", "PreprocessorLoadError", "make_template_environment"]
+
+log = logging.getLogger(__name__)
+
+_TEMPLATE_FILE = "chat_template.jinja"
+# Hugging Face's "no limit" model_max_length is ~1e30; anything this large is not a limit.
+_NO_LIMIT = 10**9
+
+
+class PreprocessorLoadError(RuntimeError):
+    """The model's tokenizer or chat template could not be loaded or compiled."""
+
+
+# --------------------------------------------------------------------------------------------
+# Jinja
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False
+) -> str:
+    # Hugging Face's tojson: no HTML escaping (unlike Jinja's built-in), unicode kept.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def make_template_environment() -> ImmutableSandboxedEnvironment:
+    """The sandboxed Jinja environment chat templates are compiled in."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=False,
+        extensions=[jinja2.ext.loopcontrols],
+        autoescape=False,
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PreprocessorLoadError(f"cannot read {path}: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token from tokenizer_config.json: a string or ``{"content": ...}``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        content: str = value["content"]
+        return content
+    return None
+
+
+def _template_from_config(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
+        template = named.get("default")
+        if isinstance(template, str):
+            return template
+        raise PreprocessorLoadError(
+            f"tokenizer_config.json has named chat templates {sorted(map(str, named))} "
+            "but none called 'default'"
+        )
+    return None
+
+
+def _read_template_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PreprocessorLoadError(f"cannot read chat template {path}: {exc}") from exc
+    if path.suffix == ".json":
+        try:
+            template = _template_from_config(json.loads(text).get("chat_template"))
+        except (ValueError, AttributeError) as exc:
+            raise PreprocessorLoadError(f"invalid chat template file {path}: {exc}") from exc
+        if template is None:
+            raise PreprocessorLoadError(f"{path} has no 'chat_template'")
+        return template
+    return text
+
+
+def _eos_ids_from(config: Mapping[str, Any]) -> list[int]:
+    value = config.get("eos_token_id")
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int)]
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# The preprocessor
+
+
+class ModelPreprocessor:
+    """Tokenizer, chat template and limits of one model; turns requests into
+    :class:`PreprocessedRequest`. Thread-safe for rendering and encoding."""
+
+    def __init__(
+        self,
+        *,
+        card: ModelCard,
+        tokenizer: Tokenizer,
+        chat_template: str | None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        special_tokens: Mapping[str, str] | None = None,
+        eos_token_ids: Sequence[int] = (),
+        context_length: int | None = None,
+    ) -> None:
+        self.card = card
+        self.model = card.name
+        self.tokenizer = tokenizer
+        self.chat_template_source = chat_template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.bos_token_id: int | None = card.bos_token_id
+        if self.bos_token_id is None and bos_token is not None:
+            self.bos_token_id = tokenizer.token_to_id(bos_token)
+        self.eos_token_ids = list(eos_token_ids)
+        self.context_length = context_length
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._template_vars: dict[str, Any] = dict(special_tokens or {})
+        self._template_vars.setdefault("bos_token", bos_token or "")
+        self._template_vars.setdefault("eos_token", eos_token or "")
+        self._template: jinja2.Template | None = None
+        if chat_template is not None:
+            try:
+                self._template = make_template_environment().from_string(chat_template)
+            except jinja2.exceptions.TemplateError as exc:
+                raise PreprocessorLoadError(
+                    f"chat template for {card.name!r} does not compile: {exc}"
+                ) from exc
+
+    @classmethod
+    def from_card(cls, card: ModelCard, *, custom_template: str | None = None) -> ModelPreprocessor:
+        """Load from the card's tokenizer directory (``tokenizer_path`` or ``model_path``).
+
+        ``custom_template`` is template *text*; it overrides every other source."""
+        directory = Path(card.tokenizer_path or card.model_path).expanduser()
+        tokenizer_file = directory / "tokenizer.json"
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # tokenizers raises a bare Exception
+            raise PreprocessorLoadError(f"cannot load {tokenizer_file}: {exc}") from exc
+        tok_config = _read_json(directory / "tokenizer_config.json")
+
+        template: str | None = custom_template
+        if template is None:
+            for path_str in (card.custom_template_path, card.chat_template_path):
+                if path_str:
+                    template = _read_template_file(Path(path_str).expanduser())
+                    break
+        if template is None and (directory / _TEMPLATE_FILE).is_file():
+            template = _read_template_file(directory / _TEMPLATE_FILE)
+        if template is None:
+            template = _template_from_config(tok_config.get("chat_template"))
+
+        special: dict[str, str] = {}
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            text = _token_text(tok_config.get(key))
+            if text is not None:
+                special[key] = text
+        bos, eos = special.get("bos_token"), special.get("eos_token")
+
+        eos_ids = list(card.eos_token_ids)
+        if not eos_ids:
+            eos_ids = _eos_ids_from(_read_json(directory / "generation_config.json"))
+        if not eos_ids:
+            eos_ids = _eos_ids_from(_read_json(directory / "config.json"))
+        if not eos_ids and eos is not None:
+            eos_id = tokenizer.token_to_id(eos)
+            eos_ids = [eos_id] if eos_id is not None else []
+
+        context_length = card.context_length
+        if context_length is None and card.runtime_config is not None:
+            context_length = card.runtime_config.context_length
+        if context_length is None:
+            limit = tok_config.get("model_max_length")
+            if isinstance(limit, int | float) and 0 < limit < _NO_LIMIT:
+                context_length = int(limit)
+        if context_length is None:
+            limit = _read_json(directory / "config.json").get("max_position_embeddings")
+            if isinstance(limit, int) and limit > 0:
+                context_length = limit
+
+        return cls(
+            card=card,
+            tokenizer=tokenizer,
+            chat_template=template,
+            bos_token=bos,
+            eos_token=eos,
+            special_tokens=special,
+            eos_token_ids=eos_ids,
+            context_length=context_length,
+        )
+
+    # -- templating and tokenization ----------------------------------------------------------
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render the chat template. Template errors (including ``raise_exception`` and
+        sandbox violations) raise :class:`RequestError` (400)."""
+        if self._template is None:
+            raise RequestError(
+                f"Model {self.model!r} has no chat template; use /v1/completions",
+                param="messages",
+            )
+        context: dict[str, Any] = {**template_kwargs, **self._template_vars}
+        context["messages"] = [_message_dict(m) for m in messages]
+        context["add_generation_prompt"] = add_generation_prompt
+        try:
+            return self._template.render(context)
+        except jinja2.exceptions.SecurityError as exc:
+            log.warning("chat template of %s violated the sandbox: %s", self.model, exc)
+            raise RequestError(f"Chat template security error: {exc}") from None
+        except jinja2.exceptions.TemplateError as exc:
+            raise RequestError(f"Chat template error: {exc}", param="messages") from None
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise RequestError(
+                f"Chat template failed on these messages: {exc}", param="messages"
+            ) from None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``. With special tokens, a BOS that ``text`` already starts
+        with is not added a second time."""
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.bos_token_id
+        if (
+            add_special_tokens
+            and bos is not None
+            and len(ids) >= 2
+            and ids[0] == bos
+            and ids[1] == bos
+            and self.bos_token
+            and text.startswith(self.bos_token)
+        ):
+            del ids[0]
+        return ids
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def preprocess_chat(self, req: ChatCompletionRequest) -> PreprocessedRequest:
+        prompt = self.render_chat(req.messages, True, **(req.chat_template_kwargs or {}))
+        token_ids = self.encode(prompt, add_special_tokens=False)
+        if not token_ids:
+            raise RequestError("The prompt is empty", param="messages")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return self._build(req, token_ids, req.effective_max_tokens(), logprobs, "messages")
+
+    def preprocess_completion(self, req: CompletionRequest) -> list[PreprocessedRequest]:
+        """One request per prompt; token-id prompts pass through (validated)."""
+        out: list[PreprocessedRequest] = []
+        prompts = req.prompts()
+        for i, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            if isinstance(prompt, str):
+                token_ids = self.encode(prompt, add_special_tokens=True) if prompt else []
+            else:
+                token_ids = prompt
+                self._check_token_ids(token_ids, param)
+            if not token_ids:
+                raise RequestError("The prompt is empty", param=param)
+            out.append(self._build(req, token_ids, req.max_tokens, req.logprobs, param))
+        return out
+
+    def _check_token_ids(self, token_ids: Sequence[int], param: str) -> None:
+        vocab = self.vocab_size
+        for i, t in enumerate(token_ids):
+            if not 0 <= t < vocab:
+                raise RequestError(
+                    f"Token id {t} at position {i} is out of range for this model's "
+                    f"vocabulary (size {vocab})",
+                    param=param,
+                )
+
+    def _build(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        token_ids: list[int],
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_param: str,
+    ) -> PreprocessedRequest:
+        prompt_len = len(token_ids)
+        limit = self.context_length
+        if limit is not None:
+            if max_tokens is None:
+                if prompt_len >= limit:
+                    raise RequestError(
+                        f"This model's maximum context length is {limit} tokens; your prompt "
+                        f"is {prompt_len} tokens, leaving no room for the completion",
+                        param=prompt_param,
+                    )
+                max_tokens = limit - prompt_len
+            elif prompt_len + max_tokens > limit:
+                raise RequestError(
+                    f"This model's maximum context length is {limit} tokens; you requested "
+                    f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
+                    f"{max_tokens} for the completion). Reduce the prompt or the completion "
+                    "length",
+                    param="max_tokens",
+                )
+        if req.stop_token_ids:
+            self._check_token_ids(req.stop_token_ids, "stop_token_ids")
+        return PreprocessedRequest(
+            model=self.model,
+            token_ids=token_ids,
+            stop_conditions=StopConditions(
+                max_tokens=max_tokens,
+                stop=req.stop_list(),
+                stop_token_ids=list(req.stop_token_ids) if req.stop_token_ids else None,
+                min_tokens=req.min_tokens,
+                ignore_eos=req.ignore_eos,
+            ),
+            sampling_options=SamplingOptions(
+                n=req.n,
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.effective_top_k(),
+                min_p=req.min_p,
+                seed=req.seed,
+            ),
+            output_options=OutputOptions(logprobs=logprobs),
+            eos_token_ids=list(self.eos_token_ids),
+            mdc_sum=self.card.mdc_sum,
+        )
+
+
+def _message_dict(message: ChatMessage | Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(message, ChatMessage):
+        return dict(message)
+    out: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_calls is not None:
+        out["tool_calls"] = message.tool_calls
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
