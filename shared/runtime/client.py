@@ -102,6 +102,22 @@ class ResponseStream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def abort(self, error: MeshError) -> None:
+        """Fail the stream from the caller's side (e.g. its sibling leg failed): the reader
+        gets ``error`` and the remote handler is cancelled."""
+        self._fail(error)
+
+    def ready(self) -> list[Any]:
+        """The chunks already received, decoded, without waiting: lets a reader coalesce
+        everything that arrived while it was busy into one write."""
+        chunks = self._chunks
+        if not chunks:
+            return []
+        decode = self._decoder.decode
+        out = [decode(raw) for raw in chunks]
+        chunks.clear()
+        return out
+
     # -- iteration ---------------------------------------------------------------------------
     def __aiter__(self) -> ResponseStream:
         return self
@@ -232,6 +248,15 @@ class Client:
 
     def instance_ids(self) -> list[int]:
         return list(self._ids)
+
+    def records(self) -> dict[int, InstanceRecord]:
+        """Live instances (draining ones excluded) by instance id."""
+        draining = self._draining
+        return {
+            r.instance_id: r
+            for r in self._watcher.items.values()
+            if r.instance_id not in draining
+        }
 
     def _refresh_ids(self) -> None:
         self._ids = sorted(r.instance_id for r in self.instances())

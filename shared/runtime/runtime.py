@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -64,6 +64,7 @@ class DistributedRuntime:
         self.served: list[ServedEndpoint] = []
         self._extra_keys: list[str] = []
         self.clients: list[Client] = []
+        self._drain_hooks: list[Callable[[float], Awaitable[None]]] = []
         self.shutting_down = False
         self.shutdown_event = asyncio.Event()
         self._stream_ids = itertools.count(1)
@@ -133,7 +134,10 @@ class DistributedRuntime:
             await served.unregister()
         for served in self.served:
             await served.stop_accepting()
-        await asyncio.gather(*(served.drain(grace) for served in self.served))
+        await asyncio.gather(
+            *(served.drain(grace) for served in self.served),
+            *(hook(grace) for hook in self._drain_hooks),
+        )
         for client in self.clients:
             await client.close()
         if self._ticker is not None:
@@ -167,6 +171,11 @@ class DistributedRuntime:
     async def add_served(self, served: ServedEndpoint, *, register: bool) -> None:
         self.served.append(served)
         await served.start(register=register)
+
+    def add_drain_hook(self, hook: Callable[[float], Awaitable[None]]) -> None:
+        """``await hook(grace)`` during shutdown, beside the endpoints' drain: for work that
+        is not an endpoint (an HTTP server's requests) but needs the mesh to finish."""
+        self._drain_hooks.append(hook)
 
     async def put_registered(self, key: str, value: bytes) -> None:
         """Write a key under the lease (e.g. a model card): rewritten after a lease re-grant

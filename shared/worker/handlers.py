@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -45,6 +44,7 @@ from proto.request import PreprocessedRequest
 from proto.response import KV_CACHE_HIT_KEY, CompletionUsage, EngineOutput, FinishReason
 from shared.engine.mapping import DP_RANK_UNSET, EngineError, OutputMapper, to_generate_kwargs
 from shared.engine.protocol import Engine
+from shared.router.bootstrap import MAX_BOOTSTRAP_ROOM, choose_bootstrap_room
 from shared.runtime.endpoint import Context, StopReason
 from shared.runtime.errors import (
     InvalidRequestError,
@@ -73,8 +73,6 @@ ABORT_DRAIN_SECONDS = 1.0
 AGGREGATED = "aggregated"
 DECODE = "decode"
 PREFILL = "prefill"
-# Bootstrap rooms are u64 in the reference but must stay <= 2**63 - 1 (SGLang's limit).
-MAX_BOOTSTRAP_ROOM = 2**63 - 1
 
 
 class WorkerMetricsHooks(Protocol):
@@ -102,18 +100,6 @@ class WorkerMetricsHooks(Protocol):
     def tokens(self, prompt: int, cached: int, generated: int) -> None:
         """Once per request that finished with usage; a prefill leg reports ``generated=0``
         (its one token is streamed, and counted, by the decode leg)."""
-
-
-def choose_bootstrap_room(dp_rank: int | None = None, dp_size: int = 1) -> int:
-    """A random room in ``[0, 2**63 - 1]``; with ``dp_rank``, one where
-    ``room % dp_size == dp_rank`` (SGLang routes a room to prefill DP rank ``room % dp_size``)."""
-    room = random.getrandbits(63)
-    if dp_rank is None or dp_size <= 1:
-        return room
-    room += dp_rank % dp_size - room % dp_size
-    if room > MAX_BOOTSTRAP_ROOM:
-        room -= dp_size
-    return room
 
 
 def _cancel_kind(ctx: Context) -> str:

@@ -1,0 +1,367 @@
+"""Sending a preprocessed request to workers and streaming back their output, with migration.
+
+One :meth:`Dispatcher.run` call serves one :class:`PreprocessedRequest` (one prompt, ``n``
+choices) and yields *batches* of :class:`EngineOutput`: everything that arrived while the
+reader was busy comes as one batch, so the HTTP side writes one SSE event per batch rather
+than per token.
+
+Aggregated: pick a worker, send, stream. Disaggregated (the model has prefill and decode
+workers): pick one of each, draw a bootstrap room on the prefill worker's chosen DP rank
+(``room % dp_size == dp_rank``), send the prefill leg (one token) and at once the decode leg
+carrying the same ``bootstrap_info``; the prefill leg is read in the background. Either leg
+failing fails the other: a decode leg whose prefill died would otherwise wait for SGLang's
+bootstrap timeout, and a prefill whose decode died would hold its KV until the transfer
+times out.
+
+Migration: when an attempt fails with a retryable error (the worker died, left, stopped, was
+overloaded, or NATS dropped the stream), the request is sent again to another worker with the
+tokens generated so far appended to the prompt and the token budget reduced by as many, up to
+``migration_limit`` times. The reader sees one uninterrupted stream. Requests with ``n > 1``
+are not migrated: their choices cannot be resumed as one prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from proto.discovery import WorkerType
+from proto.plane import ErrorBody, ErrorCode
+from proto.request import BootstrapInfo, PreprocessedRequest, RoutingHints
+from proto.response import EngineOutput, KvCacheHit, PromptTokensDetails
+from services.processor import metrics
+from services.processor.models import ServedModel, WorkerPool
+from shared.router import LoadTracker, RouterMode, Selector, WorkerCandidate
+from shared.router.bootstrap import choose_bootstrap_room
+from shared.runtime import InvalidRequestError, MeshError, NoInstancesError, ResponseStream
+from shared.runtime.errors import RemoteError
+
+__all__ = ["Dispatcher", "NoWorkersError"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+class NoWorkersError(NoInstancesError):
+    """No live worker can take the request (all left, or none registered for the role)."""
+
+
+@dataclass
+class _Progress:
+    """What the reader has received so far, across attempts."""
+
+    generated: list[int] = field(default_factory=list)
+    excluded: set[int] = field(default_factory=set)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        mode: RouterMode,
+        migration_limit: int,
+        busy_threshold: float | None = None,
+        tracker: LoadTracker | None = None,
+    ) -> None:
+        self.tracker = tracker or LoadTracker()
+        self.mode = mode
+        self.migration_limit = migration_limit
+        self.busy_threshold = busy_threshold
+        self._selectors: dict[tuple[str, WorkerType], Selector] = {}
+
+    def selector(self, model: str, role: WorkerType) -> Selector:
+        key = (model, role)
+        selector = self._selectors.get(key)
+        if selector is None:
+            # The decode leg of a disaggregated request is placed by load, as in the reference.
+            mode = self.mode
+            selector = self._selectors[key] = Selector(
+                mode, self.tracker, busy_threshold=self.busy_threshold
+            )
+        return selector
+
+    def check_capacity(self, model: ServedModel) -> None:
+        """Raise ``BusyError`` now if every worker that would serve ``model`` is busy."""
+        role = WorkerType.DECODE if model.disaggregated else WorkerType.AGGREGATED
+        pool = model.pool(role)
+        if pool is None:
+            return
+        candidates = pool.candidates()
+        selector = self.selector(model.name, role)
+        if candidates and all(selector.is_busy(c) for c in candidates):
+            selector.select(candidates)  # raises BusyError with the message
+
+    async def run(
+        self, model: ServedModel, request: PreprocessedRequest
+    ) -> AsyncGenerator[list[EngineOutput], None]:
+        n = request.sampling_options.n or 1
+        limit = self.migration_limit if n == 1 else 0
+        progress = _Progress()
+        attempt = 0
+        while True:
+            current = _continuation(request, progress.generated)
+            try:
+                if model.disaggregated:
+                    stream = self._disaggregated(model, current, progress)
+                else:
+                    stream = self._aggregated(model, current, progress)
+                async for batch in stream:
+                    if n == 1:
+                        for out in batch:
+                            progress.generated.extend(out.token_ids)
+                    yield batch
+                return
+            except MeshError as exc:
+                if not exc.retryable or attempt >= limit or isinstance(exc, NoWorkersError):
+                    if attempt and exc.retryable:
+                        raise _exhausted(exc, attempt) from exc
+                    raise
+                attempt += 1
+                metrics.migrations.labels(model.name, exc.code.value).inc()
+                log.info(
+                    "migrating request",
+                    extra={
+                        "model": model.name,
+                        "attempt": attempt,
+                        "error": exc.code.value,
+                        "reason": exc.message,
+                        "generated": len(progress.generated),
+                    },
+                )
+
+    # -- aggregated ----------------------------------------------------------------------------
+
+    async def _aggregated(
+        self, model: ServedModel, request: PreprocessedRequest, progress: _Progress
+    ) -> AsyncIterator[list[EngineOutput]]:
+        pool = _require(model, WorkerType.AGGREGATED)
+        chosen = self._choose(model, pool, progress)
+        block = _block_size(pool, chosen.instance_id)
+        active = self.tracker.begin(chosen.instance_id, len(request.token_ids), block)
+        stream: ResponseStream | None = None
+        try:
+            assert pool.client is not None
+            stream = await pool.client.generate(
+                request, instance_id=chosen.instance_id, response_type=EngineOutput
+            )
+            async for batch in _batches(stream):
+                active.add_tokens(sum(len(o.token_ids) for o in batch))
+                yield batch
+        except MeshError:
+            progress.excluded.add(chosen.instance_id)
+            raise
+        finally:
+            active.finish()
+            if stream is not None:
+                await stream.aclose()
+
+    # -- disaggregated -------------------------------------------------------------------------
+
+    async def _disaggregated(
+        self, model: ServedModel, request: PreprocessedRequest, progress: _Progress
+    ) -> AsyncIterator[list[EngineOutput]]:
+        if (request.sampling_options.n or 1) != 1:
+            raise _invalid("disaggregated serving supports only n=1")
+        prefill_pool = _require(model, WorkerType.PREFILL)
+        decode_pool = _require(model, WorkerType.DECODE)
+        prefill = self._choose(model, prefill_pool, progress)
+        decode = self._choose(model, decode_pool, progress)
+        prompt_len = len(request.token_ids)
+        prefill_active = self.tracker.begin(
+            prefill.instance_id, prompt_len, _block_size(prefill_pool, prefill.instance_id)
+        )
+        decode_active = self.tracker.begin(
+            decode.instance_id, prompt_len, _block_size(decode_pool, decode.instance_id)
+        )
+        selector = self.selector(model.name, WorkerType.PREFILL)
+        rank = selector.dp_rank(prefill)
+        record = prefill_pool.record(prefill.instance_id)
+        rc = record.runtime_config if record is not None else None
+        bootstrap: BootstrapInfo | None = None
+        if rc is not None and rc.bootstrap_host and rc.bootstrap_port is not None:
+            room = choose_bootstrap_room(rank - prefill.dp_start, prefill.dp_size)
+            bootstrap = BootstrapInfo(
+                bootstrap_host=rc.bootstrap_host,
+                bootstrap_port=rc.bootstrap_port,
+                bootstrap_room=room,
+            )
+        prefill_req = msgspec.structs.replace(
+            request,
+            stop_conditions=msgspec.structs.replace(request.stop_conditions, max_tokens=1),
+            bootstrap_info=bootstrap,
+            routing=RoutingHints(backend_instance_id=prefill.instance_id, dp_rank=rank),
+        )
+        prefill_stream: ResponseStream | None = None
+        decode_stream: ResponseStream | None = None
+        prefill_task: asyncio.Task[KvCacheHit | None] | None = None
+        failed: MeshError | None = None
+        try:
+            assert prefill_pool.client is not None and decode_pool.client is not None
+            try:
+                prefill_stream = await prefill_pool.client.generate(
+                    prefill_req, instance_id=prefill.instance_id, response_type=EngineOutput
+                )
+                if bootstrap is None:
+                    # The prefill worker did not advertise its bootstrap server: it names it in
+                    # its first chunk.
+                    bootstrap = await _bootstrap_from_first_chunk(prefill_stream)
+            except MeshError:
+                progress.excluded.add(prefill.instance_id)
+                raise
+            decode_req = msgspec.structs.replace(
+                request,
+                bootstrap_info=bootstrap,
+                routing=RoutingHints(
+                    backend_instance_id=decode.instance_id,
+                    prefill_worker_id=prefill.instance_id,
+                    prefill_dp_rank=rank,
+                ),
+            )
+            try:
+                decode_stream = await decode_pool.client.generate(
+                    decode_req, instance_id=decode.instance_id, response_type=EngineOutput
+                )
+            except MeshError:
+                progress.excluded.add(decode.instance_id)
+                raise
+
+            def on_prefill_failure(error: MeshError) -> None:
+                nonlocal failed
+                failed = error
+                progress.excluded.add(prefill.instance_id)
+                assert decode_stream is not None
+                decode_stream.abort(error)
+
+            prefill_task = asyncio.create_task(
+                _read_prefill(prefill_stream, on_prefill_failure, prefill_active.finish)
+            )
+            try:
+                async for batch in _batches(decode_stream):
+                    decode_active.add_tokens(sum(len(o.token_ids) for o in batch))
+                    if prefill_task.done() and not prefill_task.cancelled():
+                        hit = prefill_task.result()
+                        if hit is not None:
+                            _set_cached(batch, hit.reused_tokens)
+                    yield batch
+            except MeshError as exc:
+                if failed is None or exc is not failed:
+                    progress.excluded.add(decode.instance_id)
+                raise
+        finally:
+            prefill_active.finish()
+            decode_active.finish()
+            if prefill_task is not None and not prefill_task.done():
+                prefill_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await prefill_task
+            for stream in (decode_stream, prefill_stream):
+                if stream is not None:
+                    await stream.aclose()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _choose(self, model: ServedModel, pool: WorkerPool, progress: _Progress) -> WorkerCandidate:
+        candidates = pool.candidates()
+        if not candidates:
+            raise NoWorkersError(f"no live {pool.role.value} workers for model {model.name!r}")
+        chosen = self.selector(model.name, pool.role).select(candidates, progress.excluded)
+        metrics.routing_decisions.labels(
+            model.name, pool.role.value, f"{chosen.instance_id:x}"
+        ).inc()
+        return chosen
+
+
+async def _batches(stream: ResponseStream) -> AsyncIterator[list[EngineOutput]]:
+    async for first in stream:
+        batch = [first]
+        batch.extend(stream.ready())
+        yield batch
+
+
+async def _bootstrap_from_first_chunk(stream: ResponseStream) -> BootstrapInfo:
+    async for out in stream:
+        params = out.disaggregated_params
+        if params:
+            try:
+                return msgspec.convert(params, BootstrapInfo)
+            except msgspec.ValidationError as exc:
+                raise _handler_error(f"prefill worker sent invalid bootstrap info: {exc}") from None
+        break
+    raise _handler_error("prefill worker did not send bootstrap info")
+
+
+async def _read_prefill(
+    stream: ResponseStream,
+    on_failure: Callable[[MeshError], None],
+    on_done: Callable[[], None],
+) -> KvCacheHit | None:
+    hit: KvCacheHit | None = None
+    try:
+        async for out in stream:
+            found = out.kv_cache_hit()
+            if found is not None:
+                hit = found
+    except MeshError as exc:
+        log.info("prefill leg failed", extra={"error": exc.code.value, "reason": exc.message})
+        on_failure(exc)
+        return None
+    finally:
+        on_done()
+    return hit
+
+
+def _set_cached(batch: list[EngineOutput], cached: int) -> None:
+    for out in batch:
+        usage = out.completion_usage
+        if usage is not None:
+            usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=cached)
+
+
+def _continuation(request: PreprocessedRequest, generated: list[int]) -> PreprocessedRequest:
+    if not generated:
+        return request
+    stop = request.stop_conditions
+    done = len(generated)
+    return msgspec.structs.replace(
+        request,
+        token_ids=[*request.token_ids, *generated],
+        stop_conditions=msgspec.structs.replace(
+            stop,
+            max_tokens=None if stop.max_tokens is None else max(stop.max_tokens - done, 1),
+            min_tokens=None if stop.min_tokens is None else max(stop.min_tokens - done, 0),
+        ),
+    )
+
+
+def _require(model: ServedModel, role: WorkerType) -> WorkerPool:
+    pool = model.pool(role)
+    if pool is None:
+        raise NoWorkersError(f"no {role.value} workers for model {model.name!r}")
+    return pool
+
+
+def _block_size(pool: WorkerPool, instance_id: int) -> int:
+    card = pool.cards.get(instance_id)
+    if card is not None and card.kv_cache_block_size:
+        return card.kv_cache_block_size
+    return DEFAULT_BLOCK_SIZE
+
+
+def _invalid(message: str) -> MeshError:
+    return InvalidRequestError(message)
+
+
+def _handler_error(message: str) -> MeshError:
+    return MeshError(message, code=ErrorCode.HANDLER_ERROR)
+
+
+def _exhausted(exc: MeshError, attempts: int) -> MeshError:
+    """The last retryable failure, made final: the caller must not retry it again."""
+    message = f"request failed after {attempts} migration attempt(s): {exc.message}"
+    return RemoteError(ErrorBody(code=exc.code, message=message, retryable=False))

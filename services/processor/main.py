@@ -1,0 +1,55 @@
+"""``sglmesh processor`` / ``python -m services.processor``: the OpenAI-compatible ingress.
+
+Start-up: join the mesh (NATS, etcd), watch model cards, serve HTTP. Models become servable
+as their workers register; the process is ready (``/health``) once one is. SIGTERM: stop
+taking requests (503, ``/health`` not ready), let in-flight ones finish within the grace
+period, then leave.
+"""
+
+from __future__ import annotations
+
+from services.processor.app import ProcessorApp
+from services.processor.args import ProcessorConfig, parse_processor_args
+from services.processor.dispatch import Dispatcher
+from services.processor.models import ModelRegistry
+from shared.runtime import DistributedRuntime
+from shared.runtime.service import Cleanup, ServiceMain, StartupError, run_service
+from shared.runtime.system_server import SystemServer
+
+__all__ = ["main", "start_processor"]
+
+
+def start_processor(config: ProcessorConfig) -> ServiceMain:
+    flags = config.flags
+
+    async def start(runtime: DistributedRuntime, system: SystemServer | None) -> Cleanup:
+        del system  # health and metrics are on the HTTP port
+        registry = ModelRegistry(runtime, custom_template=flags.custom_jinja_template)
+        await registry.start()
+        dispatcher = Dispatcher(
+            mode=flags.router_mode,
+            migration_limit=flags.migration_limit,
+            busy_threshold=flags.active_decode_blocks_threshold,
+        )
+        app = ProcessorApp(flags, runtime, registry, dispatcher)
+        try:
+            await app.start()
+        except OSError as exc:
+            await registry.close()
+            raise StartupError(
+                f"cannot listen on {flags.http_host}:{flags.http_port} (--http-port): {exc}"
+            ) from exc
+        runtime.add_drain_hook(app.drain)
+
+        async def cleanup() -> None:
+            await app.close()
+            await registry.close()
+
+        return cleanup
+
+    return start
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_processor_args(argv)
+    return run_service(config.mesh, start_processor(config), service="processor")

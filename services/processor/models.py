@@ -1,0 +1,251 @@
+"""Which models the processor can serve right now, learned from the workers' model cards.
+
+Workers write a :class:`~proto.discovery.ModelCard` under their etcd lease; this module
+watches them. A model is *servable* when its preprocessor (tokenizer and chat template) is
+loaded and its workers satisfy their needs: at least one aggregated worker, or at least one
+prefill and one decode worker. With both kinds present the disaggregated pair is used.
+
+Model names are remembered after their last worker leaves, so a request for a model that was
+served a moment ago gets 503 ("no workers"), not 404 ("no such model").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from proto.discovery import InstanceRecord, ModelCard, WorkerType, models_prefix
+from proto.openai import RequestError
+from services.processor.preprocess import ModelPreprocessor, PreprocessorLoadError
+from shared.config import parse_endpoint
+from shared.router import WorkerCandidate
+from shared.runtime import Client, DistributedRuntime
+from shared.runtime.discovery import PrefixWatcher
+
+__all__ = ["ModelRegistry", "ServedModel", "WorkerPool"]
+
+log = logging.getLogger(__name__)
+
+_SERVING_TYPES = (WorkerType.AGGREGATED, WorkerType.DECODE, WorkerType.PREFILL)
+
+
+@dataclass
+class WorkerPool:
+    """One role's workers for one model, behind one endpoint client."""
+
+    role: WorkerType
+    endpoint: str
+    cards: dict[int, ModelCard] = field(default_factory=dict)
+    client: Client | None = None
+
+    def candidates(self) -> list[WorkerCandidate]:
+        """Workers with a card for this model *and* a live instance record."""
+        if self.client is None:
+            return []
+        records = self.client.records()
+        out = []
+        for iid in self.cards:
+            record = records.get(iid)
+            if record is not None:
+                out.append(_candidate(record))
+        return out
+
+    def record(self, instance_id: int) -> InstanceRecord | None:
+        if self.client is None:
+            return None
+        return self.client.records().get(instance_id)
+
+
+def _candidate(record: InstanceRecord) -> WorkerCandidate:
+    rc = record.runtime_config
+    if rc is None:
+        return WorkerCandidate(record.instance_id)
+    return WorkerCandidate(
+        record.instance_id,
+        total_kv_blocks=rc.total_kv_blocks,
+        dp_size=rc.data_parallel_size,
+        dp_start=rc.data_parallel_start_rank,
+    )
+
+
+@dataclass
+class ServedModel:
+    name: str
+    pools: dict[WorkerType, WorkerPool] = field(default_factory=dict)
+    preprocessor: ModelPreprocessor | None = None
+    load_error: str | None = None
+    created: int = 0
+
+    @property
+    def cards(self) -> list[ModelCard]:
+        return [card for pool in self.pools.values() for card in pool.cards.values()]
+
+    def pool(self, role: WorkerType) -> WorkerPool | None:
+        pool = self.pools.get(role)
+        return pool if pool is not None and pool.cards and pool.client is not None else None
+
+    @property
+    def disaggregated(self) -> bool:
+        return (
+            self.pool(WorkerType.PREFILL) is not None and self.pool(WorkerType.DECODE) is not None
+        )
+
+    @property
+    def servable(self) -> bool:
+        if self.preprocessor is None:
+            return False
+        return self.disaggregated or self.pool(WorkerType.AGGREGATED) is not None
+
+    def unavailable_reason(self) -> str:
+        if self.load_error is not None:
+            return f"model {self.name!r} cannot be served: {self.load_error}"
+        if self.preprocessor is None and self.cards:
+            return f"model {self.name!r} is still loading"
+        if self.pool(WorkerType.DECODE) is not None:
+            return f"model {self.name!r} has decode workers but no prefill worker"
+        if self.pool(WorkerType.PREFILL) is not None:
+            return f"model {self.name!r} has prefill workers but no decode worker"
+        return f"no workers are serving model {self.name!r} right now"
+
+
+class ModelRegistry:
+    def __init__(self, runtime: DistributedRuntime, *, custom_template: str | None = None) -> None:
+        self._runtime = runtime
+        self._custom_template = custom_template
+        self._watcher: PrefixWatcher[ModelCard] = PrefixWatcher(
+            runtime.etcd, models_prefix(runtime.config.namespace), ModelCard
+        )
+        self._watcher.on_put(self._on_put)
+        self._watcher.on_delete(self._on_delete)
+        self.models: dict[str, ServedModel] = {}
+        # Served name (or alias) -> canonical name; kept after the model leaves.
+        self._names: dict[str, str] = {}
+        self._clients: dict[str, Client] = {}
+        self._pending: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._watcher.start()
+
+    async def close(self) -> None:
+        await self._watcher.close()
+        for task in list(self._pending):
+            task.cancel()
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def servable(self) -> list[ServedModel]:
+        return [m for m in self.models.values() if m.servable]
+
+    def served_names(self) -> list[tuple[str, ServedModel]]:
+        """Every name (canonical and alias) of every servable model."""
+        out: list[tuple[str, ServedModel]] = []
+        for model in self.servable():
+            names = {model.name}
+            for card in model.cards:
+                names.update(card.aliases)
+            out.extend((name, model) for name in sorted(names))
+        return out
+
+    def lookup(self, name: str) -> ServedModel:
+        """The servable model called ``name``; RequestError 404 if unknown, 503 if it has no
+        usable workers now."""
+        canonical = self._names.get(name)
+        if canonical is None:
+            raise RequestError(
+                f"The model {name!r} does not exist",
+                status=404,
+                param="model",
+                type_="NotFoundError",
+            )
+        model = self.models.get(canonical)
+        if model is None:
+            raise RequestError(f"no workers are serving model {name!r} right now", status=503)
+        if not model.servable:
+            raise RequestError(model.unavailable_reason(), status=503)
+        return model
+
+    async def wait_servable(self, name: str, timeout: float) -> ServedModel:
+        async with asyncio.timeout(timeout):
+            while True:
+                model = self.models.get(self._names.get(name, name))
+                if model is not None and model.servable:
+                    return model
+                self._changed.clear()
+                await self._changed.wait()
+
+    # -- watch callbacks -----------------------------------------------------------------------
+
+    def _on_put(self, key: str, card: ModelCard) -> None:
+        if card.worker_type not in _SERVING_TYPES:
+            return  # encoders and embedding models arrive with the encode service
+        model = self.models.get(card.name)
+        if model is None:
+            model = self.models[card.name] = ServedModel(
+                card.name, created=int(self._runtime.started_at)
+            )
+        for name in card.served_names:
+            self._names[name] = card.name
+        pool = model.pools.get(card.worker_type)
+        if pool is None:
+            pool = model.pools[card.worker_type] = WorkerPool(card.worker_type, card.endpoint)
+        pool.cards[card.instance_id] = card
+        self._spawn(self._complete(model, pool, card))
+        self._changed.set()
+
+    def _on_delete(self, key: str, card: ModelCard) -> None:
+        model = self.models.get(card.name)
+        if model is None:
+            return
+        pool = model.pools.get(card.worker_type)
+        if pool is not None:
+            pool.cards.pop(card.instance_id, None)
+            if not pool.cards:
+                del model.pools[card.worker_type]
+        if not model.pools:
+            log.info("model left: no workers", extra={"model": card.name})
+            del self.models[card.name]
+        self._changed.set()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _complete(self, model: ServedModel, pool: WorkerPool, card: ModelCard) -> None:
+        """Load what the new card needs: the endpoint client and the preprocessor."""
+        try:
+            if pool.client is None:
+                pool.client = await self._client(card.endpoint or pool.endpoint)
+            if model.preprocessor is None and model.load_error is None:
+                model.preprocessor = await asyncio.to_thread(
+                    ModelPreprocessor.from_card, card, custom_template=self._template_text()
+                )
+                log.info(
+                    "model servable" if model.servable else "model loaded",
+                    extra={
+                        "model": model.name,
+                        "context_length": model.preprocessor.context_length,
+                    },
+                )
+        except PreprocessorLoadError as exc:
+            model.load_error = str(exc)
+            log.error("cannot load model", extra={"model": model.name, "error": str(exc)})
+        except Exception as exc:
+            log.exception("preparing model failed", extra={"model": model.name})
+            model.load_error = f"{type(exc).__name__}: {exc}"
+        self._changed.set()
+
+    async def _client(self, endpoint: str) -> Client:
+        client = self._clients.get(endpoint)
+        if client is None:
+            client = await self._runtime.client(parse_endpoint(endpoint))
+            self._clients[endpoint] = client
+        return client
+
+    def _template_text(self) -> str | None:
+        if self._custom_template is None:
+            return None
+        with open(self._custom_template, encoding="utf-8") as f:
+            return f.read()

@@ -1,0 +1,138 @@
+"""``/openapi.json``: the processor's API, generated from the msgspec structs it decodes and
+encodes, so the document cannot drift from what the server accepts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from proto.openai import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelList,
+    ModelObject,
+)
+
+__all__ = ["openapi_document"]
+
+_REF = "#/components/schemas/{name}"
+
+
+def _ref(type_: type[Any]) -> dict[str, str]:
+    return {"$ref": _REF.format(name=type_.__name__)}
+
+
+def _json(type_: type[Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(type_)}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {
+        str(status): {"description": "an OpenAI-style error", "content": _json(ErrorResponse)}
+        for status in statuses
+    }
+
+
+def _generate_op(summary: str, request: type[Any], response: type[Any], chunk: type[Any]) -> Any:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": _json(request)},
+            "responses": {
+                "200": {
+                    "description": f'a {response.__name__}, or with "stream": true a '
+                    f"text/event-stream of {chunk.__name__} events ending with data: [DONE]",
+                    "content": {
+                        **_json(response),
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    },
+                },
+                **_errors(400, 404, 413, 500, 503),
+            },
+        }
+    }
+
+
+def _status_op(summary: str) -> Any:
+    plain = {"application/json": {"schema": {"type": "object"}}}
+    return {
+        "get": {
+            "summary": summary,
+            "responses": {
+                "200": {"description": "ok", "content": plain},
+                "503": {"description": "not ready", "content": plain},
+            },
+        }
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    types = [
+        ChatCompletionRequest,
+        ChatCompletionResponse,
+        ChatCompletionChunk,
+        CompletionRequest,
+        CompletionResponse,
+        CompletionChunk,
+        ModelList,
+        ModelObject,
+        ErrorResponse,
+    ]
+    _, components = msgspec.json.schema_components(types, ref_template=_REF)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "sglmesh processor",
+            "version": "1",
+            "description": "OpenAI-compatible ingress of an sglmesh deployment",
+        },
+        "paths": {
+            "/v1/chat/completions": _generate_op(
+                "Create a chat completion",
+                ChatCompletionRequest,
+                ChatCompletionResponse,
+                ChatCompletionChunk,
+            ),
+            "/v1/completions": _generate_op(
+                "Create a text completion", CompletionRequest, CompletionResponse, CompletionChunk
+            ),
+            "/v1/models": {
+                "get": {
+                    "summary": "List the models that can be served now",
+                    "responses": {"200": {"description": "models", "content": _json(ModelList)}},
+                }
+            },
+            "/v1/models/{model}": {
+                "get": {
+                    "summary": "Retrieve a model",
+                    "parameters": [
+                        {
+                            "name": "model",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {"description": "the model", "content": _json(ModelObject)},
+                        **_errors(404, 503),
+                    },
+                }
+            },
+            "/health": _status_op("Ready when at least one model is servable"),
+            "/live": _status_op("Alive unless shutting down"),
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": {"description": "text exposition format"}},
+                }
+            },
+        },
+        "components": {"schemas": components},
+    }
