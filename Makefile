@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SGL_VENV := .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install test test-fast test-conformance lint fmt bench bench-sim model infra-up infra-down infra-status clean
+.PHONY: install test test-fast test-conformance lint fmt bench bench-sim model infra-up infra-down infra-status run-agg run-disagg stop clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -65,6 +65,17 @@ infra-down: $(STAMP)
 
 infra-status: $(STAMP)
 	$(BIN)/sglmesh infra status
+
+# The whole mesh in the background (NATS, etcd, processor on :8000, sim workers); `make stop`
+# stops what it started. Logs and pid files in ./.run.
+run-agg: $(STAMP)
+	$(BIN)/sglmesh run agg
+
+run-disagg: $(STAMP)
+	$(BIN)/sglmesh run disagg
+
+stop: $(STAMP)
+	$(BIN)/sglmesh stop
 
 clean:
 	rm -rf $(VENV) $(SGL_VENV) .run .pytest_cache .mypy_cache .ruff_cache

@@ -50,6 +50,12 @@ COMMANDS: dict[str, Command] = {
         "relay an engine's KV events and load metrics to NATS; export Prometheus metrics",
     ),
     "status": Command("sglmesh.status", "main", "show the instances and models registered"),
+    "run": Command(
+        "sglmesh.dev",
+        "run_main",
+        "start the whole mesh locally in the background (run agg|disagg); see 'sglmesh stop'",
+    ),
+    "stop": Command("sglmesh.dev", "stop_main", "stop what 'sglmesh run' started"),
     "model": Command(
         "shared.model", "main", "prepare the default model (SmolLM2-135M-Instruct), print its path"
     ),

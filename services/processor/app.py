@@ -45,6 +45,7 @@ from services.processor.models import ModelRegistry, ServedModel
 from services.processor.openapi import openapi_document
 from services.processor.respond import (
     EngineFailure,
+    FastChunks,
     OutputAssembler,
     chat_chunk,
     chat_response,
@@ -348,7 +349,12 @@ class ProcessorApp:
         rid = prefix + uuid.uuid4().hex
         created = int(time.time())
         name = req.model
-        outputs = _merge([self.dispatcher.run(model, p) for p in streams])
+        run = self.dispatcher.run
+        outputs = (
+            run(model, streams[0])
+            if len(streams) == 1
+            else _merge([run(model, p, i) for i, p in enumerate(streams)])
+        )
         async with contextlib.aclosing(outputs):
             first = await self._first(outputs)
             if not req.stream:
@@ -444,8 +450,14 @@ class ProcessorApp:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
         offsets = [0] * len(assembler.choices)
+        fast = FastChunks(rid, created, name, chat=chat)
 
         def render(deltas: list[Any]) -> bytes:
+            if len(deltas) == 1 and not logprobs:
+                d = deltas[0]
+                if not d.first and d.finish_reason is None:
+                    offsets[d.index] += len(d.text)
+                    return fast.text(d.index, d.text)
             if chat:
                 chunk: Any = chat_chunk(rid, created, name, deltas, logprobs)
             else:
@@ -496,11 +508,21 @@ class ProcessorApp:
 class _Tracker:
     """Per-request metrics bookkeeping."""
 
-    __slots__ = ("arrived", "endpoint", "first_at", "last_at", "model", "prompt_tokens", "status")
+    __slots__ = (
+        "_itl",
+        "arrived",
+        "endpoint",
+        "first_at",
+        "last_at",
+        "model",
+        "prompt_tokens",
+        "status",
+    )
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.model = "unknown"
+        self._itl: Any = None
         self.status = 500
         self.arrived = time.perf_counter()
         self.first_at: float | None = None
@@ -518,7 +540,10 @@ class _Tracker:
             return
         now = time.perf_counter()
         if count:
-            metrics.inter_token_latency.labels(self.model).observe((now - self.last_at) / count)
+            itl = self._itl
+            if itl is None:  # looked up once per request, not per write
+                itl = self._itl = metrics.inter_token_latency.labels(self.model)
+            itl.observe((now - self.last_at) / count)
         self.last_at = now
 
     def done(self, assembler: OutputAssembler) -> None:
@@ -573,23 +598,17 @@ def _checked(fn: Callable[[Any], Any], req: Any) -> Any:
 
 
 async def _merge(
-    streams: list[AsyncGenerator[list[EngineOutput], None]],
+    streams: list[AsyncGenerator[tuple[int, list[EngineOutput]], None]],
 ) -> AsyncGenerator[tuple[int, list[EngineOutput]], None]:
-    """Batches of several prompts' streams, tagged with the prompt index, as they come."""
-    if len(streams) == 1:
-        stream = streams[0]
-        try:
-            async for batch in stream:
-                yield 0, batch
-        finally:
-            await stream.aclose()
-        return
+    """The tagged batches of several streams, as they come."""
     queue: asyncio.Queue[tuple[int, list[EngineOutput] | BaseException | None]] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncGenerator[list[EngineOutput], None]) -> None:
+    async def pump(
+        index: int, stream: AsyncGenerator[tuple[int, list[EngineOutput]], None]
+    ) -> None:
         try:
-            async for batch in stream:
-                await queue.put((index, batch))
+            async for item in stream:
+                await queue.put(item)
             await queue.put((index, None))
         except Exception as exc:
             await queue.put((index, exc))

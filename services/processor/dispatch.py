@@ -98,8 +98,10 @@ class Dispatcher:
             selector.select(candidates)  # raises BusyError with the message
 
     async def run(
-        self, model: ServedModel, request: PreprocessedRequest
-    ) -> AsyncGenerator[list[EngineOutput], None]:
+        self, model: ServedModel, request: PreprocessedRequest, index: int = 0
+    ) -> AsyncGenerator[tuple[int, list[EngineOutput]], None]:
+        """Batches of the request's output, each tagged with ``index`` (the caller's choice
+        number: tagging here saves a generator layer per token on the hot path)."""
         n = request.sampling_options.n or 1
         limit = self.migration_limit if n == 1 else 0
         progress = _Progress()
@@ -113,9 +115,10 @@ class Dispatcher:
                     stream = self._aggregated(model, current, progress)
                 async for batch in stream:
                     if n == 1:
+                        generated = progress.generated
                         for out in batch:
-                            progress.generated.extend(out.token_ids)
-                    yield batch
+                            generated.extend(out.token_ids)
+                    yield index, batch
                 return
             except MeshError as exc:
                 if not exc.retryable or attempt >= limit or isinstance(exc, NoWorkersError):
@@ -150,7 +153,9 @@ class Dispatcher:
             stream = await pool.client.generate(
                 request, instance_id=chosen.instance_id, response_type=EngineOutput
             )
-            async for batch in _batches(stream):
+            async for first in stream:
+                rest = stream.ready()
+                batch = [first, *rest] if rest else [first]
                 active.add_tokens(sum(len(o.token_ids) for o in batch))
                 yield batch
         except MeshError:
@@ -242,7 +247,9 @@ class Dispatcher:
                 _read_prefill(prefill_stream, on_prefill_failure, prefill_active.finish)
             )
             try:
-                async for batch in _batches(decode_stream):
+                async for first in decode_stream:
+                    rest = decode_stream.ready()
+                    batch = [first, *rest] if rest else [first]
                     decode_active.add_tokens(sum(len(o.token_ids) for o in batch))
                     if prefill_task.done() and not prefill_task.cancelled():
                         hit = prefill_task.result()
@@ -275,13 +282,6 @@ class Dispatcher:
             model.name, pool.role.value, f"{chosen.instance_id:x}"
         ).inc()
         return chosen
-
-
-async def _batches(stream: ResponseStream) -> AsyncIterator[list[EngineOutput]]:
-    async for first in stream:
-        batch = [first]
-        batch.extend(stream.ready())
-        yield batch
 
 
 async def _bootstrap_from_first_chunk(stream: ResponseStream) -> BootstrapInfo:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from proto.openai import (
     ChatChoice,
     ChatChunkChoice,
@@ -38,7 +40,16 @@ from proto.response import EngineOutput, FinishReason
 from services.processor.detokenize import IncrementalDetokenizer, StopStringMatcher
 from services.processor.preprocess import ModelPreprocessor
 
-__all__ = ["Delta", "EngineFailure", "OutputAssembler", "chat_chunk", "completion_chunk"]
+__all__ = [
+    "Delta",
+    "EngineFailure",
+    "FastChunks",
+    "OutputAssembler",
+    "chat_chunk",
+    "completion_chunk",
+]
+
+_json = msgspec.json.encode
 
 _FINISH = {
     FinishReason.EOS: "stop",
@@ -122,10 +133,11 @@ class OutputAssembler:
             )
             for prompt in prompts
         ]
+        self._open = len(self.choices)
 
     @property
     def done(self) -> bool:
-        return all(c.done for c in self.choices)
+        return self._open == 0
 
     @property
     def completion_tokens(self) -> int:
@@ -230,6 +242,7 @@ class OutputAssembler:
                 text, _ = choice.matcher.feed(text)
                 text += choice.matcher.flush()
         choice.finish_reason = finish
+        self._open -= 1
         return self._delta(index, choice, text, finish, logprobs)
 
     def _delta(
@@ -322,6 +335,46 @@ def _completion_logprobs(
         top_logprobs=[dict(it.top) for it in items],
         text_offset=offsets,
     )
+
+
+class FastChunks:
+    """Pre-rendered SSE bytes for the most common event: one choice, new text only.
+
+    Everything but the text is the same in every such event of a request, so the JSON is
+    built once and the text spliced in (JSON-escaped by msgspec); other events go through
+    the structs. The output is byte-identical to encoding the equivalent struct.
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, rid: str, created: int, model: str, *, chat: bool) -> None:
+        self._parts = _fast_parts(rid, created, model, chat)
+
+    def text(self, index: int, text: str) -> bytes:
+        before, middle, after = self._parts
+        return b"".join((before, str(index).encode(), middle, _json(text), after))
+
+
+def _fast_parts(rid: str, created: int, model: str, chat: bool) -> tuple[bytes, bytes, bytes]:
+    marker_index, marker_text = 987654321, "\x00MARKER\x00"
+    if chat:
+        chunk: ChatCompletionChunk | CompletionChunk = ChatCompletionChunk(
+            id=rid,
+            created=created,
+            model=model,
+            choices=[ChatChunkChoice(index=marker_index, delta=ChatDelta(content=marker_text))],
+        )
+    else:
+        chunk = CompletionChunk(
+            id=rid,
+            created=created,
+            model=model,
+            choices=[CompletionChoice(index=marker_index, text=marker_text)],
+        )
+    encoded = b"data: " + _json(chunk) + b"\n\n"
+    before, _, rest = encoded.partition(str(marker_index).encode())
+    middle, _, after = rest.partition(_json(marker_text))
+    return before, middle, after
 
 
 def chat_chunk(
