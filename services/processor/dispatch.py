@@ -46,6 +46,7 @@ __all__ = ["Dispatcher", "NoWorkersError"]
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 16
+_RETRY_PAUSE = 0.05
 
 
 class NoWorkersError(NoInstancesError):
@@ -127,6 +128,8 @@ class Dispatcher:
                     raise
                 attempt += 1
                 metrics.migrations.labels(model.name, exc.code.value).inc()
+                # A short pause: an overloaded or restarting mesh is not helped by a retry storm.
+                await asyncio.sleep(_RETRY_PAUSE * (attempt - 1))
                 log.info(
                     "migrating request",
                     extra={

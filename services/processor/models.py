@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from proto.discovery import InstanceRecord, ModelCard, WorkerType, models_prefix
 from proto.openai import RequestError
@@ -124,6 +126,9 @@ class ModelRegistry:
         self._clients: dict[str, Client] = {}
         self._pending: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
+        # Cards arrive in bursts (a whole deployment starting): one client per endpoint and one
+        # tokenizer load per model, however many cards race for them.
+        self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         await self._watcher.start()
@@ -208,27 +213,16 @@ class ModelRegistry:
             del self.models[card.name]
         self._changed.set()
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _complete(self, model: ServedModel, pool: WorkerPool, card: ModelCard) -> None:
         """Load what the new card needs: the endpoint client and the preprocessor."""
         try:
-            if pool.client is None:
-                pool.client = await self._client(card.endpoint or pool.endpoint)
-            if model.preprocessor is None and model.load_error is None:
-                model.preprocessor = await asyncio.to_thread(
-                    ModelPreprocessor.from_card, card, custom_template=self._template_text()
-                )
-                log.info(
-                    "model servable" if model.servable else "model loaded",
-                    extra={
-                        "model": model.name,
-                        "context_length": model.preprocessor.context_length,
-                    },
-                )
+            async with self._lock:
+                await self._load(model, pool, card)
         except PreprocessorLoadError as exc:
             model.load_error = str(exc)
             log.error("cannot load model", extra={"model": model.name, "error": str(exc)})
@@ -236,6 +230,21 @@ class ModelRegistry:
             log.exception("preparing model failed", extra={"model": model.name})
             model.load_error = f"{type(exc).__name__}: {exc}"
         self._changed.set()
+
+    async def _load(self, model: ServedModel, pool: WorkerPool, card: ModelCard) -> None:
+        if pool.client is None:
+            pool.client = await self._client(card.endpoint or pool.endpoint)
+        if model.preprocessor is None and model.load_error is None:
+            model.preprocessor = await asyncio.to_thread(
+                ModelPreprocessor.from_card, card, custom_template=self._template_text()
+            )
+            log.info(
+                "model servable" if model.servable else "model loaded",
+                extra={
+                    "model": model.name,
+                    "context_length": model.preprocessor.context_length,
+                },
+            )
 
     async def _client(self, endpoint: str) -> Client:
         client = self._clients.get(endpoint)
