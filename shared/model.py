@@ -377,6 +377,9 @@ def prepare_default_model(
         if not force and _is_complete(target):
             return target  # another process built it while we waited
         build = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=root))
+        # mkdtemp makes it private (0700); a model directory is read by other users too (the
+        # processor and workers often run as other users than whoever prepared it).
+        build.chmod(0o755)
         try:
             started = time.monotonic()
             with _gguf_file(allow_download) as gguf_path:
