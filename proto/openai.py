@@ -54,8 +54,9 @@ MAX_CHAT_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
-NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+# Token counts go on the wire as u32: larger values are refused here, not by the encoder.
+PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=2**32 - 1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
@@ -353,7 +354,14 @@ def decode_request(body: bytes, type_: type[RequestT]) -> RequestT:
     if decoder is None:
         decoder = _decoders[type_] = msgspec.json.Decoder(type_)
     try:
+        # msgspec skips unknown fields without checking their UTF-8; the whole body must be.
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"Request body is not valid UTF-8: {exc.reason}") from None
+    try:
         request: RequestT = decoder.decode(body)
+    except RecursionError:
+        raise RequestError("Request body is nested too deeply") from None
     except msgspec.ValidationError as exc:
         raise _validation_error(exc) from None
     except msgspec.DecodeError as exc:

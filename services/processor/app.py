@@ -190,13 +190,13 @@ class ProcessorApp:
             and not self.runtime.shutting_down
         )
         body = {
-            "status": "healthy" if ready else "unhealthy",
+            "status": "healthy" if ready else "unhealthy",  # "draining" below
             "models": models,
             "inflight": self.inflight,
             "nats": "connected" if self.runtime.nats.is_connected else "disconnected",
             "etcd": "healthy" if self.runtime.etcd.healthy else "unreachable",
         }
-        if self.draining:
+        if self.draining or self.runtime.shutting_down:
             body["status"] = "draining"
         return web.json_response(body, status=200 if ready else 503)
 
@@ -270,15 +270,23 @@ class ProcessorApp:
         except _Failure as failure:
             tracker.status = failure.status
             return failure.response()
+        except Exception as exc:
+            # A bug must still answer in the API's format (and be logged), never as
+            # aiohttp's plain-text 500.
+            unexpected = self._failure(exc)
+            tracker.status = unexpected.status
+            return unexpected.response()
         except asyncio.CancelledError:
             tracker.status = 499  # nginx's "client closed request"
             if tracker.model != "unknown":
                 metrics.client_disconnects.labels(tracker.model).inc()
             raise
+        else:
+            if not tracker.status:  # a mid-stream failure already set its own
+                tracker.status = response.status
+            return response
         finally:
             tracker.finish()
-        tracker.status = response.status
-        return response
 
     async def _chat(
         self, request: web.Request, body: bytes, tracker: _Tracker
@@ -312,7 +320,7 @@ class ProcessorApp:
             raise _Failure(
                 exc.status, exc.message, param=exc.param, type_=exc.type, retry_after=retry
             ) from None
-        tracker.model = model.name
+        tracker.bind(model.name)
         return model
 
     async def _generate(
@@ -523,7 +531,7 @@ class _Tracker:
         self.endpoint = endpoint
         self.model = "unknown"
         self._itl: Any = None
-        self.status = 500
+        self.status = 0
         self.arrived = time.perf_counter()
         self.first_at: float | None = None
         self.last_at = 0.0
@@ -553,8 +561,14 @@ class _Tracker:
         if cached:
             metrics.cached_tokens.labels(self.model).inc(cached)
 
+    def bind(self, model: str) -> None:
+        self.model = model
+        metrics.inflight.labels(model).inc()
+
     def finish(self) -> None:
-        metrics.requests.labels(self.model, self.endpoint, str(self.status)).inc()
+        if self.model != "unknown":
+            metrics.inflight.labels(self.model).dec()
+        metrics.requests.labels(self.model, self.endpoint, str(self.status or 500)).inc()
         metrics.request_duration.labels(self.model, self.endpoint).observe(
             time.perf_counter() - self.arrived
         )

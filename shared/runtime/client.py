@@ -253,9 +253,7 @@ class Client:
         """Live instances (draining ones excluded) by instance id."""
         draining = self._draining
         return {
-            r.instance_id: r
-            for r in self._watcher.items.values()
-            if r.instance_id not in draining
+            r.instance_id: r for r in self._watcher.items.values() if r.instance_id not in draining
         }
 
     def _refresh_ids(self) -> None:

@@ -12,8 +12,9 @@ batch the request happened to share, retraction or timing, so
 
 - a disaggregated prefill (token 0) + decode (tokens 1..) pair produces exactly the tokens one
   aggregated engine produces for the same seed;
-- tests can assert exact outputs, and a migrated stream (re-sent with the tokens so far) goes on
-  the same way.
+- tests can assert exact outputs. (A migrated stream, re-sent with the tokens so far as part of
+  its prompt, continues from a different hash, so its later tokens differ from an unmigrated
+  run's -- as a sampled continuation on a real engine would.)
 
 The seed rule (SGLang defaults ``temperature`` to 1.0):
 
