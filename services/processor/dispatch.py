@@ -107,10 +107,13 @@ class Dispatcher:
         limit = self.migration_limit if n == 1 else 0
         progress = _Progress()
         attempt = 0
+        # Chosen once: a retry after the decode pool vanished must say so, not fall back to
+        # an aggregated pool the model never had.
+        disaggregated = model.disaggregated
         while True:
             current = _continuation(request, progress.generated)
             try:
-                if model.disaggregated:
+                if disaggregated:
                     stream = self._disaggregated(model, current, progress)
                 else:
                     stream = self._aggregated(model, current, progress)

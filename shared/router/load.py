@@ -6,6 +6,13 @@ until its stream ends: active requests, and the KV blocks its prompt and output 
 (``ceil(tokens / block_size)``, grown as tokens stream). When the publisher's load metrics
 arrive (issue 6), they are combined with these counts, never replaced by them: a metric is a
 snapshot of the past, these counts are the present.
+
+Requests begun with a ``dp_rank`` (the KV router places each on one rank) are also counted per
+``(instance_id, dp_rank)`` in ``rank_loads``: each DP rank is a scheduler with its own KV pool
+and queue, so the KV router compares ranks, not instances. ``loads`` keeps the per-instance
+totals either way, so the load-only selectors and the busy check see every request. With
+``cached_tokens`` (the prefix the router expects the engine to reuse), only the uncached rest
+counts as pending prefill work.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ class WorkerLoad:
 
     active_requests: int = 0
     active_blocks: int = 0
-    # Prompt tokens of requests that have not produced their first token yet.
+    # Prompt tokens (minus the expected cache hit) of requests that have not produced their
+    # first token yet.
     active_prefill_tokens: int = 0
     routed_total: int = 0
 
@@ -36,38 +44,52 @@ class ActiveRequest:
     tokens: int
     blocks: int
     prefill_tokens: int
+    dp_rank: int | None = None
     done: bool = field(default=False)
+
+    def _targets(self) -> list[WorkerLoad]:
+        # The instance's totals and, for a ranked request, its rank's; either may be gone
+        # (``LoadTracker.forget``), and then late updates are dropped.
+        tracker = self.tracker
+        out = []
+        load = tracker.loads.get(self.instance_id)
+        if load is not None:
+            out.append(load)
+        if self.dp_rank is not None:
+            rank_load = tracker.rank_loads.get((self.instance_id, self.dp_rank))
+            if rank_load is not None:
+                out.append(rank_load)
+        return out
 
     def add_tokens(self, count: int) -> None:
         """Count ``count`` generated tokens: the first ones end the prefill phase."""
         if self.done or count <= 0:
             return
-        load = self.tracker.loads.get(self.instance_id)
-        if load is None:
-            return
-        if self.prefill_tokens:
-            load.active_prefill_tokens -= self.prefill_tokens
-            self.prefill_tokens = 0
+        targets = self._targets()
+        prefill = self.prefill_tokens
+        self.prefill_tokens = 0
         self.tokens += count
         blocks = -(-self.tokens // self.block_size)
-        load.active_blocks += blocks - self.blocks
+        grown = blocks - self.blocks
         self.blocks = blocks
+        for load in targets:
+            load.active_prefill_tokens -= prefill
+            load.active_blocks += grown
 
     def finish(self) -> None:
         if self.done:
             return
         self.done = True
-        load = self.tracker.loads.get(self.instance_id)
-        if load is None:
-            return
-        load.active_requests -= 1
-        load.active_blocks -= self.blocks
-        load.active_prefill_tokens -= self.prefill_tokens
+        for load in self._targets():
+            load.active_requests -= 1
+            load.active_blocks -= self.blocks
+            load.active_prefill_tokens -= self.prefill_tokens
 
 
 class LoadTracker:
     def __init__(self) -> None:
         self.loads: dict[int, WorkerLoad] = {}
+        self.rank_loads: dict[tuple[int, int], WorkerLoad] = {}
 
     def load(self, instance_id: int) -> WorkerLoad:
         load = self.loads.get(instance_id)
@@ -75,16 +97,41 @@ class LoadTracker:
             load = self.loads[instance_id] = WorkerLoad()
         return load
 
-    def begin(self, instance_id: int, prompt_tokens: int, block_size: int) -> ActiveRequest:
+    def rank_load(self, instance_id: int, dp_rank: int) -> WorkerLoad:
+        key = (instance_id, dp_rank)
+        load = self.rank_loads.get(key)
+        if load is None:
+            load = self.rank_loads[key] = WorkerLoad()
+        return load
+
+    def begin(
+        self,
+        instance_id: int,
+        prompt_tokens: int,
+        block_size: int,
+        *,
+        dp_rank: int | None = None,
+        cached_tokens: int = 0,
+    ) -> ActiveRequest:
+        """Count a request routed to ``instance_id`` (and ``dp_rank``, if given) until its
+        ``finish``; ``cached_tokens`` of its prompt are expected to be served from cache."""
         block_size = max(block_size, 1)
-        load = self.load(instance_id)
         blocks = -(-prompt_tokens // block_size)
-        load.active_requests += 1
-        load.active_blocks += blocks
-        load.active_prefill_tokens += prompt_tokens
-        load.routed_total += 1
-        return ActiveRequest(self, instance_id, block_size, prompt_tokens, blocks, prompt_tokens)
+        prefill = max(prompt_tokens - max(cached_tokens, 0), 0)
+        targets = [self.load(instance_id)]
+        if dp_rank is not None:
+            targets.append(self.rank_load(instance_id, dp_rank))
+        for load in targets:
+            load.active_requests += 1
+            load.active_blocks += blocks
+            load.active_prefill_tokens += prefill
+            load.routed_total += 1
+        return ActiveRequest(
+            self, instance_id, block_size, prompt_tokens, blocks, prefill, dp_rank
+        )
 
     def forget(self, instance_id: int) -> None:
         """The worker left: its requests are gone (or migrating, and counted elsewhere)."""
         self.loads.pop(instance_id, None)
+        for key in [k for k in self.rank_loads if k[0] == instance_id]:
+            del self.rank_loads[key]
