@@ -64,6 +64,10 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        # A byte-level decoder renders ids as the concatenation of their bytes, so a window
+        # that starts on a character boundary decodes to exactly the tail it was cut from:
+        # the slide below can then skip a second decode per token.
+        self._concatenating = type(getattr(tokenizer, "decoder", None)).__name__ == "ByteLevel"
         self._ids: list[int] = list(prompt_ids)
         self._finished = False
         # Window: ids[_prefix:] is decoded each push; ids[_prefix:_read] is already accounted
@@ -84,6 +88,7 @@ class IncrementalDetokenizer:
         self._prefix_len = len(prefix_text.rstrip(_REPLACEMENT))
         # The prompt text's trailing U+FFFD run: the prompt's as long as the full text keeps it.
         self._pending = len(prefix_text) - self._prefix_len
+        self._read_on_boundary = not self._pending
 
     @property
     def token_ids(self) -> list[int]:
@@ -118,8 +123,14 @@ class IncrementalDetokenizer:
             # The text ends on a complete character: slide the window past it. (An empty
             # tail, e.g. only skipped special tokens, keeps the window, so the first token of
             # the next window is still one that the decoder sees.)
+            # The shortcut needs the new window to start on a character boundary: the old
+            # read offset is one unless it ends a prompt cut inside a character.
+            shortcut = self._concatenating and self._read_on_boundary
             self._prefix, self._read = self._read, len(self._ids)
-            self._prefix_len = len(self._decode(self._prefix, self._read))
+            self._prefix_len = (
+                len(tail) if shortcut else len(self._decode(self._prefix, self._read))
+            )
+            self._read_on_boundary = True
             self._emitted = 0
         else:
             self._emitted = max(self._emitted, len(stable))

@@ -108,8 +108,15 @@ class ResponseStream:
         self._fail(error)
 
     def ready(self) -> list[Any]:
-        """The chunks already received, decoded, without waiting: lets a reader coalesce
-        everything that arrived while it was busy into one write."""
+        """Every chunk already received, decoded, without waiting -- including frames that
+        arrived while the reader was busy -- so a reader that fell behind catches up in one
+        write instead of one per chunk. Errors and the end are left for the next read."""
+        frames = self._frames
+        credit: int | None = None
+        while frames and not self._ended and self._error is None:
+            credit = self._take(frames.popleft()) or credit
+        if credit is not None:
+            self._runtime.spawn(self._send_control(ControlKind.CREDIT, credit))
         chunks = self._chunks
         if not chunks:
             return []
@@ -153,10 +160,16 @@ class ResponseStream:
                 self._waiter = None
 
     async def _consume(self, frame: Frame) -> None:
+        credit = self._take(frame)
+        if credit is not None:
+            await self._send_control(ControlKind.CREDIT, credit)
+
+    def _take(self, frame: Frame) -> int | None:
+        """Apply one frame; returns the sequence number to grant credit up to, if it is time."""
         if frame.seq != self._expected:
             self._fail(StreamGapError(f"expected frame {self._expected}, got {frame.seq}"))
             self._frames.clear()
-            return
+            return None
         self._expected += 1
         if frame.instance_id is not None and not self.acked:
             self.instance_id = frame.instance_id
@@ -169,15 +182,16 @@ class ResponseStream:
             self._chunks.extend(frame.chunks)
             self._ended = True
             self._finish()
-            return
+            return None
         elif kind is FrameKind.ERROR:
             assert frame.error is not None
             self._fail(RemoteError(frame.error))
             self._frames.clear()
-            return
+            return None
         if self._window > 0 and frame.seq - self._credited >= self._window // 4:
             self._credited = frame.seq
-            await self._send_control(ControlKind.CREDIT, frame.seq)
+            return frame.seq
+        return None
 
     async def _send_control(self, kind: ControlKind, value: int = 0) -> None:
         if self.instance_id is None:
