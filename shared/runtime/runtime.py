@@ -96,26 +96,33 @@ class DistributedRuntime:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                await self.nats.connect(
-                    servers=self.config.nats_servers,
-                    name=f"sglmesh-{self.instance_id:x}",
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,  # type: ignore[arg-type]  # seconds; the stub says int
-                    connect_timeout=2,
-                    ping_interval=5,
-                    max_outstanding_pings=3,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                    error_cb=self._on_nats_error,
-                )
+                # nats-py retries an unreachable server forever when reconnects are unlimited;
+                # the deadline is ours to enforce.
+                await asyncio.wait_for(self._nats_connect(), max(deadline - time.monotonic(), 0.1))
                 return
             except Exception as exc:
                 if time.monotonic() >= deadline:
+                    with contextlib.suppress(Exception):
+                        await self.nats.close()
                     raise ConnectionError(
-                        f"cannot reach NATS at {self.config.nats_url}: {exc}"
+                        f"cannot reach NATS at {self.config.nats_url}: {str(exc) or type(exc).__name__}"
                     ) from exc
                 await asyncio.sleep(0.25)
+
+    async def _nats_connect(self) -> None:
+        await self.nats.connect(
+            servers=self.config.nats_servers,
+            name=f"sglmesh-{self.instance_id:x}",
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,  # type: ignore[arg-type]  # seconds; the stub says int
+            connect_timeout=2,
+            ping_interval=5,
+            max_outstanding_pings=3,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            error_cb=self._on_nats_error,
+        )
 
     def request_shutdown(self) -> None:
         self.shutdown_event.set()
