@@ -10,13 +10,17 @@ unpickler can map :data:`SGLANG_KV_METRICS_CLASS` to :class:`KvMetrics`; keep th
 ``LoadMetrics`` and ``KvEventsMessage`` are the publisher's normalized forms on NATS
 (``{ns}.events.load.{instance_id}`` and ``{ns}.events.kv.{instance_id}``): stamped with the
 worker id and DP rank, in blocks, so the router needs no engine-specific knowledge.
+``KvStateRequest``/``KvStateSnapshot`` are the publisher's state dump
+(``{ns}.publisher.kv_state``), which a consumer that starts late applies before the live
+batches; a ``KvEventsMessage`` with ``seq`` -1 is the publisher's reset marker (the engine
+restarted and numbers its batches from 0 again; its events clear the cache).
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from proto.kv_events import KVEvent
+from proto.kv_events import BlockStored, KVEvent
 
 # (module, qualname) of SGLang's class inside its pickles.
 SGLANG_KV_METRICS_CLASS = (
@@ -85,3 +89,48 @@ class KvEventsMessage(msgspec.Struct, kw_only=True):
     seq: int
     ts: float
     events: list[KVEvent]
+
+
+class KvStateRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Ask a publisher (``{ns}.publisher.kv_state``) for the engines' current caches.
+
+    ``worker_ids`` None: every engine it relays; else only those (unknown ids are skipped).
+    """
+
+    worker_ids: list[int] | None = None
+
+
+class KvStateSnapshot(msgspec.Struct, kw_only=True):
+    """One (worker, DP rank)'s cache as the publisher's relayed events describe it.
+
+    Applying ``events`` in order to an empty cache rebuilds it: ``BlockStored`` events whose
+    parents come before their children. ``seq`` is the last engine batch the state includes
+    (-1: none yet); a consumer then applies relayed batches with a higher ``seq`` only.
+
+    A large cache is split over consecutive snapshots with the same worker, rank and ``seq``:
+    ``part`` counts from 0 (part 0 starts from an empty cache, the others add to it) and
+    ``last`` marks the final one. Keeping each part small keeps every response frame well
+    below NATS' payload limit.
+    """
+
+    worker_id: int
+    dp_rank: int
+    seq: int
+    events: list[BlockStored]
+    part: int = 0
+    last: bool = True
+
+
+# Where the publisher serves its state dump: ``{ns}.publisher.kv_state``.
+KV_STATE_COMPONENT = "publisher"
+KV_STATE_ENDPOINT = "kv_state"
+
+
+def kv_events_subject(namespace: str, worker_id: int) -> str:
+    """The NATS subject of a worker's relayed KV events (``KvEventsMessage``)."""
+    return f"{namespace}.events.kv.{worker_id:x}"
+
+
+def load_metrics_subject(namespace: str, worker_id: int) -> str:
+    """The NATS subject of a worker's relayed load reports (``LoadMetrics``)."""
+    return f"{namespace}.events.load.{worker_id:x}"

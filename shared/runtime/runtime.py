@@ -104,8 +104,9 @@ class DistributedRuntime:
                 if time.monotonic() >= deadline:
                     with contextlib.suppress(Exception):
                         await self.nats.close()
+                    reason = str(exc) or type(exc).__name__
                     raise ConnectionError(
-                        f"cannot reach NATS at {self.config.nats_url}: {str(exc) or type(exc).__name__}"
+                        f"cannot reach NATS at {self.config.nats_url}: {reason}"
                     ) from exc
                 await asyncio.sleep(0.25)
 

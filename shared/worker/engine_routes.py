@@ -16,6 +16,12 @@ support the action), each ``{"status": "error", "message": ...}`` without a trac
 ``/engine/flush_cache`` answers ``{"status", "flushed", "message"}``; while requests are in
 flight it refuses with **409 Conflict** (``status`` "error", ``flushed`` false), so
 ``curl --fail`` and scripts notice, instead of a 200 that has to be parsed to find out.
+
+``GET /engine/kv_cache`` (introspection, for tests and debugging) answers what the engine's
+prefix cache holds, per DP rank, page by page: ``{"status": "ok", "page_size": n,
+"dp_ranks": [{"dp_rank": r, "pages": [{"block_hash", "parent_block_hash", "token_ids"}]}]}``
+with the block hashes its KV events carry. Only the simulated engine can list its cache;
+other engines answer 501.
 """
 
 from __future__ import annotations
@@ -202,6 +208,22 @@ def _flush_route(control: _EngineControl) -> Callable[[web.Request], Awaitable[w
     return handler
 
 
+def _kv_cache_route(engine: Engine) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        del request
+        contents = getattr(engine, "kv_cache_contents", None)
+        if not callable(contents):
+            return _error(501, "this engine cannot list its KV cache (the simulated one can)")
+        try:
+            body = contents()
+        except Exception as exc:
+            log.exception("engine route failed", extra={"route": "kv_cache"})
+            return _error(500, f"kv_cache failed: {type(exc).__name__}: {exc}")
+        return web.json_response({"status": "ok", **body})
+
+    return handler
+
+
 def register_engine_routes(
     system: SystemServer,
     engine: Engine,
@@ -209,7 +231,8 @@ def register_engine_routes(
     leave: Callable[[], Awaitable[None]],
     rejoin: Callable[[], Awaitable[None]],
 ) -> list[str]:
-    """Add the ``POST /engine/*`` routes; returns their paths (for help text and README).
+    """Add the ``POST /engine/*`` routes (and ``GET /engine/kv_cache``); returns the POST
+    routes' paths (for help text and README).
 
     ``leave`` runs when the worker becomes paused or released (it should unregister the
     endpoint and suspend the canary), ``rejoin`` when it is neither any more (register the
@@ -227,4 +250,5 @@ def register_engine_routes(
     system.add_route("POST", "/engine/flush_cache", _flush_route(control))
     for name, action in actions.items():
         system.add_route("POST", f"/engine/{name}", _route(control, action, name))
+    system.add_route("GET", "/engine/kv_cache", _kv_cache_route(engine))
     return list(ENGINE_ROUTES)

@@ -587,3 +587,22 @@ class SimEngine:
 
     def num_active_requests(self) -> int:
         return sum(s.load for s in self.schedulers)
+
+    def kv_cache_contents(self) -> dict[str, Any]:
+        """What every rank's radix cache holds, page by page (``GET /engine/kv_cache``):
+        ``{"page_size", "dp_ranks": [{"dp_rank", "pages": [{"block_hash",
+        "parent_block_hash", "token_ids"}, ...]}]}``, parents before children, block hashes
+        as the KV events carry them."""
+        return {
+            "page_size": self.page_size,
+            "dp_ranks": [
+                {
+                    "dp_rank": rank,
+                    "pages": [
+                        {"block_hash": h, "parent_block_hash": p, "token_ids": tokens}
+                        for h, p, tokens in scheduler.cache.pages()
+                    ],
+                }
+                for rank, scheduler in enumerate(self.schedulers)
+            ],
+        }

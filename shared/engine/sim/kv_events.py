@@ -22,9 +22,9 @@ but unused); the replay socket is served by an asyncio task that waits for a slo
 instead of silently dropping past the ROUTER's high-water mark; and the metrics socket drops a
 report when no consumer is connected instead of queueing without bound.
 
-:class:`KvEventSubscriber` is the consumer side: the tests use it now and the mesh's publisher
-service will use it for both real and simulated engines. It detects sequence gaps (a late
-join, a subscriber behind its high-water mark) and fills them from the replay socket.
+:class:`KvEventSubscriber`, the consumer side (gap detection, replay), lives in
+``shared/zmq_events.py`` with the mesh's publisher service, which runs it against real and
+simulated engines alike; it is re-exported here for existing imports.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ import collections
 import logging
 import os
 import time
-from types import TracebackType
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal
 
 import msgspec
 import zmq
 import zmq.asyncio
 
-from proto.kv_events import REPLAY_END_SEQ, SEQ_SIZE, KVEvent, KVEventBatch, decode_seq, encode_seq
+from proto.kv_events import REPLAY_END_SEQ, KVEvent, KVEventBatch, encode_seq
 from proto.metrics import KvMetrics, SglangKvMetrics
+from shared.zmq_events import KvEventSubscriber, enable_ipv6
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -174,13 +174,6 @@ def connect_endpoint(endpoint: str) -> str:
     return f"tcp://{host}:{port}"
 
 
-def _enable_ipv6(sock: zmq.Socket[Any], endpoint: str) -> None:
-    # libzmq refuses bracketed IPv6 hosts on a socket without ZMQ_IPV6; SGLang's PUB never sets
-    # it (so IPv6 event endpoints fail there), accepting them here costs nothing.
-    if endpoint.startswith("tcp://["):
-        sock.setsockopt(zmq.IPV6, 1)
-
-
 def _last_endpoint(sock: zmq.Socket[Any]) -> str:
     return connect_endpoint(sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
@@ -263,7 +256,7 @@ class ZmqKvEventPublisher:
         pub = self._ctx.socket(zmq.PUB)
         try:
             pub.set_hwm(self.config.hwm)
-            _enable_ipv6(pub, self.endpoint)
+            enable_ipv6(pub, self.endpoint)
             if self.bind:
                 pub.bind(self.endpoint)
                 self._bound_endpoint = _last_endpoint(pub)
@@ -292,7 +285,7 @@ class ZmqKvEventPublisher:
             # Fail a send to a vanished client, and wait (as a task) for a slow one, instead of
             # dropping replies past the high-water mark as SGLang's ROUTER silently does.
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            _enable_ipv6(router, self.replay_endpoint)
+            enable_ipv6(router, self.replay_endpoint)
             router.bind(self.replay_endpoint)
             self._bound_replay_endpoint = _last_endpoint(router)
         except BaseException:
@@ -425,7 +418,7 @@ class ZmqKvMetricsPusher:
             push.setsockopt(zmq.SNDHWM, self.hwm)
             # Without IMMEDIATE a connecting PUSH queues for a peer that is not there yet.
             push.setsockopt(zmq.IMMEDIATE, 1)
-            _enable_ipv6(push, self.endpoint)
+            enable_ipv6(push, self.endpoint)
             push.connect(self.endpoint)
         except BaseException:
             push.close(linger=0)
@@ -453,249 +446,5 @@ class ZmqKvMetricsPusher:
         if self._push is not None:
             self._push.close(linger=0)
             self._push = None
-        if self._owns_ctx and not self._ctx.closed:
-            self._ctx.term()
-
-
-class KvEventSubscriber:
-    """Receives one publisher's batches in sequence order, filling gaps through replay.
-
-    ``async for seq, batch in sub`` yields every batch once, in increasing ``seq``. With
-    ``start_seq`` (default 0) and a replay endpoint, the first iteration first replays from
-    ``start_seq``, so a late subscriber catches up; ``start_seq=None`` starts with whatever
-    arrives. A live ``seq`` past the next expected one is a gap, filled from the replay socket;
-    what the replay no longer holds is counted in ``lost`` and skipped. A live ``seq`` at or
-    below the previous live one means the publisher restarted (``restarts``): numbering
-    starts again and a new gap from ``start_seq`` is filled the same way. A restart is only
-    visible as a step back in numbering: a new publisher whose first delivered batch numbers
-    above the old one's last reads as a gap (filled from the new publisher's replay buffer).
-    """
-
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        replay_endpoint: str | None = None,
-        topic: str = "",
-        start_seq: int | None = 0,
-        replay_timeout: float = 2.0,
-        hwm: int = 100_000,
-        ctx: zmq.Context[Any] | None = None,
-    ) -> None:
-        if start_seq is not None and start_seq < 0:
-            raise ValueError(f"start_seq must be >= 0, got {start_seq}")
-        self.endpoint = endpoint
-        self.replay_endpoint = replay_endpoint
-        self.topic = topic
-        self.start_seq = start_seq
-        self.replay_timeout = replay_timeout
-        self.hwm = hwm
-        # Live messages received, batches obtained through replay, gaps seen, sequence numbers
-        # never obtained, publisher restarts, and payloads that did not decode.
-        self.received = 0
-        self.replayed = 0
-        self.gaps = 0
-        self.lost = 0
-        self.restarts = 0
-        self.undecodable = 0
-        self._owns_ctx = ctx is None
-        self._ctx = (
-            zmq.asyncio.Context() if ctx is None else zmq.asyncio.Context.shadow(ctx.underlying)
-        )
-        self._decoder = msgspec.msgpack.Decoder(KVEventBatch)
-        self._sub: zmq.asyncio.Socket | None = None
-        self._dealer: zmq.asyncio.Socket | None = None
-        self._replay_lock = asyncio.Lock()
-        self._pending: collections.deque[tuple[int, KVEventBatch]] = collections.deque()
-        self._caught_up = False
-        # Highest seq queued for the caller, and highest seq seen on the live socket.
-        self._last: int | None = None
-        self._live_last: int | None = None
-        self._closed = False
-
-    @property
-    def last_seq(self) -> int | None:
-        """The highest sequence number obtained so far (yielded or about to be, or skipped
-        because its payload did not decode); None before the first."""
-        return self._last
-
-    def connect(self) -> None:
-        if self._closed:
-            raise RuntimeError("subscriber is closed")
-        if self._sub is not None:
-            return
-        sub = self._ctx.socket(zmq.SUB)
-        sub.set_hwm(self.hwm)
-        _enable_ipv6(sub, self.endpoint)
-        sub.setsockopt(zmq.SUBSCRIBE, self.topic.encode())
-        sub.connect(self.endpoint)
-        self._sub = sub
-
-    async def __aenter__(self) -> Self:
-        self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> tuple[int, KVEventBatch]:
-        while not self._pending:
-            if self._closed:
-                raise StopAsyncIteration
-            if not self._caught_up:
-                self._caught_up = True
-                if self.start_seq is not None and self.replay_endpoint is not None:
-                    await self._fill(self.start_seq, None)
-                continue
-            await self._receive_live()
-        return self._pending.popleft()
-
-    async def _receive_live(self) -> None:
-        if self._sub is None:
-            raise RuntimeError("subscriber not connected")
-        frames = await self._recv(self._sub, None)
-        if frames is None:
-            return
-        if len(frames) != 3 or len(frames[1]) != SEQ_SIZE:
-            log.warning("ignoring kv events message of %d frames", len(frames))
-            return
-        self.received += 1
-        seq = decode_seq(frames[1])
-        if self._live_last is not None and seq <= self._live_last:
-            # PUB/SUB never reorders or repeats, so the publisher is a new process.
-            self.restarts += 1
-            log.warning("kv events publisher restarted (seq %d after %d)", seq, self._live_last)
-            self._last = None
-        self._live_last = seq
-        if self._last is not None and seq <= self._last:
-            return  # already delivered through replay
-        expected = self.start_seq if self._last is None else self._last + 1
-        if expected is not None and seq > expected:
-            self.gaps += 1
-            await self._fill(expected, seq)
-        if self._last is not None and seq <= self._last:
-            return  # the fill's replay already included it
-        self._last = seq
-        try:
-            batch = self._decoder.decode(frames[2])
-        except msgspec.DecodeError as exc:
-            self.undecodable += 1
-            log.warning("kv events batch %d does not decode: %s", seq, exc)
-            return
-        self._pending.append((seq, batch))
-
-    async def _fill(self, start: int, stop: int | None) -> None:
-        """Queue every batch the replay socket has from ``start`` on; the sequence numbers in
-        ``[start, stop)`` (the gap) that it no longer has are counted as lost.
-
-        Batches past the gap are queued too: they are usually why the gap happened (this
-        subscriber fell behind), and the live copies that follow are then skipped as
-        duplicates instead of each causing another replay.
-        """
-        if self._closed:
-            return
-        got = await self.replay_from(start) if self.replay_endpoint is not None else []
-        end = start
-        for seq, batch in got:  # sorted, without duplicates
-            if seq < end:
-                continue
-            self.replayed += 1
-            self.lost += seq - end
-            self._pending.append((seq, batch))
-            self._last = seq
-            end = seq + 1
-        if stop is not None and stop > end:
-            self.lost += stop - end
-            log.warning("kv events %d..%d are lost (not in the replay buffer)", end, stop - 1)
-
-    async def replay_from(self, seq: int) -> list[tuple[int, KVEventBatch]]:
-        """Ask the replay socket for every buffered batch from ``seq`` on, in order.
-
-        Returns what arrived before the end marker, deduplicated; a publisher that does not
-        answer within ``replay_timeout`` gives what arrived so far.
-        """
-        if self.replay_endpoint is None:
-            raise RuntimeError("no replay endpoint configured")
-        if seq < 0:
-            raise ValueError(f"seq must be >= 0, got {seq}")
-        if self._closed:
-            raise RuntimeError("subscriber is closed")
-        async with self._replay_lock:
-            if self._closed:
-                return []  # closed while waiting for another replay
-            dealer = self._replay_socket()
-            await dealer.send_multipart((b"", encode_seq(seq)))
-            out: dict[int, KVEventBatch] = {}
-            while True:
-                try:
-                    frames = await self._recv(dealer, self.replay_timeout)
-                except TimeoutError:
-                    log.warning(
-                        "replay from %d: no end marker within %.1fs", seq, self.replay_timeout
-                    )
-                    # Late answers to this request must not be read as answers to the next.
-                    self._close_replay_socket()
-                    break
-                if frames is None:
-                    break
-                if len(frames) != 4 or frames[0] != b"" or len(frames[2]) != SEQ_SIZE:
-                    log.warning("ignoring replay reply of %d frames", len(frames))
-                    continue
-                got = decode_seq(frames[2])
-                if got == REPLAY_END_SEQ:
-                    break
-                try:
-                    out[got] = self._decoder.decode(frames[3])
-                except msgspec.DecodeError as exc:
-                    self.undecodable += 1
-                    log.warning("replayed kv events batch %d does not decode: %s", got, exc)
-            return sorted(out.items())
-
-    async def _recv(self, sock: zmq.asyncio.Socket, timeout: float | None) -> list[bytes] | None:
-        """One multipart message, or None once close() has interrupted the wait."""
-        try:
-            if timeout is None:
-                return await sock.recv_multipart()
-            return await asyncio.wait_for(sock.recv_multipart(), timeout)
-        except asyncio.CancelledError:
-            # Closing a socket cancels its pending receive; that is not our task's cancellation.
-            task = asyncio.current_task()
-            if self._closed and (task is None or not task.cancelling()):
-                return None
-            raise
-        except zmq.ZMQError:
-            if self._closed:
-                return None
-            raise
-
-    def _replay_socket(self) -> zmq.asyncio.Socket:
-        if self._dealer is None:
-            assert self.replay_endpoint is not None
-            dealer = self._ctx.socket(zmq.DEALER)
-            _enable_ipv6(dealer, self.replay_endpoint)
-            dealer.connect(self.replay_endpoint)
-            self._dealer = dealer
-        return self._dealer
-
-    def _close_replay_socket(self) -> None:
-        if self._dealer is not None:
-            self._dealer.close(linger=0)
-            self._dealer = None
-
-    async def close(self) -> None:
-        """Close the sockets (linger 0); a pending iteration ends. Idempotent."""
-        self._closed = True
-        self._close_replay_socket()
-        if self._sub is not None:
-            self._sub.close(linger=0)
-            self._sub = None
         if self._owns_ctx and not self._ctx.closed:
             self._ctx.term()

@@ -446,6 +446,20 @@ class RadixCache:
             stack.extend(node.children.values())
         return out
 
+    def pages(self) -> list[tuple[int, int | None, list[int]]]:
+        """Every cached page as ``(block hash, parent block hash, token ids)``, parents before
+        children (a walk: for introspection and tests)."""
+        out: list[tuple[int, int | None, list[int]]] = []
+        pb = self._page_bytes
+        stack: list[tuple[_Node, int | None]] = [(self._root, None)]
+        while stack:
+            node, parent = stack.pop()
+            for i, block_hash in enumerate(node.hashes):
+                out.append((block_hash, parent, _token_list(node.tokens[i * pb : (i + 1) * pb])))
+                parent = block_hash
+            stack.extend((child, parent) for child in node.children.values())
+        return out
+
     def _record_store(self, parent_hash: int | None, leaf: _Node) -> None:
         self._enqueue(
             BlockStored(

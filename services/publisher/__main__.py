@@ -1,0 +1,3 @@
+from services.publisher.main import main
+
+raise SystemExit(main())
