@@ -196,11 +196,10 @@ async def _run(config: MeshConfig, watch: float | None, as_json: bool, timeout: 
                 return 0
             await asyncio.sleep(watch)
     finally:
-        runtime.shutting_down = True  # a viewer leaves quietly: nothing to drain
+        # A viewer serves nothing: nothing to drain, and it must not linger on the way out.
         with contextlib.suppress(Exception):
-            await runtime.etcd.close(revoke=True)
-        with contextlib.suppress(Exception):
-            await runtime.nats.close()
+            async with asyncio.timeout(timeout):
+                await runtime.shutdown(grace=0)
 
 
 def main(argv: list[str] | None = None) -> int:

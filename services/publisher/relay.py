@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +40,7 @@ import zmq.asyncio
 
 from proto.kv_events import AllBlocksCleared
 from proto.metrics import KvEventsMessage, KvMetrics, LoadMetrics
+from proto.status import EngineStatus
 from services.publisher import metrics
 from services.publisher.sources import EngineSource, RankSockets
 from services.publisher.state import CacheState
@@ -91,6 +93,9 @@ class EngineRelay:
         self._ctx = ctx
         # Last load report per DP rank, for the sglang:* gauges.
         self.loads: dict[int, KvMetrics] = {}
+        # Per DP rank: the engine timestamp of the last batch and how many events went out.
+        self.last_event_ts: dict[int, float] = {}
+        self.events_relayed: dict[int, int] = {}
         self.subscribers: dict[int, KvEventSubscriber] = {}
         self.receiver: KvMetricsReceiver | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -216,6 +221,8 @@ class EngineRelay:
                     events=batch.events,
                 )
             )
+            self.last_event_ts[dp_rank] = batch.ts
+            self.events_relayed[dp_rank] = self.events_relayed.get(dp_rank, 0) + len(batch.events)
             metrics.batches_relayed_total.inc()
             metrics.events_relayed_total.inc(len(batch.events))
             metrics.event_lag_seconds.observe(max(0.0, time.time() - batch.ts))
@@ -271,6 +278,29 @@ class EngineRelay:
 
     def load_reports(self) -> list[tuple[int, int, KvMetrics]]:
         return [(self.source.worker_id, rank, m) for rank, m in self.loads.items()]
+
+    def status(self, cached_blocks: Callable[[int], int]) -> list[EngineStatus]:
+        """One entry per DP rank, for ``sglmesh status``."""
+        wid = self.source.worker_id
+        out = []
+        for rank in self.source.ranks:
+            r = rank.dp_rank
+            report = self.loads.get(r)
+            out.append(
+                EngineStatus(
+                    worker_id=wid,
+                    dp_rank=r,
+                    load=None
+                    if report is None
+                    else LoadMetrics.from_kv_metrics(
+                        report, worker_id=wid, page_size=self.source.page_size, ts=time.time()
+                    ),
+                    last_event_ts=self.last_event_ts.get(r),
+                    events_relayed=self.events_relayed.get(r, 0),
+                    cached_blocks=cached_blocks(r),
+                )
+            )
+        return out
 
     def describe(self) -> dict[str, Any]:
         """A summary for logs and tests."""

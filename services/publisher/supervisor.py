@@ -33,6 +33,7 @@ from proto.metrics import (
     kv_events_subject,
     load_metrics_subject,
 )
+from proto.status import EngineStatus, PublisherStatusRequest
 from services.publisher import metrics
 from services.publisher.args import PublisherFlags
 from services.publisher.relay import EngineRelay, EventSink
@@ -43,6 +44,8 @@ from shared.runtime import Context, DistributedRuntime
 __all__ = ["NatsSink", "Supervisor"]
 
 log = logging.getLogger(__name__)
+
+STATUS_ENDPOINT = "status"
 
 
 class NatsSink:
@@ -130,6 +133,10 @@ class Supervisor:
                 request_type=KvStateRequest,
                 metadata={"node": self.flags.node},
             )
+            # Not named by --endpoint: `sglmesh status` always asks {ns}.publisher.status.
+            await self.runtime.endpoint(KV_STATE_COMPONENT, STATUS_ENDPOINT).serve(
+                self.status, request_type=PublisherStatusRequest
+            )
         log.info(
             "publisher running",
             extra={
@@ -188,6 +195,23 @@ class Supervisor:
         )
         for snapshot in snapshots:
             yield snapshot
+
+    async def status(
+        self, request: PublisherStatusRequest, ctx: Context
+    ) -> AsyncIterator[EngineStatus]:
+        """Per engine rank: last load report, last event, events relayed, cached blocks."""
+        del ctx
+        wanted = None if request.worker_ids is None else set(request.worker_ids)
+        for worker_id, relay in list(self.relays.items()):
+            if wanted is not None and worker_id not in wanted:
+                continue
+
+            def cached(rank: int, worker_id: int = worker_id) -> int:
+                cache = self.state.caches.get((worker_id, rank))
+                return len(cache.blocks) if cache is not None else 0
+
+            for item in relay.status(cached):
+                yield item
 
     def load_reports(self) -> list[tuple[int, int, KvMetrics]]:
         return [r for relay in list(self.relays.values()) for r in relay.load_reports()]

@@ -25,6 +25,7 @@ T = TypeVar("T")
 
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
+_CANCEL_TIMEOUT = 1.0
 
 
 class PrefixWatcher(Generic[T]):
@@ -64,7 +65,7 @@ class PrefixWatcher(Generic[T]):
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                await asyncio.wait({self._task}, timeout=_CANCEL_TIMEOUT * 2)
 
     def _decode(self, key: bytes, value: bytes) -> T | None:
         try:
@@ -122,8 +123,11 @@ class PrefixWatcher(Generic[T]):
                             if value is not None:
                                 self._apply_put(key, value)
                 finally:
+                    # Bounded: aetcd's cancel is a round trip that can wait forever on a
+                    # stalled stream, and it runs while this task is being cancelled.
                     with contextlib.suppress(Exception):
-                        await watch.cancel()
+                        async with asyncio.timeout(_CANCEL_TIMEOUT):
+                            await watch.cancel()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

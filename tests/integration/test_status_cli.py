@@ -63,3 +63,43 @@ def test_status_reports_an_unreachable_mesh() -> None:
     result = _status(["--nats-url", "nats://127.0.0.1:1", "--timeout", "0.5"])
     assert result.returncode == 1
     assert "cannot reach NATS" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_status_shows_load_and_cache_from_the_publisher(
+    nats_server: NatsServer, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    from tests.integration.mesh import make_config, runtime
+    from tests.integration.test_publisher import Publisher, Worker, generate
+
+    model = make_test_tokenizer(tmp_path / "tiny")
+    cfg = make_config(nats_server, etcd_server)
+    flags = _mesh_flags(cfg)
+    worker, publisher = Worker(cfg, model), Publisher(cfg)
+    try:
+        await asyncio.gather(worker.wait_ready(), publisher.wait_ready())
+        async with runtime(cfg) as rt:
+            client = await rt.client("backend", "generate")
+            await client.wait_for_instances(1)
+            deadline = asyncio.get_running_loop().time() + 20
+            i = 0
+            while True:
+                # Engines drop load reports until the publisher has bound their metrics
+                # socket: keep one busy until a report is in.
+                await generate(client, worker, [5 + i % 7] * 40, 8)
+                i += 1
+                out = await asyncio.to_thread(_status, flags, "--json")
+                snap = json.loads(out.stdout)
+                wid = f"{worker.instance_id:x}"
+                (inst,) = [x for x in snap["instances"] if x["instance_id"] == wid]
+                engines = inst["engines"]
+                if engines and engines[0]["cached_blocks"] and engines[0]["kv_total_blocks"]:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, json.dumps(engines)
+        (engine,) = engines
+        assert engine["events_relayed"] > 0 and engine["last_event_age_s"] is not None
+        assert engine["kv_total_blocks"] > 0 and engine["running"] is not None
+        table = (await asyncio.to_thread(_status, flags)).stdout
+        assert "ago" in table and "%" in table
+    finally:
+        worker.close()
+        publisher.close()
