@@ -126,9 +126,7 @@ class LoadTracker:
             load.active_blocks += blocks
             load.active_prefill_tokens += prefill
             load.routed_total += 1
-        return ActiveRequest(
-            self, instance_id, block_size, prompt_tokens, blocks, prefill, dp_rank
-        )
+        return ActiveRequest(self, instance_id, block_size, prompt_tokens, blocks, prefill, dp_rank)
 
     def forget(self, instance_id: int) -> None:
         """The worker left: its requests are gone (or migrating, and counted elsewhere)."""

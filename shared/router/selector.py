@@ -25,6 +25,9 @@ class RouterMode(enum.StrEnum):
     ROUND_ROBIN = "round-robin"
     RANDOM = "random"
     LEAST_LOADED = "least-loaded"
+    # KV-aware (shared/router/kv_router.py): chosen by the processor, not by Selector, which
+    # treats it as least-loaded (the decode leg of a disaggregated request is load-only).
+    KV = "kv"
 
 
 class BusyError(Exception):
@@ -81,7 +84,7 @@ class Selector:
             return free[0]
         if self.mode is RouterMode.RANDOM:
             return self._rng.choice(free)
-        if self.mode is RouterMode.LEAST_LOADED:
+        if self.mode in (RouterMode.LEAST_LOADED, RouterMode.KV):
             loads = self.tracker.loads
 
             def key(c: WorkerCandidate) -> tuple[int, int]:
