@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from shared.config import MeshConfig, add_mesh_args, mesh_config_from_namespace
 from shared.flags import Flag, FlagError, add_flags, flag_values, float_converter, int_converter
-from shared.router import RouterMode
+from shared.router import KV_ROUTER_FLAGS, KvRouterConfig, RouterMode, kv_router_config
 
 __all__ = ["ProcessorConfig", "parse_processor_args"]
 
@@ -24,7 +24,7 @@ __all__ = ["ProcessorConfig", "parse_processor_args"]
 class ProcessorFlags:
     http_host: str = "0.0.0.0"
     http_port: int = 8000
-    router_mode: RouterMode = RouterMode.ROUND_ROBIN
+    router_mode: RouterMode = RouterMode.KV
     max_inflight: int = 1024
     active_decode_blocks_threshold: float | None = None
     migration_limit: int = 3
@@ -37,6 +37,7 @@ class ProcessorFlags:
 class ProcessorConfig:
     mesh: MeshConfig
     flags: ProcessorFlags
+    kv_router: KvRouterConfig
 
 
 def _port(text: str) -> int:
@@ -82,7 +83,8 @@ _FLAGS: tuple[Flag, ...] = (
     Flag("http_port", _port, _D.http_port, "PORT", "HTTP port (0 picks a free one)",
          ("DYN_HTTP_PORT",)),
     Flag("router_mode", _router_mode, _D.router_mode, "MODE",
-         "how workers are chosen: round-robin, random or least-loaded", ("DYN_ROUTER_MODE",)),
+         "how workers are chosen: kv (prefix cache and load), round-robin, random or "
+         "least-loaded", ("DYN_ROUTER_MODE",)),
     Flag("max_inflight", int_converter(0), _D.max_inflight, "N",
          "requests in flight before new ones get 503 with Retry-After (0: no limit)"),
     Flag("active_decode_blocks_threshold", _fraction, None, "FRACTION",
@@ -118,10 +120,12 @@ def parse_processor_args(
     )
     add_mesh_args(parser)
     add_flags(parser.add_argument_group("processor"), _FLAGS)
+    add_flags(parser.add_argument_group("KV router (--router-mode kv)"), KV_ROUTER_FLAGS)
     ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     mesh = mesh_config_from_namespace(ns, environ, parser=parser)
     try:
         flags = ProcessorFlags(**flag_values(_FLAGS, ns, environ))
-    except FlagError as exc:
+        kv = kv_router_config(flag_values(KV_ROUTER_FLAGS, ns, environ))
+    except (FlagError, ValueError) as exc:
         parser.error(str(exc))
-    return ProcessorConfig(mesh=mesh, flags=flags)
+    return ProcessorConfig(mesh=mesh, flags=flags, kv_router=kv)

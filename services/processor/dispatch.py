@@ -36,7 +36,14 @@ from proto.request import BootstrapInfo, PreprocessedRequest, RoutingHints
 from proto.response import EngineOutput, KvCacheHit, PromptTokensDetails
 from services.processor import metrics
 from services.processor.models import ServedModel, WorkerPool
-from shared.router import LoadTracker, RouterMode, Selector, WorkerCandidate
+from shared.router import (
+    ActiveRequest,
+    KvRouter,
+    LoadTracker,
+    RouterMode,
+    Selector,
+    WorkerCandidate,
+)
 from shared.router.bootstrap import choose_bootstrap_room
 from shared.runtime import InvalidRequestError, MeshError, NoInstancesError, ResponseStream
 from shared.runtime.errors import RemoteError
@@ -69,8 +76,12 @@ class Dispatcher:
         migration_limit: int,
         busy_threshold: float | None = None,
         tracker: LoadTracker | None = None,
+        kv_router: KvRouter | None = None,
     ) -> None:
-        self.tracker = tracker or LoadTracker()
+        self.tracker = kv_router.tracker if kv_router is not None else (tracker or LoadTracker())
+        # KV-aware placement of aggregated requests and prefill legs; decode legs and every
+        # other mode go through the load-only selectors.
+        self.kv_router = kv_router
         self.mode = mode
         self.migration_limit = migration_limit
         self.busy_threshold = busy_threshold
@@ -94,6 +105,11 @@ class Dispatcher:
         if pool is None:
             return
         candidates = pool.candidates()
+        router = self.kv_router
+        if router is not None and role is WorkerType.AGGREGATED:
+            if candidates and all(router.is_busy(c) for c in candidates):
+                router.select(candidates, block_size=1, hashes=(), prompt_tokens=0)  # raises
+            return
         selector = self.selector(model.name, role)
         if candidates and all(selector.is_busy(c) for c in candidates):
             selector.select(candidates)  # raises BusyError with the message
@@ -150,9 +166,12 @@ class Dispatcher:
         self, model: ServedModel, request: PreprocessedRequest, progress: _Progress
     ) -> AsyncIterator[list[EngineOutput]]:
         pool = _require(model, WorkerType.AGGREGATED)
-        chosen = self._choose(model, pool, progress)
-        block = _block_size(pool, chosen.instance_id)
-        active = self.tracker.begin(chosen.instance_id, len(request.token_ids), block)
+        chosen, rank, active = self._place(model, pool, progress, request.token_ids)
+        if rank is not None:
+            request = msgspec.structs.replace(
+                request,
+                routing=RoutingHints(backend_instance_id=chosen.instance_id, dp_rank=rank),
+            )
         stream: ResponseStream | None = None
         try:
             assert pool.client is not None
@@ -181,17 +200,19 @@ class Dispatcher:
             raise _invalid("disaggregated serving supports only n=1")
         prefill_pool = _require(model, WorkerType.PREFILL)
         decode_pool = _require(model, WorkerType.DECODE)
-        prefill = self._choose(model, prefill_pool, progress)
-        decode = self._choose(model, decode_pool, progress)
-        prompt_len = len(request.token_ids)
-        prefill_active = self.tracker.begin(
-            prefill.instance_id, prompt_len, _block_size(prefill_pool, prefill.instance_id)
+        prefill, prefill_rank, prefill_active = self._place(
+            model, prefill_pool, progress, request.token_ids
         )
-        decode_active = self.tracker.begin(
-            decode.instance_id, prompt_len, _block_size(decode_pool, decode.instance_id)
+        try:
+            decode, _, decode_active = self._place(model, decode_pool, progress, request.token_ids)
+        except BaseException:
+            prefill_active.finish()
+            raise
+        rank = (
+            prefill_rank
+            if prefill_rank is not None
+            else self.selector(model.name, WorkerType.PREFILL).dp_rank(prefill)
         )
-        selector = self.selector(model.name, WorkerType.PREFILL)
-        rank = selector.dp_rank(prefill)
         record = prefill_pool.record(prefill.instance_id)
         rc = record.runtime_config if record is not None else None
         bootstrap: BootstrapInfo | None = None
@@ -278,6 +299,34 @@ class Dispatcher:
                     await stream.aclose()
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _place(
+        self,
+        model: ServedModel,
+        pool: WorkerPool,
+        progress: _Progress,
+        token_ids: list[int],
+    ) -> tuple[WorkerCandidate, int | None, ActiveRequest]:
+        """Choose a worker (and, KV-aware, its DP rank) and charge the request to it."""
+        router = self.kv_router
+        if router is None or pool.role is WorkerType.DECODE:
+            chosen = self._choose(model, pool, progress)
+            block = _block_size(pool, chosen.instance_id)
+            return chosen, None, self.tracker.begin(chosen.instance_id, len(token_ids), block)
+        candidates = pool.candidates()
+        if not candidates:
+            raise NoWorkersError(f"no live {pool.role.value} workers for model {model.name!r}")
+        block = _block_size(pool, candidates[0].instance_id)
+        decision = router.select(candidates, token_ids, block_size=block, exclude=progress.excluded)
+        chosen = next(c for c in candidates if c.instance_id == decision.instance_id)
+        metrics.routing_decisions.labels(
+            model.name, pool.role.value, f"{chosen.instance_id:x}"
+        ).inc()
+        if token_ids:
+            metrics.kv_overlap.labels(model.name).observe(
+                min(decision.overlap_blocks * block / len(token_ids), 1.0)
+            )
+        return chosen, decision.dp_rank, router.begin(decision, len(token_ids), block)
 
     def _choose(self, model: ServedModel, pool: WorkerPool, progress: _Progress) -> WorkerCandidate:
         candidates = pool.candidates()

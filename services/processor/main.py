@@ -12,6 +12,8 @@ from services.processor.app import ProcessorApp
 from services.processor.args import ProcessorConfig, parse_processor_args
 from services.processor.dispatch import Dispatcher
 from services.processor.models import ModelRegistry
+from shared.kv_events_feed import KvEventsFeed
+from shared.router import KvRouter, RouterMode
 from shared.runtime import DistributedRuntime
 from shared.runtime.service import Cleanup, ServiceMain, StartupError, run_service
 from shared.runtime.system_server import SystemServer
@@ -24,12 +26,29 @@ def start_processor(config: ProcessorConfig) -> ServiceMain:
 
     async def start(runtime: DistributedRuntime, system: SystemServer | None) -> Cleanup:
         del system  # health and metrics are on the HTTP port
-        registry = ModelRegistry(runtime, custom_template=flags.custom_jinja_template)
+        router: KvRouter | None = None
+        feed: KvEventsFeed | None = None
+        if flags.router_mode is RouterMode.KV:
+            router = KvRouter(config.kv_router, busy_threshold=flags.active_decode_blocks_threshold)
+            feed = KvEventsFeed(runtime, on_events=router.apply_events, on_load=router.update_load)
+            # Live events first, then each publisher's snapshot: a processor started after
+            # the workers routes by their caches at once.
+            await feed.start()
+
+        def worker_left(instance_id: int) -> None:
+            if router is not None and feed is not None:
+                router.remove_worker(instance_id)
+                feed.forget(instance_id)
+
+        registry = ModelRegistry(
+            runtime, custom_template=flags.custom_jinja_template, on_worker_left=worker_left
+        )
         await registry.start()
         dispatcher = Dispatcher(
             mode=flags.router_mode,
             migration_limit=flags.migration_limit,
             busy_threshold=flags.active_decode_blocks_threshold,
+            kv_router=router,
         )
         app = ProcessorApp(flags, runtime, registry, dispatcher)
         try:
@@ -44,6 +63,8 @@ def start_processor(config: ProcessorConfig) -> ServiceMain:
         async def cleanup() -> None:
             await app.close()
             await registry.close()
+            if feed is not None:
+                await feed.close()
 
         return cleanup
 

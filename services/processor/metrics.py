@@ -59,3 +59,9 @@ rejected = Counter(f"{_PREFIX}_rejected", "requests refused before routing, by r
 client_disconnects = Counter(
     f"{_PREFIX}_client_disconnects", "requests whose client went away before the end", ["model"]
 )
+kv_overlap = Histogram(
+    f"{_PREFIX}_kv_overlap_ratio",
+    "share of the prompt the KV router expected the chosen worker to have cached",
+    ["model"],
+    buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0),
+)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,7 +112,14 @@ class ServedModel:
 
 
 class ModelRegistry:
-    def __init__(self, runtime: DistributedRuntime, *, custom_template: str | None = None) -> None:
+    def __init__(
+        self,
+        runtime: DistributedRuntime,
+        *,
+        custom_template: str | None = None,
+        on_worker_left: Callable[[int], None] | None = None,
+    ) -> None:
+        self._on_worker_left = on_worker_left
         self._runtime = runtime
         self._custom_template = custom_template
         self._watcher: PrefixWatcher[ModelCard] = PrefixWatcher(
@@ -203,6 +210,8 @@ class ModelRegistry:
         model = self.models.get(card.name)
         if model is None:
             return
+        if self._on_worker_left is not None:
+            self._on_worker_left(card.instance_id)
         pool = model.pools.get(card.worker_type)
         if pool is not None:
             pool.cards.pop(card.instance_id, None)

@@ -11,7 +11,7 @@ from shared.router import RouterMode
 def test_defaults() -> None:
     cfg = parse_processor_args([], env={})
     f = cfg.flags
-    assert (f.http_host, f.http_port, f.router_mode) == ("0.0.0.0", 8000, RouterMode.ROUND_ROBIN)
+    assert (f.http_host, f.http_port, f.router_mode) == ("0.0.0.0", 8000, RouterMode.KV)
     assert (f.migration_limit, f.max_inflight, f.active_decode_blocks_threshold) == (3, 1024, None)
     assert cfg.mesh.namespace == "sglmesh"
 
@@ -65,3 +65,13 @@ def test_every_flag_has_help_with_env(capsys: pytest.CaptureFixture[str]) -> Non
     ):
         assert flag in out
     assert "SGLMESH_HTTP_PORT" in out and "DYN_HTTP_PORT" in out
+
+
+def test_kv_router_flags() -> None:
+    cfg = parse_processor_args(
+        ["--router-temperature", "0.5", "--no-router-kv-events"],
+        env={"DYN_ROUTER_PREFILL_LOAD_SCALE": "2"},
+    )
+    kv = cfg.kv_router
+    assert (kv.temperature, kv.use_kv_events, kv.prefill_load_scale) == (0.5, False, 2.0)
+    assert parse_processor_args([], env={}).kv_router.use_kv_events
