@@ -27,8 +27,10 @@ Design choices:
   tail of a process that died is printed.
 - **Fixed, printed ports.** The workers' system servers (``/health``, ``/metrics``) sit at
   ``--system-port-base`` and the next port (9101, 9102), so they can be bookmarked; ``0``
-  picks free ports (tests). Nothing else needs a port: the prefill worker reserves a free
-  bootstrap port itself, KV events are not published, and load metrics (off) would use IPC.
+  picks free ports (tests). The workers' KV-event sockets take free loopback ports, the
+  prefill worker reserves a free bootstrap port itself, and load metrics use IPC.
+- **KV-aware routing works out of the box.** A publisher relays the workers' KV events and
+  load to the processor's router (its default ``--router-mode kv``).
 - **Default namespace.** The mesh joins the default namespace, so a worker started by hand
   (``sglmesh worker --engine sim``) joins this processor's pool.
 - **Speed.** ``--speedup-ratio 1`` (default) runs the simulator at the cost model's speed:
@@ -382,6 +384,14 @@ def _plan(
             "--model-path", str(model),
             # The directory's path would be the name otherwise: an unwieldy `"model"` to type.
             "--served-model-name", DEFAULT_MODEL_NAME,
+            # KV events (with replay) and load metrics for the publisher and the KV router.
+            "--kv-events-config", json.dumps({
+                "publisher": "zmq",
+                "endpoint": f"tcp://{_HOST}:{infra.free_port()}",
+                "replay_endpoint": f"tcp://{_HOST}:{infra.free_port()}",
+                "bind": True,
+            }),
+            "--enable-metrics",
             *role,
         ]  # fmt: skip
         return _Proc(name=name, argv=argv, system_port=port)
@@ -400,7 +410,9 @@ def _plan(
             "--http-host", _HOST, "--http-port", str(opts["http_port"]),
         ],
     )  # fmt: skip
-    return [processor, *workers]
+    # Relays the workers' KV events and load to NATS, for the processor's KV-aware router.
+    publisher = _Proc(name="publisher", argv=[*python, "publisher", *mesh])
+    return [processor, publisher, *workers]
 
 
 def _launch(spec: _Proc, run_dir: Path, env: dict[str, str]) -> _Launched:
