@@ -45,6 +45,7 @@ from shared.router import (
     WorkerCandidate,
 )
 from shared.router.bootstrap import choose_bootstrap_room
+from shared.router.hashing import block_hashes
 from shared.runtime import InvalidRequestError, MeshError, NoInstancesError, ResponseStream
 from shared.runtime.errors import RemoteError
 
@@ -317,7 +318,15 @@ class Dispatcher:
         if not candidates:
             raise NoWorkersError(f"no live {pool.role.value} workers for model {model.name!r}")
         block = _block_size(pool, candidates[0].instance_id)
-        decision = router.select(candidates, token_ids, block_size=block, exclude=progress.excluded)
+        # Hashed once, for the cache lookup and for counting shared prefix blocks once.
+        hashes = block_hashes(token_ids, block)
+        decision = router.select(
+            candidates,
+            block_size=block,
+            hashes=hashes,
+            prompt_tokens=len(token_ids),
+            exclude=progress.excluded,
+        )
         chosen = next(c for c in candidates if c.instance_id == decision.instance_id)
         metrics.routing_decisions.labels(
             model.name, pool.role.value, f"{chosen.instance_id:x}"
@@ -326,7 +335,7 @@ class Dispatcher:
             metrics.kv_overlap.labels(model.name).observe(
                 min(decision.overlap_blocks * block / len(token_ids), 1.0)
             )
-        return chosen, decision.dp_rank, router.begin(decision, len(token_ids), block)
+        return chosen, decision.dp_rank, router.begin(decision, len(token_ids), block, hashes)
 
     def _choose(self, model: ServedModel, pool: WorkerPool, progress: _Progress) -> WorkerCandidate:
         candidates = pool.candidates()

@@ -13,6 +13,13 @@ and queue, so the KV router compares ranks, not instances. ``loads`` keeps the p
 totals either way, so the load-only selectors and the busy check see every request. With
 ``cached_tokens`` (the prefix the router expects the engine to reuse), only the uncached rest
 counts as pending prefill work.
+
+Shared prefixes count once. A request begun with its prompt's block ``hashes`` (chained, so a
+hash names a whole prefix) holds a reference on each of those blocks in its worker's table;
+a block adds to ``active_blocks`` only while some request references it, as the engine's
+radix cache stores it only once. Without this, a worker serving many requests of one popular
+prefix looks many times fuller than it is, and the KV router sends that prefix's next
+request elsewhere, to a worker that must prefill it again.
 """
 
 from __future__ import annotations
@@ -32,6 +39,27 @@ class WorkerLoad:
     # first token yet.
     active_prefill_tokens: int = 0
     routed_total: int = 0
+    # Prompt block hash -> requests in flight that hold it.
+    shared: dict[int, int] = field(default_factory=dict)
+
+    def acquire(self, hashes: tuple[int, ...]) -> None:
+        shared = self.shared
+        for h in hashes:
+            count = shared.get(h, 0)
+            if not count:
+                self.active_blocks += 1
+            shared[h] = count + 1
+
+    def release(self, hashes: tuple[int, ...]) -> None:
+        shared = self.shared
+        for h in hashes:
+            count = shared.get(h, 0)
+            if count <= 1:
+                if count:
+                    del shared[h]
+                    self.active_blocks -= 1
+            else:
+                shared[h] = count - 1
 
 
 @dataclass(slots=True, eq=False)
@@ -45,6 +73,9 @@ class ActiveRequest:
     blocks: int
     prefill_tokens: int
     dp_rank: int | None = None
+    # The prompt's full-block hashes, counted through the workers' shared tables; ``blocks``
+    # counts only the rest (a partial last prompt block and the output).
+    hashes: tuple[int, ...] = ()
     done: bool = field(default=False)
 
     def _targets(self) -> list[WorkerLoad]:
@@ -69,7 +100,7 @@ class ActiveRequest:
         prefill = self.prefill_tokens
         self.prefill_tokens = 0
         self.tokens += count
-        blocks = -(-self.tokens // self.block_size)
+        blocks = -(-self.tokens // self.block_size) - len(self.hashes)
         grown = blocks - self.blocks
         self.blocks = blocks
         for load in targets:
@@ -84,6 +115,8 @@ class ActiveRequest:
             load.active_requests -= 1
             load.active_blocks -= self.blocks
             load.active_prefill_tokens -= self.prefill_tokens
+            if self.hashes:
+                load.release(self.hashes)
 
 
 class LoadTracker:
@@ -112,11 +145,13 @@ class LoadTracker:
         *,
         dp_rank: int | None = None,
         cached_tokens: int = 0,
+        hashes: tuple[int, ...] = (),
     ) -> ActiveRequest:
         """Count a request routed to ``instance_id`` (and ``dp_rank``, if given) until its
         ``finish``; ``cached_tokens`` of its prompt are expected to be served from cache."""
         block_size = max(block_size, 1)
-        blocks = -(-prompt_tokens // block_size)
+        hashes = tuple(hashes[: prompt_tokens // block_size])
+        blocks = -(-prompt_tokens // block_size) - len(hashes)
         prefill = max(prompt_tokens - max(cached_tokens, 0), 0)
         targets = [self.load(instance_id)]
         if dp_rank is not None:
@@ -126,7 +161,11 @@ class LoadTracker:
             load.active_blocks += blocks
             load.active_prefill_tokens += prefill
             load.routed_total += 1
-        return ActiveRequest(self, instance_id, block_size, prompt_tokens, blocks, prefill, dp_rank)
+            if hashes:
+                load.acquire(hashes)
+        return ActiveRequest(
+            self, instance_id, block_size, prompt_tokens, blocks, prefill, dp_rank, hashes
+        )
 
     def forget(self, instance_id: int) -> None:
         """The worker left: its requests are gone (or migrating, and counted elsewhere)."""

@@ -25,6 +25,7 @@ from shared.router import (
     block_hashes,
     kv_router_config,
 )
+from shared.router.kv_router import DEFAULT_PREFILL_LOAD_SCALE
 
 BS = 4
 PROMPT = list(range(1000, 1040))  # 10 blocks of 4
@@ -290,8 +291,9 @@ def test_prompt_arguments_are_checked() -> None:
 def test_flags_and_their_environment_twins() -> None:
     parser = argparse.ArgumentParser()
     add_flags(parser, KV_ROUTER_FLAGS)
+    # The flag's default weighs prefill more than the library's (reference) default.
     assert kv_router_config(flag_values(KV_ROUTER_FLAGS, parser.parse_args([]), {})) == (
-        KvRouterConfig()
+        KvRouterConfig(prefill_load_scale=DEFAULT_PREFILL_LOAD_SCALE)
     )
     ns = parser.parse_args(
         ["--no-router-kv-events", "--router-temperature", "0.7", "--router-prefill-load-scale=2"]

@@ -99,3 +99,21 @@ def test_bootstrap_room_lands_on_the_rank() -> None:
     for _ in range(100):
         room = choose_bootstrap_room(2, 4)
         assert 0 <= room <= MAX_BOOTSTRAP_ROOM and room % 4 == 2
+
+
+def test_shared_prefix_blocks_count_once() -> None:
+    tracker = LoadTracker()
+    prefix = (11, 12, 13)
+    a = tracker.begin(1, 3 * 16 + 5, 16, dp_rank=0, hashes=prefix)
+    b = tracker.begin(1, 3 * 16 + 9, 16, dp_rank=0, hashes=prefix)
+    load, rank = tracker.load(1), tracker.rank_load(1, 0)
+    # Three shared prefix blocks once, plus each request's partial last block.
+    assert load.active_blocks == rank.active_blocks == 3 + 1 + 1
+    b.add_tokens(7)  # 3*16 + 16 tokens: still one private block
+    assert load.active_blocks == 5
+    b.add_tokens(1)  # a second private block
+    assert load.active_blocks == 6
+    a.finish()
+    assert load.active_blocks == 3 + 2 and load.shared == dict.fromkeys(prefix, 1)
+    b.finish()
+    assert (load.active_blocks, load.shared, rank.active_blocks) == (0, {}, 0)
