@@ -177,7 +177,7 @@ class ProcessorApp:
         try:
             model = self.registry.lookup(name)
         except RequestError as exc:
-            return _Failure(exc.status, exc.message, param=exc.param, type_=exc.type).response()
+            return self._failure(exc).response()
         body = _encode(ModelObject(id=name, created=model.created))
         return web.Response(body=body, content_type=_JSON)
 
@@ -267,15 +267,13 @@ class ProcessorApp:
                 self.inflight -= 1
                 if not self.inflight:
                     self._idle.set()
-        except _Failure as failure:
+        except Exception as exc:
+            # Every refusal and failure answers here, in the API's format: bad input, unknown
+            # model, busy mesh, worker errors, and a bug too (logged), never aiohttp's
+            # plain-text 500.
+            failure = self._failure(exc)
             tracker.status = failure.status
             return failure.response()
-        except Exception as exc:
-            # A bug must still answer in the API's format (and be logged), never as
-            # aiohttp's plain-text 500.
-            unexpected = self._failure(exc)
-            tracker.status = unexpected.status
-            return unexpected.response()
         except asyncio.CancelledError:
             tracker.status = 499  # nginx's "client closed request"
             if tracker.model != "unknown":
@@ -291,11 +289,11 @@ class ProcessorApp:
     async def _chat(
         self, request: web.Request, body: bytes, tracker: _Tracker
     ) -> web.StreamResponse:
-        req = _decode(body, ChatCompletionRequest)
+        req = decode_request(body, ChatCompletionRequest)
         model = self._model(req.model, tracker)
         pre = model.preprocessor
         assert pre is not None
-        preq = _checked(pre.preprocess_chat, req)
+        preq = pre.preprocess_chat(req)
         return await self._generate(
             request, tracker, model, req, [preq], chat=True, logprobs=req.logprobs
         )
@@ -303,23 +301,17 @@ class ProcessorApp:
     async def _completion(
         self, request: web.Request, body: bytes, tracker: _Tracker
     ) -> web.StreamResponse:
-        req = _decode(body, CompletionRequest)
+        req = decode_request(body, CompletionRequest)
         model = self._model(req.model, tracker)
         pre = model.preprocessor
         assert pre is not None
-        preqs = _checked(pre.preprocess_completion, req)
+        preqs = pre.preprocess_completion(req)
         return await self._generate(
             request, tracker, model, req, preqs, chat=False, logprobs=req.logprobs is not None
         )
 
     def _model(self, name: str, tracker: _Tracker) -> ServedModel:
-        try:
-            model = self.registry.lookup(name)
-        except RequestError as exc:
-            retry = self.flags.retry_after if exc.status == 503 else None
-            raise _Failure(
-                exc.status, exc.message, param=exc.param, type_=exc.type, retry_after=retry
-            ) from None
+        model = self.registry.lookup(name)
         tracker.bind(model.name)
         return model
 
@@ -364,7 +356,8 @@ class ProcessorApp:
             else _merge([run(model, p, i) for i, p in enumerate(streams)])
         )
         async with contextlib.aclosing(outputs):
-            first = await self._first(outputs)
+            # Errors before the first output propagate to `_serve`: a real HTTP status.
+            first = await anext(outputs, None)
             if not req.stream:
                 return await self._unary(
                     outputs, first, assembler, tracker, rid, created, name, chat, logprobs
@@ -383,16 +376,6 @@ class ProcessorApp:
                 include_usage=req.include_usage(),
             )
 
-    async def _first(
-        self, outputs: AsyncGenerator[tuple[int, list[EngineOutput]], None]
-    ) -> tuple[int, list[EngineOutput]] | None:
-        try:
-            return await anext(outputs)
-        except StopAsyncIteration:
-            return None
-        except Exception as exc:
-            raise self._failure(exc) from None
-
     def _failure(self, exc: BaseException) -> _Failure:
         if isinstance(exc, _Failure):
             return exc
@@ -407,7 +390,10 @@ class ProcessorApp:
         if isinstance(exc, EngineFailure):
             return _Failure(500, str(exc))
         if isinstance(exc, RequestError):
-            return _Failure(exc.status, exc.message, param=exc.param, type_=exc.type)
+            retry = self.flags.retry_after if exc.status == 503 else None
+            return _Failure(
+                exc.status, exc.message, param=exc.param, type_=exc.type, retry_after=retry
+            )
         log.exception("request failed", exc_info=exc)
         return _Failure(500, f"Internal error: {type(exc).__name__}")
 
@@ -423,18 +409,15 @@ class ProcessorApp:
         chat: bool,
         logprobs: bool,
     ) -> web.Response:
-        try:
-            item = first
-            while item is not None:
-                prompt, batch = item
-                if assembler.feed(prompt, batch) and tracker.first_at is None:
-                    tracker.first_token()
-                if assembler.done:
-                    break
-                item = await anext(outputs, None)
-            assembler.finish_all()
-        except Exception as exc:
-            raise self._failure(exc) from None
+        item = first
+        while item is not None:
+            prompt, batch = item
+            if assembler.feed(prompt, batch) and tracker.first_at is None:
+                tracker.first_token()
+            if assembler.done:
+                break
+            item = await anext(outputs, None)
+        assembler.finish_all()
         tracker.done(assembler)
         build = chat_response if chat else completion_response
         body = _encode(build(rid, created, name, assembler, logprobs))
@@ -595,20 +578,6 @@ def _fan_out(preqs: list[PreprocessedRequest], n: int) -> list[PreprocessedReque
                 )
             )
     return out
-
-
-def _decode(body: bytes, type_: Any) -> Any:
-    try:
-        return decode_request(body, type_)
-    except RequestError as exc:
-        raise _Failure(exc.status, exc.message, param=exc.param, type_=exc.type) from None
-
-
-def _checked(fn: Callable[[Any], Any], req: Any) -> Any:
-    try:
-        return fn(req)
-    except RequestError as exc:
-        raise _Failure(exc.status, exc.message, param=exc.param, type_=exc.type) from None
 
 
 async def _merge(

@@ -16,8 +16,9 @@ times out.
 Migration: when an attempt fails with a retryable error (the worker died, left, stopped, was
 overloaded, or NATS dropped the stream), the request is sent again to another worker with the
 tokens generated so far appended to the prompt and the token budget reduced by as many, up to
-``migration_limit`` times. The reader sees one uninterrupted stream. Requests with ``n > 1``
-are not migrated: their choices cannot be resumed as one prompt.
+``migration_limit`` times. The reader sees one uninterrupted stream. A request carries one
+choice (the processor fans ``n > 1`` out into single-choice requests): several choices could
+not be resumed as one prompt.
 """
 
 from __future__ import annotations
@@ -92,10 +93,8 @@ class Dispatcher:
         key = (model, role)
         selector = self._selectors.get(key)
         if selector is None:
-            # The decode leg of a disaggregated request is placed by load, as in the reference.
-            mode = self.mode
             selector = self._selectors[key] = Selector(
-                mode, self.tracker, busy_threshold=self.busy_threshold
+                self.mode, self.tracker, busy_threshold=self.busy_threshold
             )
         return selector
 
@@ -120,8 +119,9 @@ class Dispatcher:
     ) -> AsyncGenerator[tuple[int, list[EngineOutput]], None]:
         """Batches of the request's output, each tagged with ``index`` (the caller's choice
         number: tagging here saves a generator layer per token on the hot path)."""
-        n = request.sampling_options.n or 1
-        limit = self.migration_limit if n == 1 else 0
+        if (request.sampling_options.n or 1) != 1:
+            raise InvalidRequestError("a dispatched request carries one choice: fan n > 1 out")
+        limit = self.migration_limit
         progress = _Progress()
         attempt = 0
         # Chosen once: a retry after the decode pool vanished must say so, not fall back to
@@ -134,11 +134,10 @@ class Dispatcher:
                     stream = self._disaggregated(model, current, progress)
                 else:
                     stream = self._aggregated(model, current, progress)
+                generated = progress.generated
                 async for batch in stream:
-                    if n == 1:
-                        generated = progress.generated
-                        for out in batch:
-                            generated.extend(out.token_ids)
+                    for out in batch:
+                        generated.extend(out.token_ids)
                     yield index, batch
                 return
             except MeshError as exc:
@@ -197,8 +196,6 @@ class Dispatcher:
     async def _disaggregated(
         self, model: ServedModel, request: PreprocessedRequest, progress: _Progress
     ) -> AsyncIterator[list[EngineOutput]]:
-        if (request.sampling_options.n or 1) != 1:
-            raise _invalid("disaggregated serving supports only n=1")
         prefill_pool = _require(model, WorkerType.PREFILL)
         decode_pool = _require(model, WorkerType.DECODE)
         prefill, prefill_rank, prefill_active = self._place(
@@ -415,10 +412,6 @@ def _block_size(pool: WorkerPool, instance_id: int) -> int:
     if card is not None and card.kv_cache_block_size:
         return card.kv_cache_block_size
     return DEFAULT_BLOCK_SIZE
-
-
-def _invalid(message: str) -> MeshError:
-    return InvalidRequestError(message)
 
 
 def _handler_error(message: str) -> MeshError:

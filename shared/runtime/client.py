@@ -248,6 +248,7 @@ class Client:
         self.ack_latency = metrics.client_ack_latency.labels(self.name)
         self._m_requests = metrics.client_requests_total.labels(self.name)
         self._ids: list[int] = []
+        self._records: dict[int, InstanceRecord] = {}
 
     async def start(self) -> None:
         await self._watcher.start()
@@ -264,14 +265,13 @@ class Client:
         return list(self._ids)
 
     def records(self) -> dict[int, InstanceRecord]:
-        """Live instances (draining ones excluded) by instance id."""
-        draining = self._draining
-        return {
-            r.instance_id: r for r in self._watcher.items.values() if r.instance_id not in draining
-        }
+        """Live instances (draining ones excluded) by instance id. Kept up to date by the
+        watch, not rebuilt per call: routers read it on every request."""
+        return self._records
 
     def _refresh_ids(self) -> None:
-        self._ids = sorted(r.instance_id for r in self.instances())
+        self._records = {r.instance_id: r for r in self.instances()}
+        self._ids = sorted(self._records)
 
     def _on_put(self, key: str, record: InstanceRecord) -> None:
         if record.metadata.get("state") == "draining":

@@ -43,6 +43,21 @@ async def runtime(config: MeshConfig) -> AsyncIterator[DistributedRuntime]:
         await rt.shutdown(grace=0.5)
 
 
+def mesh_flags(cfg: MeshConfig, *, grace: float | None = None) -> list[str]:
+    """The command-line flags that put a child process into ``cfg``'s mesh."""
+    period = cfg.graceful_shutdown_grace_period if grace is None else grace
+    return [
+        "--namespace", cfg.namespace,
+        "--nats-url", cfg.nats_url,
+        "--etcd-endpoints", ",".join(cfg.etcd_endpoints),
+        "--lease-ttl", str(cfg.lease_ttl),
+        "--stream-timeout", str(cfg.stream_timeout),
+        "--heartbeat-interval", str(cfg.heartbeat_interval),
+        "--graceful-shutdown-grace-period", str(period),
+        "--log-format", "text",
+    ]  # fmt: skip
+
+
 class Responder:
     """A serving subprocess that prints ``READY <instance hex> [extra...]`` once it serves.
 
@@ -60,14 +75,7 @@ class Responder:
         args = [
             sys.executable, "-m", module,
             "--endpoint", endpoint,
-            "--namespace", config.namespace,
-            "--nats-url", config.nats_url,
-            "--etcd-endpoints", ",".join(config.etcd_endpoints),
-            "--lease-ttl", str(config.lease_ttl),
-            "--heartbeat-interval", str(config.heartbeat_interval),
-            "--stream-timeout", str(config.stream_timeout),
-            "--graceful-shutdown-grace-period", str(config.graceful_shutdown_grace_period),
-            "--log-format", "text",
+            *mesh_flags(config),
             *(extra_args or []),
         ]  # fmt: skip
         self.proc = subprocess.Popen(

@@ -25,7 +25,7 @@ import aiohttp
 
 from shared.config import MeshConfig
 from shared.infra import EtcdServer, NatsServer, free_port
-from tests.integration.mesh import ROOT, make_config
+from tests.integration.mesh import ROOT, make_config, mesh_flags
 
 __all__ = [
     "Mesh",
@@ -48,19 +48,6 @@ def hermetic_env() -> dict[str, str]:
     }
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def _mesh_flags(cfg: MeshConfig) -> list[str]:
-    return [
-        "--namespace", cfg.namespace,
-        "--nats-url", cfg.nats_url,
-        "--etcd-endpoints", ",".join(cfg.etcd_endpoints),
-        "--lease-ttl", str(cfg.lease_ttl),
-        "--stream-timeout", str(cfg.stream_timeout),
-        "--heartbeat-interval", str(cfg.heartbeat_interval),
-        "--graceful-shutdown-grace-period", str(cfg.graceful_shutdown_grace_period),
-        "--log-format", "text",
-    ]  # fmt: skip
 
 
 _SAMPLE = re.compile(r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)")
@@ -174,7 +161,7 @@ class SimWorker(_Process):
             "--speedup-ratio", str(speedup),
             "--page-size", "16",
             "--max-total-tokens", "65536",
-            *_mesh_flags(cfg),
+            *mesh_flags(cfg),
             "--system-host", "127.0.0.1",
             "--system-port", str(self.system_port),
             *(["--served-model-name", served_model_name] if served_model_name else []),
@@ -202,7 +189,7 @@ class Processor(_Process):
         self.base = f"http://127.0.0.1:{self.http_port}"
         args = [
             sys.executable, "-m", "sglmesh", "processor",
-            *_mesh_flags(cfg),
+            *mesh_flags(cfg),
             "--http-host", "127.0.0.1",
             "--http-port", str(self.http_port),
             *flags,

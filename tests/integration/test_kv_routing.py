@@ -18,7 +18,8 @@ import aiohttp
 
 from shared.infra import EtcdServer, NatsServer
 from shared.model import make_test_tokenizer
-from tests.integration.processor_mesh import Processor, _mesh_flags, _Process, mesh
+from tests.integration.mesh import mesh_flags
+from tests.integration.processor_mesh import Processor, _Process, mesh
 from tests.integration.test_publisher import _consecutive_ports
 
 PAGE = 16
@@ -61,7 +62,7 @@ async def test_repeats_of_a_prefix_go_to_the_worker_holding_it(
         workers = await m.add_workers(model, *[kv_flags() for _ in range(4)], served=MODEL)
         publisher = _Process(
             "publisher",
-            [sys.executable, "-m", "sglmesh", "publisher", *_mesh_flags(m.cfg)],
+            [sys.executable, "-m", "sglmesh", "publisher", *mesh_flags(m.cfg)],
             m.log_dir,
         )
         m.workers.append(publisher)  # type: ignore[arg-type]  # closed with the mesh

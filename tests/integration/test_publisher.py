@@ -39,7 +39,7 @@ from shared.model import make_test_tokenizer
 from shared.router.hashing import block_hashes
 from shared.router.kv_index import KvIndex
 from shared.runtime import Client, DistributedRuntime
-from tests.integration.mesh import ROOT, make_config, runtime
+from tests.integration.mesh import ROOT, make_config, mesh_flags, runtime
 
 PAGE = 16
 
@@ -105,19 +105,6 @@ class Proc:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _mesh_flags(cfg: MeshConfig) -> list[str]:
-    return [
-        "--namespace", cfg.namespace,
-        "--nats-url", cfg.nats_url,
-        "--etcd-endpoints", ",".join(cfg.etcd_endpoints),
-        "--lease-ttl", str(cfg.lease_ttl),
-        "--stream-timeout", str(cfg.stream_timeout),
-        "--heartbeat-interval", str(cfg.heartbeat_interval),
-        "--graceful-shutdown-grace-period", "1",
-        "--log-format", "text",
-    ]  # fmt: skip
-
-
 def _consecutive_ports(n: int) -> int:
     """A base port with ``n`` free ports from it (SGLang offsets the KV port by DP rank)."""
     for _ in range(100):
@@ -162,7 +149,7 @@ class Worker(Proc):
                 "--enable-metrics",
                 "--decode-log-interval", "4",
                 "--no-health-check",
-                *_mesh_flags(cfg),
+                *mesh_flags(cfg, grace=1),
             ],
         )  # fmt: skip
         self.instance_id = 0
@@ -187,7 +174,7 @@ class Publisher(Proc):
                 "--idle-check-interval", "0.5",
                 "--replay-timeout", "2",
                 "--rebind-interval", "0.5",
-                *_mesh_flags(cfg),
+                *mesh_flags(cfg, grace=1),
                 *extra,
             ],
         )  # fmt: skip

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from shared.infra import EtcdServer, NatsServer
 from shared.model import make_test_tokenizer
-from tests.integration.mesh import ROOT
-from tests.integration.processor_mesh import _mesh_flags, hermetic_env, mesh
+from tests.integration.mesh import ROOT, mesh_flags
+from tests.integration.processor_mesh import hermetic_env, mesh
 
 
 def _status(flags: list[str], *extra: str) -> subprocess.CompletedProcess[str]:
@@ -26,7 +26,7 @@ async def test_status_lists_instances_and_models(
 ) -> None:
     model = make_test_tokenizer(tmp_path / "tiny")
     async with mesh(nats_server, etcd_server, tmp_path / "logs") as m:
-        flags = _mesh_flags(m.cfg)
+        flags = mesh_flags(m.cfg)
         empty = await asyncio.to_thread(_status, flags, "--json")
         assert empty.returncode == 0, empty.stderr
         assert json.loads(empty.stdout)["instances"] == []
@@ -73,7 +73,7 @@ async def test_status_shows_load_and_cache_from_the_publisher(
 
     model = make_test_tokenizer(tmp_path / "tiny")
     cfg = make_config(nats_server, etcd_server)
-    flags = _mesh_flags(cfg)
+    flags = mesh_flags(cfg)
     worker, publisher = Worker(cfg, model), Publisher(cfg)
     try:
         await asyncio.gather(worker.wait_ready(), publisher.wait_ready())

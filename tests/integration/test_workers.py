@@ -24,7 +24,7 @@ from shared.config import MeshConfig
 from shared.infra import EtcdServer, NatsServer, free_port
 from shared.model import make_test_tokenizer
 from shared.runtime import Client, DistributedRuntime, MeshError
-from tests.integration.mesh import ROOT, make_config, runtime
+from tests.integration.mesh import ROOT, make_config, mesh_flags, runtime
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +44,9 @@ class Worker:
             "--speedup-ratio", str(speedup),
             "--page-size", "16",
             "--max-total-tokens", "32768",
-            "--namespace", cfg.namespace,
-            "--nats-url", cfg.nats_url,
-            "--etcd-endpoints", ",".join(cfg.etcd_endpoints),
-            "--lease-ttl", str(cfg.lease_ttl),
-            "--stream-timeout", str(cfg.stream_timeout),
-            "--heartbeat-interval", str(cfg.heartbeat_interval),
-            "--graceful-shutdown-grace-period", str(cfg.graceful_shutdown_grace_period),
+            *mesh_flags(cfg),
             "--system-host", "127.0.0.1",
             "--system-port", str(self.system_port),
-            "--log-format", "text",
             *flags,
         ]  # fmt: skip
         self.log = open(  # noqa: SIM115 - closed in stop()
