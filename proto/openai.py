@@ -12,7 +12,7 @@ Responses follow OpenAI's shapes; errors are ``{"error": {"message", "type", "pa
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -420,17 +420,6 @@ class ChatChoice(msgspec.Struct, kw_only=True):
     logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionResponse(msgspec.Struct, kw_only=True):
-    id: str
-    object: str = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    # UNSET fields are left out of the JSON (a chunk carries usage only when asked to).
-    usage: Usage | msgspec.UnsetType = msgspec.UNSET
-    system_fingerprint: str | msgspec.UnsetType = msgspec.UNSET
-
-
 class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
@@ -443,17 +432,6 @@ class ChatChunkChoice(msgspec.Struct, kw_only=True):
     delta: ChatDelta
     finish_reason: str | None = None
     logprobs: ChatLogprobs | None = None
-
-
-class ChatCompletionChunk(msgspec.Struct, kw_only=True):
-    id: str
-    object: str = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    # UNSET fields are left out of the JSON (a chunk carries usage only when asked to).
-    usage: Usage | msgspec.UnsetType = msgspec.UNSET
-    system_fingerprint: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class CompletionLogprobs(msgspec.Struct, kw_only=True):
@@ -470,26 +448,36 @@ class CompletionChoice(msgspec.Struct, kw_only=True):
     logprobs: CompletionLogprobs | None = None
 
 
-class CompletionResponse(msgspec.Struct, kw_only=True):
+ChoiceT = TypeVar("ChoiceT")
+
+
+class _Completion(msgspec.Struct, Generic[ChoiceT], kw_only=True):
+    """The envelope every completion response and stream chunk shares."""
+
     id: str
-    object: str = "text_completion"
+    object: str
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[ChoiceT]
     # UNSET fields are left out of the JSON (a chunk carries usage only when asked to).
     usage: Usage | msgspec.UnsetType = msgspec.UNSET
     system_fingerprint: str | msgspec.UnsetType = msgspec.UNSET
 
 
-class CompletionChunk(msgspec.Struct, kw_only=True):
-    id: str
+class ChatCompletionResponse(_Completion[ChatChoice], kw_only=True):
+    object: str = "chat.completion"
+
+
+class ChatCompletionChunk(_Completion[ChatChunkChoice], kw_only=True):
+    object: str = "chat.completion.chunk"
+
+
+class CompletionResponse(_Completion[CompletionChoice], kw_only=True):
     object: str = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    # UNSET fields are left out of the JSON (a chunk carries usage only when asked to).
-    usage: Usage | msgspec.UnsetType = msgspec.UNSET
-    system_fingerprint: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class CompletionChunk(CompletionResponse, kw_only=True):
+    """A streamed piece of a text completion (same shape as the response)."""
 
 
 class ModelObject(msgspec.Struct, kw_only=True):
