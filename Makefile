@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SGL_VENV := .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install test test-fast test-conformance lint fmt bench bench-sim model infra-up infra-down infra-status run-agg run-disagg stop clean
+.PHONY: install test test-fast test-conformance lint fmt bench bench-sim bench-serve bench-kv bench-router model infra-up infra-down infra-status run-agg run-disagg stop clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,18 @@ bench: $(STAMP)
 
 bench-sim: $(STAMP)
 	$(BIN)/python bench/sim_engine.py
+
+# The processor end to end: 1 and 4 workers, concurrency 1/16/64 (bench/results/serve.json).
+bench-serve: $(STAMP)
+	$(BIN)/python bench/serve.py
+
+# KV-aware routing against round-robin, random and an oracle (bench/results/kv_routing.json).
+bench-kv: $(STAMP)
+	$(BIN)/python bench/kv_routing.py
+
+# KV router decision latency at 16 workers x 100k blocks (bench/results/router_decision.json).
+bench-router: $(STAMP)
+	$(BIN)/python bench/router_decision.py
 
 model: $(STAMP)
 	$(BIN)/sglmesh model prepare
