@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from proto.metrics import KvEventsMessage, LoadMetrics  # noqa: E402
-from shared.engine.sim.radix import RadixCache  # noqa: E402
+from shared.engine.cpu.radix import RadixCache  # noqa: E402
 from shared.router import (  # noqa: E402
     KvRouter,
     KvRouterConfig,

@@ -3,7 +3,7 @@
 Why here, in ``shared/``: the mesh's publisher service (``services/publisher``) runs these
 against real SGLang engines and the simulated engine alike, and the simulated engine's tests
 use them to check what it publishes. The producer side, a faithful copy of SGLang's sockets,
-is ``shared/engine/sim/kv_events.py``; the wire formats are ``proto/kv_events.py`` and
+is ``shared/engine/cpu/kv_events.py``; the wire formats are ``proto/kv_events.py`` and
 ``proto/metrics.py``.
 
 - :class:`KvEventSubscriber`: a ``SUB`` on one publisher (DP rank) that yields batches in

@@ -40,7 +40,7 @@ from proto.kv_events import (
     encode_seq,
 )
 from proto.metrics import KvMetrics
-from shared.engine.sim.kv_events import (
+from shared.engine.cpu.kv_events import (
     KvEventsConfig,
     KvEventSubscriber,
     ZmqKvEventPublisher,

@@ -15,8 +15,8 @@ import zmq.asyncio
 
 from proto.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from proto.metrics import SglangKvMetrics
+from shared.engine.cpu.kv_events import KvEventSubscriber
 from shared.engine.sim.engine import SimConfig, SimEngine
-from shared.engine.sim.kv_events import KvEventSubscriber
 from shared.infra import free_port
 
 

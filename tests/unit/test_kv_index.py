@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from proto.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from proto.metrics import KvEventsMessage
-from shared.engine.sim.radix import RadixCache, _Node
+from shared.engine.cpu.radix import RadixCache, _Node
 from shared.router.hashing import ROOT_SEED, block_hashes, iter_block_hashes, namespace_salt
 from shared.router.kv_index import KvIndex, WorkerKey
 

@@ -8,9 +8,9 @@ from typing import Any, cast
 
 from aiohttp.test_utils import make_mocked_request
 
+from shared.engine.cpu.hashing import page_hash
 from shared.engine.protocol import Engine
 from shared.engine.sim.engine import SimConfig, SimEngine
-from shared.engine.sim.hashing import page_hash
 from shared.worker.engine_routes import _kv_cache_route
 
 

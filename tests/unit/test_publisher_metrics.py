@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from proto.metrics import SGLANG_KV_METRICS_CLASS, KvMetrics, SglangKvMetrics
 from services.publisher.metrics import SGLANG_GAUGES, install
-from shared.engine.sim.kv_events import encode_kv_metrics
+from shared.engine.cpu.kv_events import encode_kv_metrics
 from shared.zmq_events import decode_kv_metrics
 
 MODULE, CLASS = SGLANG_KV_METRICS_CLASS

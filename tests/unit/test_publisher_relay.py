@@ -19,7 +19,7 @@ from proto.metrics import SGLANG_KV_METRICS_CLASS, KvEventsMessage, KvMetrics, L
 from services.publisher.relay import RESET_SEQ, EngineRelay, RelaySettings
 from services.publisher.sources import EngineSource, RankSockets
 from services.publisher.state import CacheState
-from shared.engine.sim.kv_events import KvEventsConfig, ZmqKvEventPublisher, ZmqKvMetricsPusher
+from shared.engine.cpu.kv_events import KvEventsConfig, ZmqKvEventPublisher, ZmqKvMetricsPusher
 from shared.infra import free_port
 
 WORKER = 0xA11CE

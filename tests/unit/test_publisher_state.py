@@ -10,7 +10,7 @@ import pytest
 from proto.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from proto.metrics import KvStateSnapshot
 from services.publisher.state import CacheState, EngineCache
-from shared.engine.sim.radix import RadixCache
+from shared.engine.cpu.radix import RadixCache
 from shared.router.hashing import block_hashes
 from shared.router.kv_index import KvIndex
 

@@ -18,10 +18,10 @@ import zmq.asyncio
 from proto.kv_events import BlockStored, KVEventBatch
 from proto.metrics import SglangKvMetrics
 from proto.request import FAKE_BOOTSTRAP_HOST
+from shared.engine.cpu.kv_events import KvEventSubscriber
+from shared.engine.cpu.scheduler import SENDING
 from shared.engine.protocol import Engine
 from shared.engine.sim.engine import SimConfig, SimEngine
-from shared.engine.sim.kv_events import KvEventSubscriber
-from shared.engine.sim.scheduler import SENDING
 from shared.engine.sim.tokens import TokenGenerator, Vocabulary, prompt_hash
 
 WORDS = ["the", "cat", "sat", "on", "mat", "and", "dog", "ran", "far", "away", "in", "sun"]

@@ -13,8 +13,8 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
+from shared.engine.cpu.scheduler import SchedulerStats
 from shared.engine.sim.engine import SimConfig, SimEngine
-from shared.engine.sim.scheduler import SchedulerStats
 from shared.model import make_test_tokenizer
 from shared.worker import metrics
 from shared.worker.metrics import (

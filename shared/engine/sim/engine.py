@@ -49,13 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.engine.cpu.kv_events import KvEventsConfig, ZmqKvEventPublisher, ZmqKvMetricsPusher
+from shared.engine.cpu.radix import RadixCache
+from shared.engine.cpu.scheduler import Scheduler, SchedulerConfig, SimRequest
+from shared.engine.cpu.transfer import BootstrapServer
+from shared.engine.cpu.transfer import KvReceiver as TcpKvReceiver
 from shared.engine.protocol import EngineInfo
 from shared.engine.sim.cost import CostModel
-from shared.engine.sim.disagg import BootstrapServer
-from shared.engine.sim.disagg import KvReceiver as TcpKvReceiver
-from shared.engine.sim.kv_events import KvEventsConfig, ZmqKvEventPublisher, ZmqKvMetricsPusher
-from shared.engine.sim.radix import RadixCache
-from shared.engine.sim.scheduler import Scheduler, SchedulerConfig, SimRequest
 from shared.engine.sim.tokens import TokenGenerator, Vocabulary, prompt_hash, resolve_seed
 
 __all__ = ["DEFAULT_PAGE_SIZE", "SimConfig", "SimEngine"]

@@ -60,15 +60,15 @@ from typing import Any, Final
 
 from proto.metrics import KvMetrics
 from proto.request import FAKE_BOOTSTRAP_HOST
-from shared.engine.sim.contracts import (
+from shared.engine.cpu.contracts import (
     KvEventSink,
     KvReceiver,
     KvSender,
     MetricsSink,
     TransferError,
 )
+from shared.engine.cpu.radix import PrefixMatch, RadixCache
 from shared.engine.sim.cost import CostModel
-from shared.engine.sim.radix import PrefixMatch, RadixCache
 from shared.engine.sim.tokens import TokenGenerator
 
 __all__ = [

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from proto.request import FAKE_BOOTSTRAP_HOST
-from shared.engine.sim import disagg
-from shared.engine.sim.contracts import TransferAborted, TransferError, TransferTimeout
-from shared.engine.sim.disagg import FAKE_FIRST_TOKEN, BootstrapServer, KvReceiver
+from shared.engine.cpu import transfer as disagg
+from shared.engine.cpu.contracts import TransferAborted, TransferError, TransferTimeout
+from shared.engine.cpu.transfer import FAKE_FIRST_TOKEN, BootstrapServer, KvReceiver
 from shared.infra import LOOPBACK, free_port
 
 KV = 1024  # bytes per token

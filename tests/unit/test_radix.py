@@ -19,13 +19,13 @@ import msgspec
 import pytest
 
 from proto.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch
-from shared.engine.sim.hashing import (
+from shared.engine.cpu.hashing import (
     digest_to_int64,
     hash_page_run,
     page_hash,
     tokens_to_u32le,
 )
-from shared.engine.sim.radix import KvPool, PrefixMatch, RadixCache, _Node
+from shared.engine.cpu.radix import KvPool, PrefixMatch, RadixCache, _Node
 
 # ----- helpers -----
 

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from proto.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, StorageMedium
-from shared.engine.sim.hashing import DIGEST_SIZE, hash_page_run
+from shared.engine.cpu.hashing import DIGEST_SIZE, hash_page_run
 
 __all__ = ["KvPool", "PrefixMatch", "RadixCache"]
 

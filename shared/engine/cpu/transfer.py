@@ -52,10 +52,10 @@ from typing import TYPE_CHECKING, Annotated, Final, Literal, Self, TypeVar
 import msgspec
 
 from proto.request import FAKE_BOOTSTRAP_HOST, U32, U63
-from shared.engine.sim.contracts import TransferAborted, TransferError, TransferTimeout
+from shared.engine.cpu.contracts import TransferAborted, TransferError, TransferTimeout
 
 if TYPE_CHECKING:
-    from shared.engine.sim import contracts
+    from shared.engine.cpu import contracts
 
 __all__ = ["CHUNK_BYTES", "FAKE_FIRST_TOKEN", "BootstrapServer", "KvReceiver"]
 

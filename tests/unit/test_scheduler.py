@@ -15,8 +15,8 @@ import pytest
 
 from proto.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from proto.metrics import KvMetrics
+from shared.engine.cpu.scheduler import OutputChannel, Scheduler, SchedulerConfig, SimRequest
 from shared.engine.sim.cost import CostModel
-from shared.engine.sim.scheduler import OutputChannel, Scheduler, SchedulerConfig, SimRequest
 from shared.engine.sim.tokens import TokenGenerator, Vocabulary, prompt_hash
 
 VOCAB = Vocabulary(ordinary=tuple(range(100, 600)), eos_token_ids=(2,))
