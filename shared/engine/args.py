@@ -30,19 +30,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import re
-import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any, NoReturn
 
+from shared.engine.registry import (
+    AUTO,
+    EngineSelectionError,
+    engine_kind,
+    engine_names,
+    package_installed,
+)
 from shared.flags import (
     FALSE_WORDS,
     TRUE_WORDS,
@@ -59,89 +63,23 @@ __all__ = [
     "DEFAULT_BOOTSTRAP_PORT",
     "DEFAULT_KV_BYTES_PER_TOKEN",
     "DISAGGREGATION_MODES",
-    "ENGINE_KINDS",
     "EngineArgs",
     "EngineSelectionError",
     "KvEventsEndpoints",
     "SglangFlag",
     "add_engine_args",
     "engine_flag_values",
-    "gpu_visible",
     "human_readable_int",
     "kv_events_endpoints",
     "parse_engine_args",
     "parse_kv_events_config",
-    "resolve_engine_kind",
-    "sglang_installed",
     "split_served_model_name",
 ]
 
-ENGINE_KINDS = ("sglang", "sim", "auto")
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 # 32 layers x 8 KV heads x 128 head dim x 2 (K and V) x 2 bytes (bf16): Llama-3-8B.
 DEFAULT_KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2
 DEFAULT_BOOTSTRAP_PORT = 8998
-
-
-class EngineSelectionError(ValueError):
-    """``--engine`` asked for something this machine cannot run."""
-
-
-# --------------------------------------------------------------------------------------------
-# Which engine
-
-
-def sglang_installed() -> bool:
-    """True when the ``sglang`` package can be found (it is not imported: that pulls torch)."""
-    try:
-        return importlib.util.find_spec("sglang") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def gpu_visible(env: Mapping[str, str] | None = None) -> tuple[bool, str]:
-    """Is a GPU visible to this process? Decided without importing torch (seconds, and it is
-    absent from CPU installs): the CUDA/ROCm device nodes, then ``nvidia-smi``."""
-    environ = os.environ if env is None else env
-    visible = environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False, f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
-    nodes = sorted(p.name for p in Path("/dev").glob("nvidia[0-9]*"))
-    if nodes:
-        return True, f"GPU device nodes found ({', '.join('/dev/' + n for n in nodes)})"
-    if Path("/dev/kfd").exists():
-        return True, "ROCm device node /dev/kfd found"
-    if shutil.which("nvidia-smi") and not Path("/dev").exists():
-        # No /dev to look at (unusual sandboxes): the driver tool is the only evidence left.
-        return True, "nvidia-smi is on PATH"
-    return False, "no GPU device node (/dev/nvidia*, /dev/kfd)"
-
-
-def resolve_engine_kind(requested: str, env: Mapping[str, str] | None = None) -> tuple[str, str]:
-    """Turn ``--engine`` into ``("sglang" | "sim", reason)``; the reason is for one log line.
-
-    ``auto`` picks SGLang when the package is installed and a GPU is visible, the simulated
-    engine otherwise. Asking for ``sglang`` explicitly without the package installed is an
-    ``EngineSelectionError`` (it could only fail later, less clearly).
-    """
-    if requested == "sim":
-        return "sim", "--engine sim"
-    if requested == "sglang":
-        if not sglang_installed():
-            raise EngineSelectionError(
-                "--engine sglang needs the sglang package (pip install sglang), or use --engine sim"
-            )
-        return "sglang", "--engine sglang"
-    if requested != "auto":
-        raise EngineSelectionError(
-            f"unknown engine {requested!r}; choose from {', '.join(ENGINE_KINDS)}"
-        )
-    if not sglang_installed():
-        return "sim", "--engine auto: sglang is not installed"
-    has_gpu, why = gpu_visible(env)
-    if not has_gpu:
-        return "sim", f"--engine auto: sglang is installed but {why}"
-    return "sglang", f"--engine auto: sglang is installed and {why}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,19 +88,35 @@ def resolve_engine_kind(requested: str, env: Mapping[str, str] | None = None) ->
 
 def _parse_engine(text: str) -> str:
     value = text.strip().lower()
-    if value not in ENGINE_KINDS:
-        raise ValueError(f"expected one of {', '.join(ENGINE_KINDS)}, got {text!r}")
+    choices = (*engine_names(), AUTO)
+    if value not in choices:
+        raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
     return value
+
+
+def _engine_help() -> str:
+    kinds = "; ".join(f"{name}: {engine_kind(name).help}" for name in engine_names())
+    return (
+        f"which engine runs the model ({kinds}). auto (the default) takes the first of "
+        f"{', '.join(engine_names())} that can run here: sglang with a GPU, torch when it is "
+        "installed and the model has weights, else sim"
+    )
 
 
 _ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag(
         "engine",
         _parse_engine,
-        "auto",
-        "{sglang,sim,auto}",
-        "which engine runs the model: sglang (needs a GPU), sim (the CPU simulator) or auto "
-        "(sglang when it is installed and a GPU is visible, else sim)",
+        AUTO,
+        "{" + ",".join((*engine_names(), AUTO)) + "}",
+        _engine_help(),
+    ),
+    Flag(
+        "torch_threads",
+        int_converter(0),
+        0,
+        "N",
+        "torch engine: intra-op threads; 0 = every core this process may run on",
     ),
     Flag(
         "speedup_ratio",
@@ -800,10 +754,12 @@ class EngineArgs:
     random_seed: int | None = None
     trust_remote_code: bool = False
     mem_fraction_static: float | None = None
+    dtype: str = "auto"
     decode_log_interval: int = 40
     log_level: str = "info"
     # mesh engine flags
     engine: str = "auto"
+    torch_threads: int = 0
     speedup_ratio: float = 1.0
     kv_bytes_per_token: int = DEFAULT_KV_BYTES_PER_TOKEN
     sim_output_len_mean: int = 0
@@ -907,7 +863,7 @@ def _sglang_parser_class() -> Any | None:
     """``ServerArgs`` when sglang's argument module imports, else ``None``. Only that module
     is tried: it is the one the parser needs, and anything broken elsewhere in sglang must
     not stop a CPU worker from starting with the built-in parser."""
-    if not sglang_installed():
+    if not package_installed("sglang"):
         return None
     try:
         from sglang.srt.server_args import ServerArgs

@@ -22,8 +22,8 @@ from shared.engine.args import (
     EngineArgs,
     EngineSelectionError,
     parse_engine_args,
-    resolve_engine_kind,
 )
+from shared.engine.registry import resolve
 from shared.flags import TRUE_WORDS, Flag, FlagError, add_flags, flag_values, float_converter
 
 AGGREGATED = "aggregated"
@@ -248,11 +248,11 @@ def parse_worker_args(
     except EngineSelectionError as exc:
         _die(prog, str(exc))
     try:
-        kind, _reason = resolve_engine_kind(engine.engine, environ)
+        kind, _reason = resolve(engine, environ)
     except EngineSelectionError as exc:
         _die(prog, str(exc))
-    # SGLang also takes hub ids ("org/name"); the simulator and any local path must exist.
-    local = kind == "sim" or engine.model_path.startswith(("/", ".", "~"))
+    # SGLang also takes hub ids ("org/name"); the CPU engines and any local path must exist.
+    local = not kind.hub_ids or engine.model_path.startswith(("/", ".", "~"))
     if local and not os.path.exists(os.path.expanduser(engine.model_path)):
         _die(prog, f"--model-path: {engine.model_path!r} does not exist")
     return WorkerConfig(

@@ -4,15 +4,15 @@ Why both: dashboards and autoscalers built for SGLang read ``sglang:*`` (running
 requests, KV usage, TTFT, throughput), and they must work whichever engine a worker runs. On
 the real engine SGLang itself produces them (``--enable-metrics``): its scheduler processes
 write them into ``PROMETHEUS_MULTIPROC_DIR``, which :func:`install_engine_metrics` merges into
-``/metrics``. The simulated engine has no SGLang inside, so this module produces the same
-names from the simulation: gauges read from the schedulers at scrape time
-(:class:`SimEngineCollector`), request counters and latency histograms from the worker's
+``/metrics``. The CPU engines (torch and simulated) have no SGLang inside, so this module
+produces the same names from them: gauges read from their schedulers at scrape time
+(:class:`SchedulerCollector`), request counters and latency histograms from the worker's
 request hooks (:class:`WorkerMetrics`). Label ``model_name`` (and ``dp_rank`` on the
 per-scheduler gauges) as SGLang labels them.
 
 The ``sglmesh_worker_*`` metrics exist for every engine. All metric objects are module-level
 and labelled: prometheus-client refuses to register a name twice, and one process may hold
-several workers (tests). The simulated ``sglang:*`` hook families are created unregistered
+several workers (tests). The scheduler-fed ``sglang:*`` hook families are created unregistered
 and join a registry only through :func:`install_engine_metrics`, so a real-SGLang worker
 never exposes an empty duplicate of a family SGLang also writes.
 """
@@ -35,15 +35,15 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from shared.engine.sim.engine import SimEngine
+from shared.engine.registry import engine_kind
 
 __all__ = [
     "GEN_THROUGHPUT_WINDOW",
-    "SIM_GAUGE_NAMES",
-    "SIM_HOOK_FAMILY_NAMES",
+    "HOOK_FAMILY_NAMES",
+    "SCHEDULER_GAUGE_NAMES",
     "EngineMetrics",
+    "SchedulerCollector",
     "SglangMultiProcessCollector",
-    "SimEngineCollector",
     "WorkerHooks",
     "WorkerMetrics",
     "install_engine_metrics",
@@ -117,7 +117,7 @@ sglang_num_requests = Counter(
     "sglang:num_requests_total", "Number of requests processed", _MODEL, registry=None
 )
 
-_SIM_HOOK_METRICS: tuple[Collector, ...] = (
+_HOOK_METRICS: tuple[Collector, ...] = (
     sglang_ttft,
     sglang_itl,
     sglang_prompt_tokens,
@@ -126,7 +126,7 @@ _SIM_HOOK_METRICS: tuple[Collector, ...] = (
     sglang_num_requests,
 )
 # As they appear in the exposition (counters gain ``_total``).
-SIM_HOOK_FAMILY_NAMES = (
+HOOK_FAMILY_NAMES = (
     "sglang:time_to_first_token_seconds",
     "sglang:inter_token_latency_seconds",
     "sglang:prompt_tokens_total",
@@ -153,15 +153,15 @@ class WorkerHooks(Protocol):
 class WorkerMetrics:
     """The request hooks of one worker, recorded as Prometheus metrics.
 
-    ``engine`` is the engine kind (``EngineInfo.engine``): with ``"sim"`` the hooks also feed
-    the ``sglang:*`` request families; with ``"sglang"`` SGLang records those itself, so only
-    the ``sglmesh_worker_*`` metrics are touched.
+    ``sglang_source`` is where the engine kind's ``sglang:*`` metrics come from
+    (``EngineKind.metrics``): with ``"scheduler"`` the hooks also feed the ``sglang:*``
+    request families; with ``"engine"`` SGLang records those itself, so only the
+    ``sglmesh_worker_*`` metrics are touched.
     """
 
-    def __init__(self, model_name: str, *, engine: str = "sim") -> None:
+    def __init__(self, model_name: str, *, sglang_source: str = "scheduler") -> None:
         self.model_name = model_name
-        self.engine = engine
-        self._sim = engine == "sim"
+        self._feeds_sglang = sglang_source == "scheduler"
         self._ttft = sglang_ttft.labels(model_name)
         self._itl = sglang_itl.labels(model_name)
         self._prompt = sglang_prompt_tokens.labels(model_name)
@@ -177,20 +177,20 @@ class WorkerMetrics:
         inflight_requests.labels(role).dec()
         if error_kind is not None:
             errors_total.labels(role, error_kind).inc()
-        if self._sim:
+        if self._feeds_sglang:
             # SGLang counts every request that ends, aborted ones included.
             self._finished.inc()
 
     def first_token(self, seconds: float) -> None:
-        if self._sim:
+        if self._feeds_sglang:
             self._ttft.observe(max(seconds, 0.0))
 
     def inter_token(self, seconds: float) -> None:
-        if self._sim:
+        if self._feeds_sglang:
             self._itl.observe(max(seconds, 0.0))
 
     def tokens(self, prompt: int, cached: int, generated: int) -> None:
-        if not self._sim:
+        if not self._feeds_sglang:
             return
         # Counters only go up; a negative count is a caller's bug, not worth a crash.
         if prompt > 0:
@@ -209,7 +209,7 @@ class WorkerMetrics:
 # gen_throughput averages over about this many seconds of wall time.
 GEN_THROUGHPUT_WINDOW = 5.0
 
-SIM_GAUGE_NAMES = (
+SCHEDULER_GAUGE_NAMES = (
     "sglang:num_running_reqs",
     "sglang:num_queue_reqs",
     "sglang:num_used_tokens",
@@ -252,8 +252,8 @@ class _Window:
         return max(rate, 0.0), max(retractions - retract0, 0)
 
 
-class SimEngineCollector(Collector):
-    """SGLang's scheduler gauges, read from a :class:`SimEngine`'s schedulers at scrape time.
+class SchedulerCollector(Collector):
+    """SGLang's scheduler gauges, read from a CPU engine's schedulers at scrape time.
 
     One sample per DP rank. ``gen_throughput`` and ``num_retracted_reqs`` are rates: each
     scrape samples the cumulative counters, and the value covers the time since the newest
@@ -262,7 +262,7 @@ class SimEngineCollector(Collector):
     """
 
     def __init__(
-        self, engine: SimEngine, model_name: str, *, clock: Callable[[], float] = time.monotonic
+        self, engine: Any, model_name: str, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.engine = engine
         self.model_name = model_name
@@ -282,13 +282,13 @@ class SimEngineCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         # Without it a registry would run a real collection at registration.
-        for name in SIM_GAUGE_NAMES:
+        for name in SCHEDULER_GAUGE_NAMES:
             yield GaugeMetricFamily(name, _GAUGE_HELP[name], labels=_GAUGE_LABELS)
 
     def collect(self) -> Iterable[Metric]:
         families = {
             name: GaugeMetricFamily(name, _GAUGE_HELP[name], labels=_GAUGE_LABELS)
-            for name in SIM_GAUGE_NAMES
+            for name in SCHEDULER_GAUGE_NAMES
         }
         with self._lock:
             self._baseline()  # ranks that started after this collector was made
@@ -322,18 +322,18 @@ class SimEngineCollector(Collector):
         yield from families.values()
 
 
-class _SimGroup(Collector):
-    """Every simulated engine installed on one registry, as one set of families.
+class _SchedulerGroup(Collector):
+    """Every CPU engine installed on one registry, as one set of families.
 
     A registry refuses two collectors that produce the same names; a process with two
-    simulated workers (tests) needs both in one ``/metrics``.
+    CPU workers (tests) needs both in one ``/metrics``.
     """
 
     def __init__(self) -> None:
-        self.members: list[SimEngineCollector] = []
+        self.members: list[SchedulerCollector] = []
 
     def describe(self) -> Iterable[Metric]:
-        for name in SIM_GAUGE_NAMES:
+        for name in SCHEDULER_GAUGE_NAMES:
             yield GaugeMetricFamily(name, _GAUGE_HELP[name], labels=_GAUGE_LABELS)
 
     def collect(self) -> Iterable[Metric]:
@@ -400,7 +400,7 @@ class SglangMultiProcessCollector(Collector):
 
 class _RegistryState:
     def __init__(self) -> None:
-        self.sim_group: _SimGroup | None = None
+        self.scheduler_group: _SchedulerGroup | None = None
         self.multiproc: SglangMultiProcessCollector | None = None
         self.multiproc_users = 0
 
@@ -416,10 +416,10 @@ class EngineMetrics:
         self,
         registry: CollectorRegistry,
         kind: str,
-        collector: SimEngineCollector | SglangMultiProcessCollector | None,
+        collector: SchedulerCollector | SglangMultiProcessCollector | None,
     ) -> None:
         self.registry = registry
-        self.kind = kind  # "sim", "sglang" or "none"
+        self.kind = kind  # "scheduler", "engine" or "none"
         self.collector = collector
         self._installed = collector is not None
 
@@ -435,63 +435,73 @@ class EngineMetrics:
             state = _states.get(self.registry)
             if state is None:
                 return
-            if isinstance(self.collector, SimEngineCollector) and state.sim_group is not None:
-                group = state.sim_group
+            if isinstance(self.collector, SchedulerCollector) and state.scheduler_group is not None:
+                group = state.scheduler_group
                 if self.collector in group.members:
                     group.members.remove(self.collector)
                 if not group.members:
                     self.registry.unregister(group)
-                    for metric in _SIM_HOOK_METRICS:
+                    for metric in _HOOK_METRICS:
                         self.registry.unregister(metric)
-                    state.sim_group = None
-            elif self.kind == "sglang" and state.multiproc is not None:
+                    state.scheduler_group = None
+            elif self.kind == "engine" and state.multiproc is not None:
                 state.multiproc_users -= 1
                 if state.multiproc_users <= 0:
                     self.registry.unregister(state.multiproc)
                     state.multiproc = None
 
 
-def _engine_kind(engine: Any) -> str:
-    if isinstance(engine, SimEngine):
-        return "sim"
-    if type(engine).__name__ == "SglangEngine":
-        return "sglang"
-    return "none"
+def metrics_source(engine: Any) -> str:
+    """Where ``engine``'s ``sglang:*`` metrics come from, by its kind's registry entry:
+    ``"scheduler"``, ``"engine"``, or ``"none"`` for an engine of no registered kind."""
+    info = getattr(engine, "info", None)
+    name = getattr(info, "engine", None)
+    if not isinstance(name, str):
+        return "none"
+    try:
+        return engine_kind(name).metrics
+    except ValueError:
+        return "none"
 
 
 def install_engine_metrics(
-    engine: Any, model_name: str, registry: CollectorRegistry = REGISTRY
+    engine: Any,
+    model_name: str,
+    registry: CollectorRegistry = REGISTRY,
+    *,
+    source: str | None = None,
 ) -> EngineMetrics:
     """Expose the engine's ``sglang:*`` metrics on ``registry``.
 
-    A :class:`SimEngine` gets a :class:`SimEngineCollector` plus the ``sglang:*`` request
-    families its :class:`WorkerMetrics` hooks feed. An ``SglangEngine`` gets SGLang's own
+    ``source`` (default: :func:`metrics_source`) says where they come from. ``"scheduler"``
+    (the CPU engines) gets a :class:`SchedulerCollector` plus the ``sglang:*`` request
+    families its :class:`WorkerMetrics` hooks feed. ``"engine"`` (SGLang) gets SGLang's own
     families from ``PROMETHEUS_MULTIPROC_DIR`` when that is set (SGLang sets it with
     ``--enable-metrics``: call this after the engine started); otherwise there is nothing to
-    add. Any other engine gets nothing. Call :meth:`EngineMetrics.uninstall` to undo.
+    add. Anything else gets nothing. Call :meth:`EngineMetrics.uninstall` to undo.
     """
-    kind = _engine_kind(engine)
+    kind = metrics_source(engine) if source is None else source
     with _states_lock:
         state = _states.get(registry)
         if state is None:
             state = _states[registry] = _RegistryState()
-        if kind == "sim":
-            collector = SimEngineCollector(engine, model_name)
-            if state.sim_group is None:
-                group = _SimGroup()
+        if kind == "scheduler":
+            collector = SchedulerCollector(engine, model_name)
+            if state.scheduler_group is None:
+                group = _SchedulerGroup()
                 registry.register(group)
-                for metric in _SIM_HOOK_METRICS:
+                for metric in _HOOK_METRICS:
                     registry.register(metric)
-                state.sim_group = group
-            elif any(m.model_name == model_name for m in state.sim_group.members):
+                state.scheduler_group = group
+            elif any(m.model_name == model_name for m in state.scheduler_group.members):
                 log.warning(
-                    "two simulated engines of one model on one registry: their "
+                    "two CPU engines of one model on one registry: their "
                     "sglang:* gauges repeat the same labels",
                     extra={"model": model_name},
                 )
-            state.sim_group.members.append(collector)
+            state.scheduler_group.members.append(collector)
             return EngineMetrics(registry, kind, collector)
-        if kind == "sglang":
+        if kind == "engine":
             path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
             if not path:
                 log.info("PROMETHEUS_MULTIPROC_DIR is not set: no sglang:* metrics to relay")

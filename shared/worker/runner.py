@@ -14,8 +14,8 @@ import time
 
 from proto.request import PreprocessedRequest
 from shared.config import EndpointId
-from shared.engine.factory import create_engine
 from shared.engine.protocol import Engine
+from shared.engine.registry import create_engine, engine_kind
 from shared.runtime import DistributedRuntime
 from shared.runtime.service import Cleanup, StartupError, run_service
 from shared.runtime.system_server import SystemServer
@@ -41,7 +41,8 @@ async def _start_engine(config: WorkerConfig) -> tuple[Engine, float]:
 
 def _handler(engine: Engine, config: WorkerConfig, metrics: WorkerMetrics) -> object:
     args = config.engine
-    skip = args.skip_tokenizer_init and engine.info.engine == "sglang"
+    kind = engine_kind(engine.info.engine)
+    skip = args.skip_tokenizer_init and not kind.min_tokens_without_tokenizer
     if config.role == PREFILL:
         info = engine.info
         return PrefillHandler(
@@ -66,9 +67,10 @@ def worker_main(config: WorkerConfig) -> int:
     async def start(runtime: DistributedRuntime, system: SystemServer | None) -> Cleanup:
         engine, load_seconds = await _start_engine(config)
         model = config.engine.model_name
-        metrics = WorkerMetrics(model, engine=engine.info.engine)
+        source = engine_kind(engine.info.engine).metrics
+        metrics = WorkerMetrics(model, sglang_source=source)
         metrics.model_loaded(load_seconds)
-        install_engine_metrics(engine, model)
+        install_engine_metrics(engine, model, source=source)
         log.info(
             "engine ready",
             extra={"engine": engine.info.engine, "model": model, "load_s": round(load_seconds, 3)},

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from shared.engine import args as engine_args
+from shared.engine import registry
 from shared.engine.args import (
     BUILTIN_SGLANG_FLAGS,
     EngineArgs,
@@ -24,7 +25,6 @@ from shared.engine.args import (
     human_readable_int,
     kv_events_endpoints,
     parse_engine_args,
-    resolve_engine_kind,
 )
 
 # dest: (flags as SGLang spells them, default, choices or None, store_true?)
@@ -466,29 +466,53 @@ def test_config_file_builtin_merge(tmp_path: Path) -> None:
 # Engine selection and KV event endpoints
 
 
-def test_resolve_engine_kind(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_engine_kind("sim")[0] == "sim"
-    monkeypatch.setattr(engine_args, "sglang_installed", lambda: False)
-    kind, reason = resolve_engine_kind("auto")
-    assert kind == "sim" and "not installed" in reason
-    with pytest.raises(EngineSelectionError, match="pip install sglang"):
-        resolve_engine_kind("sglang")
-    monkeypatch.setattr(engine_args, "sglang_installed", lambda: True)
-    monkeypatch.setattr(engine_args, "gpu_visible", lambda env=None: (False, "no GPU here"))
-    assert resolve_engine_kind("auto") == (
-        "sim",
-        "--engine auto: sglang is installed but no GPU here",
+def test_resolve_engine_kind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with_weights = tmp_path / "model"
+    with_weights.mkdir()
+    (with_weights / "model.safetensors").write_bytes(b"")
+
+    def resolved(engine: str, model: Path = tmp_path) -> tuple[str, str]:
+        kind, reason = registry.resolve(EngineArgs(str(model), ["m"], engine=engine), {})
+        return kind.name, reason
+
+    installed = {"sglang": False, "torch": True, "transformers": True, "safetensors": True}
+    monkeypatch.setattr(registry, "package_installed", lambda name: installed.get(name, False))
+    assert resolved("sim")[0] == "sim"
+    # auto, no sglang: torch when the model has weights, else the simulator.
+    assert resolved("auto", with_weights) == (
+        "torch",
+        "--engine auto: torch is installed and the model has weights "
+        "(not sglang: sglang is not installed)",
     )
-    monkeypatch.setattr(engine_args, "gpu_visible", lambda env=None: (True, "GPU nodes found"))
-    assert resolve_engine_kind("auto")[0] == "sglang"
-    assert resolve_engine_kind("sglang")[0] == "sglang"
-    with pytest.raises(EngineSelectionError):
-        resolve_engine_kind("tpu")
+    kind, reason = resolved("auto")
+    assert kind == "sim" and "has no *.safetensors weights" in reason
+    with pytest.raises(EngineSelectionError, match="pip install sglang"):
+        resolved("sglang")
+    installed["torch"] = False
+    assert resolved("auto", with_weights)[0] == "sim"
+    with pytest.raises(EngineSelectionError, match=r"needs torch: pip install 'sglmesh\[cpu\]'"):
+        resolved("torch", with_weights)
+    installed["sglang"] = True
+    monkeypatch.setattr(registry, "gpu_visible", lambda env=None: (False, "no GPU here"))
+    assert resolved("auto")[1].startswith("--engine auto: no real engine can run here")
+    assert "sglang is installed but no GPU here" in resolved("auto")[1]
+    monkeypatch.setattr(registry, "gpu_visible", lambda env=None: (True, "GPU nodes found"))
+    assert resolved("auto")[0] == "sglang"
+    assert resolved("sglang")[0] == "sglang"
+    with pytest.raises(EngineSelectionError, match="unknown engine 'tpu'"):
+        resolved("tpu")
+
+
+def test_engine_flag_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    assert registry.engine_names() == ("sglang", "torch", "sim")
+    with pytest.raises(SystemExit):
+        parse_engine_args(["--model-path", "m", "--engine", "tpu"], prog="w", use_sglang=False)
+    assert "expected one of sglang, torch, sim, auto" in capsys.readouterr().err
 
 
 def test_gpu_hidden_by_cuda_visible_devices() -> None:
-    assert engine_args.gpu_visible({"CUDA_VISIBLE_DEVICES": "-1"})[0] is False
-    assert engine_args.gpu_visible({"CUDA_VISIBLE_DEVICES": ""})[0] is False
+    assert registry.gpu_visible({"CUDA_VISIBLE_DEVICES": "-1"})[0] is False
+    assert registry.gpu_visible({"CUDA_VISIBLE_DEVICES": ""})[0] is False
 
 
 def test_kv_events_endpoints() -> None:

@@ -1,4 +1,4 @@
-"""From one command line to a running engine: the same flags drive SGLang or the simulator."""
+"""From one command line to a running engine: one set of flags for SGLang, torch or the sim."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shared.engine.args import parse_engine_args
-from shared.engine.factory import create_engine
+from shared.engine.registry import create_engine
 from shared.engine.sim.engine import SimEngine
 from shared.model import make_test_tokenizer
 
@@ -32,12 +32,14 @@ async def test_command_line_to_running_sim_engine(
         prog="test",
         use_sglang=False,
     )  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="shared.engine.factory"):
+    with caplog.at_level(logging.INFO, logger="shared.engine.registry"):
         engine = create_engine(args)
     assert isinstance(engine, SimEngine)
     (record,) = [r for r in caplog.records if r.getMessage() == "engine selected"]
     assert record.engine == "sim"  # type: ignore[attr-defined]
-    assert "sglang" in record.reason  # type: ignore[attr-defined]
+    # The tiny test model has no weights: auto falls back to the simulator, and says why.
+    assert "no *.safetensors weights" in record.reason  # type: ignore[attr-defined]
+    assert any("SIMULATED tokens" in r.getMessage() for r in caplog.records)
     await engine.start()
     try:
         info = engine.info

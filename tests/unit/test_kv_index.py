@@ -291,9 +291,9 @@ def insert(cache: RadixCache, tokens: list[int]) -> None:
     m = cache.match_prefix(tokens)
     cache.lock(m)
     need = len(tokens) // cache.page_size - m.num_pages
-    if cache.alloc(need):
-        m2 = cache.insert(tokens)
-        cache.pool.free(need - m2.new_pages)
+    own = cache.alloc(need)
+    if own is not None:
+        cache.adopt(tokens, [*m.page_ids(), *own], m.num_pages)
     cache.unlock(m)
 
 

@@ -1,6 +1,11 @@
-"""The simulated KV transfer over real TCP on 127.0.0.1: both rendezvous orders, the wire
-protocol, concurrency, timeouts, aborts and cancellation from either side, shutdown, size
-mismatches, bad peers and throughput."""
+"""The CPU engines' KV transfer over real TCP on 127.0.0.1: both rendezvous orders, the wire
+protocol, concurrency, timeouts, aborts and cancellation from either side, shutdown, size and
+layout mismatches, bad peers and throughput.
+
+The payloads are the simulated runner's stand-in bytes (room-specific, so a mix-up between rooms
+fails the checksum); ``Server``/``Receiver`` adapt the transfer to "``kv`` bytes per token" so
+each test states sizes in tokens.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from proto.request import FAKE_BOOTSTRAP_HOST
 from shared.engine.cpu import transfer as disagg
 from shared.engine.cpu.contracts import TransferAborted, TransferError, TransferTimeout
 from shared.engine.cpu.transfer import FAKE_FIRST_TOKEN, BootstrapServer, KvReceiver
+from shared.engine.sim.runner import _StandInKv
 from shared.infra import LOOPBACK, free_port
 
 KV = 1024  # bytes per token
@@ -25,9 +31,76 @@ ENDLESS_KV = disagg.CHUNK_BYTES
 ENDLESS_TOKENS = 100_000
 
 
+def _layout(kv: int) -> str:
+    return f"test KV, {kv} bytes per token"
+
+
+def _pattern(room: int, nbytes: int) -> bytes:
+    return b"".join(bytes(c) for c in _StandInKv(room, nbytes).chunks(disagg.CHUNK_BYTES))
+
+
+class _Collect:
+    """Keeps what arrives (transfers up to 64 MiB; the endless ones are only counted)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.data = bytearray(nbytes if nbytes <= 64 << 20 else 0)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        if self.data:
+            self.data[offset : offset + len(data)] = data
+
+
+class Server:
+    """A bootstrap server whose ``send`` takes a size in tokens of ``kv`` bytes."""
+
+    def __init__(self, server: BootstrapServer, kv: int) -> None:
+        self.server = server
+        self.kv = kv
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server, name)
+
+    async def send(self, *, room: int, num_tokens: int, first_token: int, rid: str) -> None:
+        await self.server.send(
+            room=room,
+            num_tokens=num_tokens,
+            first_token=first_token,
+            rid=rid,
+            layout=_layout(self.kv),
+            payload=_StandInKv(room, num_tokens * self.kv),
+        )
+
+
+class Receiver:
+    """A KV receiver that takes ``kv`` bytes per token and keeps what each room received."""
+
+    def __init__(self, *, kv_bytes_per_token: int, timeout: float) -> None:
+        self.receiver = KvReceiver(timeout=timeout)
+        self.kv = kv_bytes_per_token
+        self.received: dict[int, bytes] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.receiver, name)
+
+    async def receive(self, *, host: str, port: int, room: int, num_tokens: int, rid: str) -> int:
+        sink = _Collect(num_tokens * self.kv)
+        first, _ = await self.receiver.receive(
+            host=host,
+            port=port,
+            room=room,
+            num_tokens=num_tokens,
+            rid=rid,
+            layout=_layout(self.kv),
+            sink=sink,
+        )
+        self.received[room] = bytes(sink.data)
+        return first
+
+
 @asynccontextmanager
-async def _server(timeout: float = 5.0, kv: int = KV) -> AsyncIterator[BootstrapServer]:
-    server = BootstrapServer(LOOPBACK, 0, kv_bytes_per_token=kv, timeout=timeout)
+async def _server(timeout: float = 5.0, kv: int = KV) -> AsyncIterator[Server]:
+    server = Server(BootstrapServer(LOOPBACK, 0, timeout=timeout), kv)
     await server.start()
     try:
         yield server
@@ -42,7 +115,7 @@ async def _until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
         await asyncio.sleep(0.002)
 
 
-def _receive(receiver: KvReceiver, server: BootstrapServer, room: int, num_tokens: int) -> Any:
+def _receive(receiver: Receiver, server: Server, room: int, num_tokens: int) -> Any:
     return asyncio.create_task(
         receiver.receive(
             host=LOOPBACK, port=server.port, room=room, num_tokens=num_tokens, rid=f"d-{room}"
@@ -50,7 +123,7 @@ def _receive(receiver: KvReceiver, server: BootstrapServer, room: int, num_token
     )
 
 
-def _send(server: BootstrapServer, room: int, num_tokens: int, first_token: int = 7) -> Any:
+def _send(server: Server, room: int, num_tokens: int, first_token: int = 7) -> Any:
     return asyncio.create_task(
         server.send(room=room, num_tokens=num_tokens, first_token=first_token, rid=f"p-{room}")
     )
@@ -68,7 +141,7 @@ async def _fails(task: asyncio.Task[Any], error: type[Exception], within: float 
 async def test_both_orders_deliver_every_byte_and_the_first_token(decode_first: bool) -> None:
     num_tokens = 1500  # 1.46 MiB: a full chunk and a partial one
     async with _server() as server:
-        receiver = KvReceiver(kv_bytes_per_token=KV, timeout=5)
+        receiver = Receiver(kv_bytes_per_token=KV, timeout=5)
         if decode_first:
             received = _receive(receiver, server, 42, num_tokens)
             await _until(lambda: server.pending_registrations == 1)
@@ -79,6 +152,7 @@ async def test_both_orders_deliver_every_byte_and_the_first_token(decode_first: 
             received = _receive(receiver, server, 42, num_tokens)
         first_token, _ = await asyncio.wait_for(asyncio.gather(received, sent), 5)
         assert first_token == 31337
+        assert receiver.received[42] == _pattern(42, num_tokens * KV)
         assert server.bytes_transferred == receiver.bytes_transferred == num_tokens * KV
         assert (server.transfers_ok, server.transfers_failed) == (1, 0)
         assert (receiver.transfers_ok, receiver.transfers_failed) == (1, 0)
@@ -94,7 +168,9 @@ async def test_wire_protocol_as_documented() -> None:
         sent = _send(server, room, num_tokens, first_token=5)
         reader, writer = await asyncio.open_connection(LOOPBACK, server.port)
         writer.write(
-            disagg._frame(disagg._REGISTER, disagg._Register(room, num_tokens, nbytes, "r"))
+            disagg._frame(
+                disagg._REGISTER, disagg._Register(room, num_tokens, nbytes, "r", _layout(KV))
+            )
         )
         kind, body = await disagg._read_frame(reader)
         assert kind == disagg._KV_HEADER
@@ -108,7 +184,7 @@ async def test_wire_protocol_as_documented() -> None:
         assert len(data) == done.nbytes == nbytes
         assert done.crc32 == zlib.crc32(data)
         # Real, room-specific bytes, not zeros.
-        assert data[: disagg.CHUNK_BYTES] == disagg._payload(room, disagg.CHUNK_BYTES)
+        assert data[: disagg.CHUNK_BYTES] == _pattern(room, disagg.CHUNK_BYTES)
         assert len(set(data[:64])) > 16
         assert not sent.done(), "send must wait for the ACK"
         writer.write(disagg._frame(disagg._ACK, disagg._Ack(nbytes)))
@@ -120,7 +196,7 @@ async def test_twenty_concurrent_rooms_on_one_server() -> None:
     dp_size = 4
     rooms = [(12345 + 7919 * i) * dp_size + i % dp_size for i in range(20)]
     async with _server() as server:
-        receiver = KvReceiver(kv_bytes_per_token=KV, timeout=5)
+        receiver = Receiver(kv_bytes_per_token=KV, timeout=5)
         tasks = []
         for i, room in enumerate(rooms):
             num_tokens = 50 + 97 * i
@@ -141,7 +217,7 @@ async def test_twenty_concurrent_rooms_on_one_server() -> None:
 
 async def test_decode_times_out_when_no_prefill_comes() -> None:
     async with _server() as server:
-        receiver = KvReceiver(kv_bytes_per_token=KV, timeout=0.3)
+        receiver = Receiver(kv_bytes_per_token=KV, timeout=0.3)
         started = time.monotonic()
         message = await _fails(_receive(receiver, server, 77, 10), TransferTimeout)
         assert 0.25 < time.monotonic() - started < 1.0
@@ -155,7 +231,7 @@ async def test_decode_times_out_when_no_prefill_comes() -> None:
 
 async def test_decode_times_out_when_nothing_listens() -> None:
     port = free_port()
-    receiver = KvReceiver(kv_bytes_per_token=KV, timeout=0.3)
+    receiver = Receiver(kv_bytes_per_token=KV, timeout=0.3)
     task = asyncio.create_task(
         receiver.receive(host=LOOPBACK, port=port, room=5, num_tokens=1, rid="d")
     )
@@ -165,7 +241,7 @@ async def test_decode_times_out_when_nothing_listens() -> None:
 
 async def test_server_drops_a_registration_no_prefill_claims() -> None:
     async with _server(timeout=0.3) as server:
-        receiver = KvReceiver(kv_bytes_per_token=KV, timeout=5)
+        receiver = Receiver(kv_bytes_per_token=KV, timeout=5)
         message = await _fails(_receive(receiver, server, 8, 10), TransferTimeout)
         assert "no prefill request for bootstrap room 8" in message
         assert server.pending_registrations == 0
@@ -173,12 +249,12 @@ async def test_server_drops_a_registration_no_prefill_claims() -> None:
 
 async def test_decode_retries_until_the_prefill_server_listens() -> None:
     port = free_port()
-    receiver = KvReceiver(kv_bytes_per_token=KV, timeout=5)
+    receiver = Receiver(kv_bytes_per_token=KV, timeout=5)
     task = asyncio.create_task(
         receiver.receive(host=LOOPBACK, port=port, room=9, num_tokens=10, rid="d")
     )
     await asyncio.sleep(0.15)  # a few refused attempts
-    server = BootstrapServer(LOOPBACK, port, kv_bytes_per_token=KV, timeout=5)
+    server = Server(BootstrapServer(LOOPBACK, port, timeout=5), KV)
     await server.start()
     try:
         await server.send(room=9, num_tokens=10, first_token=3, rid="p")
@@ -196,7 +272,7 @@ async def test_prefill_times_out_when_no_decode_comes() -> None:
 
 async def test_decode_cancel_mid_transfer_aborts_the_send_promptly() -> None:
     async with _server(kv=ENDLESS_KV) as server:
-        receiver = KvReceiver(kv_bytes_per_token=ENDLESS_KV, timeout=5)
+        receiver = Receiver(kv_bytes_per_token=ENDLESS_KV, timeout=5)
         received = _receive(receiver, server, 11, ENDLESS_TOKENS)
         sent = _send(server, 11, ENDLESS_TOKENS)
         await _until(lambda: receiver.bytes_transferred > 0)
@@ -210,7 +286,7 @@ async def test_decode_cancel_mid_transfer_aborts_the_send_promptly() -> None:
 
 async def test_decode_cancel_before_the_prefill_fails_the_later_send_at_once() -> None:
     async with _server() as server:
-        receiver = KvReceiver(kv_bytes_per_token=KV, timeout=5)
+        receiver = Receiver(kv_bytes_per_token=KV, timeout=5)
         received = _receive(receiver, server, 12, 10)
         await _until(lambda: server.pending_registrations == 1)
         received.cancel()
@@ -223,7 +299,7 @@ async def test_decode_cancel_before_the_prefill_fails_the_later_send_at_once() -
 async def test_prefill_abort_reaches_the_decode(when: str) -> None:
     kv = ENDLESS_KV if when == "mid-transfer" else KV
     async with _server(kv=kv) as server:
-        receiver = KvReceiver(kv_bytes_per_token=kv, timeout=5)
+        receiver = Receiver(kv_bytes_per_token=kv, timeout=5)
         sent = None
         if when == "before-register":
             server.abort(13)
@@ -253,7 +329,7 @@ async def test_prefill_abort_fails_a_waiting_send() -> None:
 
 async def test_prefill_cancel_mid_transfer_aborts_the_decode() -> None:
     async with _server(kv=ENDLESS_KV) as server:
-        receiver = KvReceiver(kv_bytes_per_token=ENDLESS_KV, timeout=5)
+        receiver = Receiver(kv_bytes_per_token=ENDLESS_KV, timeout=5)
         received = _receive(receiver, server, 15, ENDLESS_TOKENS)
         sent = _send(server, 15, ENDLESS_TOKENS)
         await _until(lambda: receiver.bytes_transferred > 0)
@@ -263,9 +339,9 @@ async def test_prefill_cancel_mid_transfer_aborts_the_decode() -> None:
 
 
 async def test_server_close_fails_everything_pending() -> None:
-    server = BootstrapServer(LOOPBACK, 0, kv_bytes_per_token=ENDLESS_KV, timeout=5)
+    server = Server(BootstrapServer(LOOPBACK, 0, timeout=5), ENDLESS_KV)
     await server.start()
-    receiver = KvReceiver(kv_bytes_per_token=ENDLESS_KV, timeout=5)
+    receiver = Receiver(kv_bytes_per_token=ENDLESS_KV, timeout=5)
     registered = _receive(receiver, server, 1, 10)
     waiting_send = _send(server, 2, 10)
     streaming = _receive(receiver, server, 3, ENDLESS_TOKENS)
@@ -284,7 +360,7 @@ async def test_server_close_fails_everything_pending() -> None:
 
 async def test_receiver_close_fails_pending_receives() -> None:
     async with _server() as server:
-        receiver = KvReceiver(kv_bytes_per_token=KV, timeout=5)
+        receiver = Receiver(kv_bytes_per_token=KV, timeout=5)
         registered = _receive(receiver, server, 1, 10)
         connecting = asyncio.create_task(
             receiver.receive(host=LOOPBACK, port=free_port(), room=2, num_tokens=1, rid="d")
@@ -299,18 +375,23 @@ async def test_receiver_close_fails_pending_receives() -> None:
 @pytest.mark.parametrize("mismatch", ["num_tokens", "kv_bytes_per_token"])
 async def test_size_mismatch_fails_both_sides(mismatch: str) -> None:
     async with _server() as server:
-        receiver = KvReceiver(
+        receiver = Receiver(
             kv_bytes_per_token=2 * KV if mismatch == "kv_bytes_per_token" else KV, timeout=5
         )
         received = _receive(receiver, server, 21, 10)
         sent = _send(server, 21, 11 if mismatch == "num_tokens" else 10)
         for task in (received, sent):
-            assert "KV size mismatch" in await _fails(task, TransferError)
+            message = await _fails(task, TransferError)
+            if mismatch == "num_tokens":
+                assert "KV size mismatch" in message
+            else:  # both layouts named, so an operator sees which side is misconfigured
+                assert "KV layout mismatch" in message
+                assert _layout(KV) in message and _layout(2 * KV) in message
 
 
 async def test_duplicate_registration_is_refused() -> None:
     async with _server() as server:
-        receiver = KvReceiver(kv_bytes_per_token=KV, timeout=5)
+        receiver = Receiver(kv_bytes_per_token=KV, timeout=5)
         first = _receive(receiver, server, 22, 10)
         await _until(lambda: server.pending_registrations == 1)
         message = await _fails(_receive(receiver, server, 22, 10), TransferError)
@@ -342,14 +423,14 @@ async def test_receiver_rejects_corrupt_kv_and_tells_the_prefill() -> None:
     replies: list[tuple[int, bytes]] = []
 
     async def corrupt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        good = disagg._payload(1, 10 * KV)
+        good = _pattern(1, 10 * KV)
         writer.write(disagg._frame(disagg._KV_HEADER, disagg._KvHeader(10, 0, 10 * KV)))
         writer.write(disagg._HEADER.pack(disagg._DATA, len(good)) + b"x" + good[1:])
         writer.write(disagg._frame(disagg._DONE, disagg._Done(10 * KV, zlib.crc32(good))))
         replies.append(await disagg._read_frame(reader))
 
     async with _fake_prefill(corrupt) as port:
-        receiver = KvReceiver(kv_bytes_per_token=KV, timeout=5)
+        receiver = Receiver(kv_bytes_per_token=KV, timeout=5)
         task = asyncio.create_task(
             receiver.receive(host=LOOPBACK, port=port, room=1, num_tokens=10, rid="d")
         )
@@ -365,7 +446,7 @@ async def test_receiver_sees_a_prefill_dying_mid_stream_as_an_abort() -> None:
         writer.write(disagg._HEADER.pack(disagg._DATA, 5 * KV) + bytes(5 * KV))
 
     async with _fake_prefill(die) as port:
-        receiver = KvReceiver(kv_bytes_per_token=KV, timeout=5)
+        receiver = Receiver(kv_bytes_per_token=KV, timeout=5)
         task = asyncio.create_task(
             receiver.receive(host=LOOPBACK, port=port, room=1, num_tokens=10, rid="d")
         )
@@ -381,13 +462,13 @@ async def test_garbage_on_the_bootstrap_port_is_refused_and_harmless() -> None:
         assert "protocol error" in disagg._ABORT_DECODER.decode(body).reason
         assert await reader.read() == b""  # and hung up
         writer.close()
-        receiver = KvReceiver(kv_bytes_per_token=KV, timeout=5)
+        receiver = Receiver(kv_bytes_per_token=KV, timeout=5)
         received = _receive(receiver, server, 30, 10)
         await asyncio.wait_for(asyncio.gather(received, _send(server, 30, 10)), 2)
 
 
 async def test_fake_bootstrap_host_transfers_nothing() -> None:
-    receiver = KvReceiver(kv_bytes_per_token=KV, timeout=5)
+    receiver = Receiver(kv_bytes_per_token=KV, timeout=5)
     first_token = await asyncio.wait_for(
         receiver.receive(host=FAKE_BOOTSTRAP_HOST, port=1, room=0, num_tokens=4, rid="warmup"),
         0.1,
@@ -399,7 +480,7 @@ async def test_fake_bootstrap_host_transfers_nothing() -> None:
 async def test_large_transfer_throughput() -> None:
     kv, num_tokens = 64 * 1024, 1024  # 64 MiB
     async with _server(kv=kv) as server:
-        receiver = KvReceiver(kv_bytes_per_token=kv, timeout=10)
+        receiver = Receiver(kv_bytes_per_token=kv, timeout=10)
         started = time.monotonic()
         received = _receive(receiver, server, 99, num_tokens)
         await asyncio.wait_for(asyncio.gather(received, _send(server, 99, num_tokens)), 10)

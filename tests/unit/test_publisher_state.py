@@ -47,9 +47,12 @@ def random_workload(seed: int, steps: int = 300) -> tuple[RadixCache, list[list[
     batches: list[list[KVEvent]] = []
     for step in range(steps):
         prompt = rng.choice(prefixes) + [rng.randrange(1, 500) for _ in range(rng.randrange(0, 20))]
-        need = len(prompt) // PAGE - cache.match_prefix(prompt).num_pages
-        if cache.alloc(need):  # evicts least recently used pages when short
-            cache.insert(prompt)
+        match = cache.match_prefix(prompt)
+        cache.lock(match)
+        own = cache.alloc(len(prompt) // PAGE - match.num_pages)  # evicts LRU pages when short
+        if own is not None:
+            cache.adopt(prompt, [*match.page_ids(), *own], match.num_pages)
+        cache.unlock(match)
         if step == steps // 2:
             cache.reset()
         batches.append(cache.take_events())

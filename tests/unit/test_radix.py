@@ -83,10 +83,13 @@ def check_tree(cache: RadixCache) -> None:
     """Structural invariants, from the outside in."""
     root = cache._root
     pages = protected = 0
+    ids: list[int] = []
     stack: list[_Node] = [root]
     while stack:
         node = stack.pop()
+        ids.extend(node.pages)
         if node is not root:
+            assert len(node.pages) == len(node.hashes)
             assert node.tokens and len(node.tokens) == 4 * cache.page_size * len(node.hashes)
             assert len(node.digests) == 32 * len(node.hashes)
             pages += len(node.hashes)
@@ -103,6 +106,10 @@ def check_tree(cache: RadixCache) -> None:
     assert pages == cache.cached_pages == cache.pool.cached_pages
     assert protected == cache.protected_pages
     pool = cache.pool
+    # A page is in the tree at most once, never also free, and every id is a real page.
+    assert len(set(ids)) == len(ids)
+    assert not set(ids) & set(pool._free)
+    assert all(0 <= i < pool.total_pages for i in ids)
     assert pool.free_pages + pool.request_pages + pool.cached_pages == pool.total_pages
     assert pool.free_pages >= 0
 
@@ -439,64 +446,84 @@ def test_parent_becomes_evictable_after_its_children() -> None:
 
 def test_kv_pool_invariants() -> None:
     pool = KvPool(10)
-    assert pool.alloc(6) and pool.free_pages == 4
-    assert not pool.alloc(5) and pool.free_pages == 4
-    pool.free(2)
+    first = pool.alloc(6)
+    assert first == [0, 1, 2, 3, 4, 5] and pool.free_pages == 4
+    assert pool.alloc(5) is None and pool.free_pages == 4
+    assert pool.alloc(0) == []
+    pool.free(first[:2])
     assert (pool.free_pages, pool.request_pages) == (6, 4)
+    # Freed pages are reused first; no id is ever handed out twice.
+    again = pool.alloc(2)
+    assert again is not None and sorted(again) == [0, 1]
+    pool.free(again)
     with pytest.raises(ValueError):
-        pool.free(5)
+        pool.free(list(range(5)))
     with pytest.raises(ValueError):
         pool.alloc(-1)
-    pool._into_tree(6)  # 4 from requests, 2 from free
+    pool._into_tree(4)  # the requests' 4 pages become cached
+    cached = pool._into_tree(2, owned=False)  # 2 more taken from the free list
+    assert cached is not None and len(cached) == 2
     assert (pool.free_pages, pool.request_pages, pool.cached_pages) == (4, 0, 6)
     with pytest.raises(MemoryError):
-        pool._into_tree(5)
+        pool._into_tree(5, owned=False)
+    with pytest.raises(ValueError):
+        pool._into_tree(1)  # requests own nothing now
 
 
 def test_scheduler_flow_accounting() -> None:
-    """Admission / decode / finish as a scheduler does them, with page counts checked."""
+    """Admission / decode / finish as a scheduler does them, with page ids checked."""
     page = 4
     cache = RadixCache(page_size=page, total_pages=20)
     pool = cache.pool
 
-    def admit(prompt: list[int]) -> tuple[PrefixMatch, int]:
+    def admit(prompt: list[int]) -> tuple[PrefixMatch, list[int]]:
         m = cache.match_prefix(prompt)
         cache.lock(m)
         need = -(-len(prompt) // page) - m.num_pages
-        assert cache.alloc(need)
-        return m, need
+        own = cache.alloc(need)
+        assert own is not None
+        return m, [*m.page_ids(), *own]
 
-    def finish(tokens: list[int], m: PrefixMatch, private: int) -> None:
-        done = cache.insert(tokens)
-        pool.free(private - done.new_pages)
+    def finish(tokens: list[int], m: PrefixMatch, table: list[int]) -> list[int]:
+        """Insert, give back duplicates and the tail; the final table of the cached part."""
+        full = len(tokens) // page
+        done = cache.adopt(tokens, table, m.num_pages)
+        assert table[:full] == done.page_ids()
+        pool.free(table[full:])
         cache.unlock(m)
+        return table[:full]
 
     p1 = list(range(10))  # 3 pages, the last partial
-    m1, own1 = admit(p1)
-    assert (m1.num_pages, own1, pool.request_pages) == (0, 3, 3)
+    m1, t1 = admit(p1)
+    assert (m1.num_pages, len(t1), pool.request_pages) == (0, 3, 3)
     out1 = [*p1, 100, 101, 102]  # 13 tokens: a 4th page while decoding
-    assert cache.alloc(1)
-    own1 += 1
-    finish(out1, m1, own1)
+    grown = cache.alloc(1)
+    assert grown is not None
+    t1 += grown
+    cached1 = finish(out1, m1, t1)
+    assert cached1 == t1[:3]  # the tree adopted the request's own pages
     assert (pool.cached_pages, pool.request_pages, pool.free_pages) == (3, 0, 17)
 
     # A second request shares two full pages; a third duplicates it concurrently.
     p2 = [*p1[:8], 50, 51, 52, 53, 54]
-    m2, own2 = admit(p2)
-    m3, own3 = admit(p2)
-    assert m2.num_pages == m3.num_pages == 2 and own2 == own3 == 2
-    finish(p2, m2, own2)  # adds page [50..53]
-    finish(p2, m3, own3)  # duplicate: the tree takes nothing, all private pages freed
+    m2, t2 = admit(p2)
+    m3, t3 = admit(p2)
+    assert m2.num_pages == m3.num_pages == 2 and t2[:2] == t3[:2] == t1[:2]
+    assert t2[2] != t3[2]  # each computes the third page in a page of its own
+    assert finish(p2, m2, t2) == t2[:3]  # adds page [50..53]
+    # Duplicate: the tree keeps m2's page, m3's copy is freed and its table points at m2's.
+    assert finish(p2, m3, t3) == t2[:3]
     assert (pool.cached_pages, pool.request_pages, pool.free_pages) == (4, 0, 16)
     check_tree(cache)
 
     # Memory pressure: allocation evicts unlocked cache, and fails cleanly when it can't.
-    _, own4 = admit(list(range(1000, 1000 + 4 * 16)))
-    assert pool.free_pages + pool.cached_pages == 4 and own4 == 16
-    assert not cache.alloc(5)
+    _, t4 = admit(list(range(1000, 1000 + 4 * 16)))
+    assert pool.free_pages + pool.cached_pages == 4 and len(t4) == 16
+    assert cache.alloc(5) is None
     assert cache.pool.request_pages == 16
-    assert cache.alloc(4) and pool.cached_pages == 0
-    check_tree(cache)
+    last = cache.alloc(4)
+    assert last is not None and pool.cached_pages == 0
+    assert sorted(t4 + last) == list(range(20))  # every page id exactly once
 
 
 # ----- randomized replay -----
@@ -517,10 +544,21 @@ def test_randomized_event_replay_matches_tree() -> None:
                 assert m.num_tokens % page_size == 0
                 cache.lock(m)
                 need = -(-len(tokens) // page_size) - m.num_pages
-                if cache.alloc(need):
-                    done = cache.insert(tokens)
+                own = cache.alloc(need)
+                if own is not None:
+                    table = [*m.page_ids(), *own]
+                    done = cache.insert(tokens, table)
                     assert done.num_tokens == len(tokens) // page_size * page_size
-                    cache.pool.free(need - done.new_pages)
+                    kept = done.page_ids()
+                    # The tree's pages for the prefix; the request's own where it adopted them.
+                    assert kept[: m.num_pages] == table[: m.num_pages]
+                    assert (
+                        kept[len(kept) - done.new_pages :]
+                        == table[len(kept) - done.new_pages : len(kept)]
+                    )
+                    dup = done.num_pages - m.num_pages - done.new_pages
+                    cache.pool.free(table[m.num_pages : m.num_pages + dup])
+                    cache.pool.free(table[done.num_pages :])
                     if rng.random() < 0.3:
                         cache.lock(done)
                         held.append((done, step))

@@ -1,5 +1,5 @@
-"""The simulated engine's scheduler, driven directly: batching, chunked prefill, prefix reuse,
-finish conditions, retraction, determinism, pause/flush, timing and load metrics.
+"""The CPU scheduler driven directly with the simulated runner: batching, chunked prefill,
+prefix reuse, finish conditions, retraction, determinism, pause/flush, timing and load metrics.
 
 Everything runs with ``speedup_ratio=0`` (no sleeping) unless timing is the point.
 """
@@ -15,9 +15,12 @@ import pytest
 
 from proto.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from proto.metrics import KvMetrics
-from shared.engine.cpu.scheduler import OutputChannel, Scheduler, SchedulerConfig, SimRequest
+from shared.engine.cpu.output import OutputChannel
+from shared.engine.cpu.request import Req, SamplingParams
+from shared.engine.cpu.scheduler import Scheduler, SchedulerConfig
 from shared.engine.sim.cost import CostModel
-from shared.engine.sim.tokens import TokenGenerator, Vocabulary, prompt_hash
+from shared.engine.sim.runner import SimRunner
+from shared.engine.sim.tokens import Vocabulary
 
 VOCAB = Vocabulary(ordinary=tuple(range(100, 600)), eos_token_ids=(2,))
 
@@ -45,9 +48,15 @@ class MetricsSink:
 def make_scheduler(**overrides: Any) -> tuple[Scheduler, EventSink, MetricsSink]:
     events = EventSink()
     metrics = MetricsSink()
-    cfg: dict[str, Any] = {"page_size": 16, "max_total_tokens": 65536, "speedup_ratio": 0.0}
+    runner = SimRunner(
+        VOCAB,
+        speedup_ratio=overrides.pop("speedup_ratio", 0.0),
+        cost=overrides.pop("cost", None),
+        output_len_mean=overrides.pop("output_len_mean", 0.0),
+    )
+    cfg: dict[str, Any] = {"page_size": 16, "max_total_tokens": 65536}
     cfg.update(overrides)
-    sched = Scheduler(SchedulerConfig(**cfg), event_sink=events, metrics_sink=metrics)
+    sched = Scheduler(SchedulerConfig(**cfg), runner, event_sink=events, metrics_sink=metrics)
     sched.start()
     return sched, events, metrics
 
@@ -61,26 +70,20 @@ def make_request(
     ignore_eos: bool = False,
     stop: Iterable[int] = (),
     seed: int = 0,
-    output_len_mean: float = 0.0,
     return_logprob: bool = False,
     top_logprobs_num: int = 0,
-) -> SimRequest:
-    gen = TokenGenerator(
-        VOCAB,
-        seed=seed,
-        prompt_digest=prompt_hash(prompt),
-        output_len_mean=output_len_mean,
-        min_new_tokens=min_new_tokens,
-        ignore_eos=ignore_eos,
-    )
-    return SimRequest(
-        rid=rid,
-        input_ids=prompt,
-        gen=gen,
+) -> Req:
+    sampling = SamplingParams(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
-        ignore_eos=ignore_eos,
+        seed=seed,
         stop_token_ids=frozenset(stop) | frozenset(VOCAB.eos_token_ids),
+        ignore_eos=ignore_eos,
+    )
+    return Req(
+        rid=rid,
+        input_ids=prompt,
+        sampling=sampling,
         return_logprob=return_logprob,
         top_logprobs_num=top_logprobs_num,
     )
@@ -103,9 +106,7 @@ def prompt(n: int, start: int = 1000) -> list[int]:
     return list(range(start, start + n))
 
 
-async def run_all(
-    sched: Scheduler, reqs: list[SimRequest]
-) -> list[tuple[list[int], dict[str, Any]]]:
+async def run_all(sched: Scheduler, reqs: list[Req]) -> list[tuple[list[int], dict[str, Any]]]:
     for req in reqs:
         sched.submit(req)
     results = await asyncio.gather(*(collect(r.channel) for r in reqs))
@@ -181,26 +182,29 @@ async def test_chunked_prefill_runs_alongside_decode() -> None:
     await sched.close()
 
 
-async def _pair(req: SimRequest) -> tuple[list[int], dict[str, Any]]:
+async def _pair(req: Req) -> tuple[list[int], dict[str, Any]]:
     ids, meta, _ = await collect(req.channel)
     return ids, meta
 
 
 async def test_shared_prefix_is_cached_and_cheaper() -> None:
-    sched, events, _ = make_scheduler(page_size=16, cost=CostModel())
+    cost = CostModel()
+    sched, events, _ = make_scheduler(page_size=16, cost=cost)
     shared = prompt(512, 7000)
-    first = make_request("first", [*shared, *prompt(37, 20000)], max_new_tokens=4)
+    # One output token: the whole request is its prefill step.
+    first = make_request("first", [*shared, *prompt(37, 20000)], max_new_tokens=1)
     await run_all(sched, [first])
-    second = make_request("second", [*shared, *prompt(37, 30000)], max_new_tokens=4)
+    first_s = sched.stats.forward_seconds
+    second = make_request("second", [*shared, *prompt(37, 30000)], max_new_tokens=1)
     [(_, meta)] = await run_all(sched, [second])
+    second_s = sched.stats.forward_seconds - first_s
     assert meta["cached_tokens"] >= 512 - 16
     assert first.cached_tokens == 0
     # The cost model charged the second prefill only for its uncached tokens.
-    cost = sched.config.cost
-    assert first.sim_prefill_s == pytest.approx(cost.prefill_time(549, 549))
+    assert first_s == pytest.approx(cost.prefill_time(549, 549))
     uncached = 549 - meta["cached_tokens"]
-    assert second.sim_prefill_s == pytest.approx(cost.prefill_time(uncached, 549))
-    assert second.sim_prefill_s < first.sim_prefill_s / 4
+    assert second_s == pytest.approx(cost.prefill_time(uncached, 549))
+    assert second_s < first_s / 4
     stored = [e for e in events.events if isinstance(e, BlockStored)]
     assert sum(len(e.block_hashes) for e in stored) == len(sched.cache.block_hashes())
     check_pool(sched)
@@ -218,14 +222,15 @@ async def test_identical_prompt_never_fully_cached() -> None:
 
 
 async def test_eos_min_new_tokens_and_ignore_eos() -> None:
-    sched, _, _ = make_scheduler()
+    sched3, _, _ = make_scheduler(output_len_mean=3)
+    sched, _, _ = make_scheduler(output_len_mean=1)
     p = prompt(30)
-    early = make_request("early", p, max_new_tokens=500, output_len_mean=3)
-    floor = make_request("floor", p, max_new_tokens=500, output_len_mean=1, min_new_tokens=12)
-    ignored = make_request("ign", p, max_new_tokens=40, output_len_mean=1, ignore_eos=True)
-    (ids_e, meta_e), (ids_f, meta_f), (ids_i, meta_i) = await run_all(
-        sched, [early, floor, ignored]
-    )
+    early = make_request("early", p, max_new_tokens=500)
+    floor = make_request("floor", p, max_new_tokens=500, min_new_tokens=12)
+    ignored = make_request("ign", p, max_new_tokens=40, ignore_eos=True)
+    [(ids_e, meta_e)] = await run_all(sched3, [early])
+    (ids_f, meta_f), (ids_i, meta_i) = await run_all(sched, [floor, ignored])
+    await sched3.close()
     assert meta_e["finish_reason"] == {"type": "stop", "matched": 2}
     assert ids_e[-1] == 2 and 2 not in ids_e[:-1] and len(ids_e) < 500
     assert meta_f["finish_reason"] == {"type": "stop", "matched": 2}
@@ -414,7 +419,7 @@ async def test_wall_time_follows_cost_model() -> None:
     await run_all(sched, [req])
     elapsed = time.perf_counter() - t0
     # 20 decode steps of 10 ms (the first token comes from the prefill, which costs 0).
-    assert sched.stats.sim_seconds == pytest.approx(0.2)
+    assert sched.stats.forward_seconds == pytest.approx(0.2)
     assert 0.18 < elapsed < 0.5
     # speedup 4: a quarter of the wall time.
     fast, _, _ = make_scheduler(speedup_ratio=4.0, cost=cost)

@@ -14,14 +14,15 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from shared.engine.cpu.scheduler import SchedulerStats
+from shared.engine.protocol import EngineInfo
 from shared.engine.sim.engine import SimConfig, SimEngine
 from shared.model import make_test_tokenizer
 from shared.worker import metrics
 from shared.worker.metrics import (
-    SIM_GAUGE_NAMES,
-    SIM_HOOK_FAMILY_NAMES,
+    HOOK_FAMILY_NAMES,
+    SCHEDULER_GAUGE_NAMES,
+    SchedulerCollector,
     SglangMultiProcessCollector,
-    SimEngineCollector,
     WorkerMetrics,
     install_engine_metrics,
 )
@@ -82,8 +83,8 @@ async def run(engine: SimEngine, hooks: WorkerMetrics, rid: str, prompt: list[in
 async def test_hooks_and_collector_after_a_few_requests(engine: SimEngine) -> None:
     registry = CollectorRegistry()
     installed = install_engine_metrics(engine, MODEL, registry)
-    assert installed.kind == "sim" and installed.installed
-    hooks = WorkerMetrics(MODEL, engine="sim")
+    assert installed.kind == "scheduler" and installed.installed
+    hooks = WorkerMetrics(MODEL, sglang_source="scheduler")
     hooks.model_loaded(1.5)
     before_requests = REGISTRY.get_sample_value(
         "sglmesh_worker_requests_total", {"role": "aggregated"}
@@ -125,7 +126,7 @@ async def test_hooks_and_collector_after_a_few_requests(engine: SimEngine) -> No
     assert sample(registry, "sglang:num_retracted_reqs", **rank) == 0
 
     text = generate_latest(registry).decode()
-    for name in (*SIM_GAUGE_NAMES, *SIM_HOOK_FAMILY_NAMES):
+    for name in (*SCHEDULER_GAUGE_NAMES, *HOOK_FAMILY_NAMES):
         assert f"# TYPE {name.removesuffix('_total')}" in text, name
         assert f"\n{name}" in text, name
     mesh_text = generate_latest(REGISTRY).decode()
@@ -143,7 +144,7 @@ async def test_hooks_and_collector_after_a_few_requests(engine: SimEngine) -> No
 
 
 async def test_gauges_while_requests_run(engine: SimEngine) -> None:
-    collector = SimEngineCollector(engine, MODEL)
+    collector = SchedulerCollector(engine, MODEL)
     registry = CollectorRegistry()
     registry.register(collector)
     rank = {"model_name": MODEL, "dp_rank": "0"}
@@ -191,7 +192,7 @@ def test_gen_throughput_window() -> None:
     class FakeEngine:
         schedulers = [FakeScheduler()]
 
-    collector = SimEngineCollector(FakeEngine(), "m", clock=lambda: now[0])  # type: ignore[arg-type]
+    collector = SchedulerCollector(FakeEngine(), "m", clock=lambda: now[0])  # type: ignore[arg-type]
     registry = CollectorRegistry()
     registry.register(collector)
     labels = {"model_name": "m", "dp_rank": "0"}
@@ -210,7 +211,7 @@ def test_gen_throughput_window() -> None:
 
 
 async def test_hooks_of_the_real_engine_leave_the_sglang_families_alone() -> None:
-    hooks = WorkerMetrics("unit-real-engine", engine="sglang")
+    hooks = WorkerMetrics("unit-real-engine", sglang_source="engine")
     hooks.request_started("decode")
     hooks.first_token(0.5)
     hooks.tokens(10, 2, 3)
@@ -283,12 +284,21 @@ def test_sglang_engine_relays_multiprocess_files(
     write(f"counter_{os.getpid()}.db", "sglang:own", {}, 1)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
 
-    class SglangEngine:  # matched by class name, so the real adapter need not be imported
-        pass
+    class SglangEngine:  # found by its kind's registry entry; the real adapter needs sglang
+        info = EngineInfo(
+            engine="sglang",
+            model_path="m",
+            served_model_name="real",
+            page_size=1,
+            max_total_tokens=1,
+            max_running_requests=1,
+            max_prefill_tokens=1,
+            context_length=1,
+        )
 
     registry = CollectorRegistry()
     handle = install_engine_metrics(SglangEngine(), "real", registry)
-    assert handle.kind == "sglang" and isinstance(handle.collector, SglangMultiProcessCollector)
+    assert handle.kind == "engine" and isinstance(handle.collector, SglangMultiProcessCollector)
     assert registry.get_sample_value("sglang:num_requests_total", {"model_name": "real"}) == 7
     text = generate_latest(registry).decode()
     assert "sglmesh_worker_requests" not in text
@@ -302,4 +312,4 @@ def test_sglang_engine_relays_multiprocess_files(
 
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
     nothing = install_engine_metrics(SglangEngine(), "real", registry)
-    assert nothing.kind == "sglang" and not nothing.installed
+    assert nothing.kind == "engine" and not nothing.installed

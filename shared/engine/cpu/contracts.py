@@ -1,9 +1,10 @@
-"""Contracts between the simulated engine's parts.
+"""Contracts between the CPU engines' parts.
 
-The scheduler (``scheduler.py``) drives a radix prefix cache (``radix.py``), hands each step's
+The scheduler (``scheduler.py``) drives a model runner (``runner.py``) and a radix prefix cache
+(``radix.py``), hands each step's
 KV events to an event sink (``kv_events.py``: SGLang's ZMQ PUB + replay socket), load metrics to
 a metrics sink (``kv_events.py``: SGLang's ``KvMetrics`` over ZMQ PUSH), and, when
-disaggregated, KV payloads to a transfer (``disagg.py``: bootstrap server on the prefill side,
+disaggregated, KV payloads to a transfer (``transfer.py``: bootstrap server on the prefill side,
 receiver on the decode side). Each part is tested on its own against these protocols.
 """
 
@@ -13,6 +14,7 @@ from typing import Protocol
 
 from proto.kv_events import KVEvent
 from proto.metrics import KvMetrics
+from shared.engine.cpu.runner import KvPayload, KvSink
 
 
 class KvEventSink(Protocol):
@@ -40,9 +42,19 @@ class TransferAborted(TransferError):
 class KvSender(Protocol):
     """Prefill side: push one request's KV to the decode engine that registered its room."""
 
-    async def send(self, *, room: int, num_tokens: int, first_token: int, rid: str) -> None:
+    async def send(
+        self,
+        *,
+        room: int,
+        num_tokens: int,
+        first_token: int,
+        rid: str,
+        layout: str,
+        payload: KvPayload,
+        extra: bytes = b"",
+    ) -> None:
         """Wait (up to the bootstrap timeout) for a decode engine to register ``room``, then
-        stream ``num_tokens x kv_bytes_per_token`` bytes and ``first_token`` to it.
+        stream it ``payload``, ``first_token`` and ``extra``.
 
         Raises TransferTimeout / TransferAborted / TransferError.
         """
@@ -56,8 +68,19 @@ class KvSender(Protocol):
 class KvReceiver(Protocol):
     """Decode side: register ``room`` with the prefill engine's bootstrap server and receive."""
 
-    async def receive(self, *, host: str, port: int, room: int, num_tokens: int, rid: str) -> int:
-        """Returns the first output token (sampled by prefill) once all KV bytes arrived.
+    async def receive(
+        self,
+        *,
+        host: str,
+        port: int,
+        room: int,
+        num_tokens: int,
+        rid: str,
+        layout: str,
+        sink: KvSink,
+    ) -> tuple[int, bytes]:
+        """Returns the first output token (sampled by prefill) and the prefill's ``extra``
+        once all KV bytes arrived in ``sink``.
 
         Raises TransferTimeout / TransferAborted / TransferError. Cancelling it (decode abort)
         closes the connection, which the prefill side sees as an abort.

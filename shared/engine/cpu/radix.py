@@ -1,18 +1,19 @@
-"""The simulated engine's KV memory: a paged KV pool and SGLang's radix prefix cache.
+"""The CPU engines' KV memory: a paged KV pool and SGLang's radix prefix cache.
 
-The simulated engine holds no tensors, but routers and load metrics see its KV cache through
-SGLang's KV events and token usage, so the bookkeeping has to behave like SGLang 0.5.23's
-radix cache: which prefixes hit, what eviction frees, and the exact event stream (block
-hashes from ``hashing.py``; one ``BlockStored`` per new radix node, one ``BlockRemoved`` per
-evicted node, ``AllBlocksCleared`` on reset; consecutive compatible events coalesced the way
-SGLang's ``KVCacheEventRecorder`` coalesces its queue; ``medium="GPU"`` as SGLang sets it).
+Routers and load metrics see an engine's KV cache through SGLang's KV events and token usage,
+so the bookkeeping behaves like SGLang 0.5.23's radix cache: which prefixes hit, what eviction
+frees, and the exact event stream (block hashes from ``hashing.py``; one ``BlockStored`` per new
+radix node, one ``BlockRemoved`` per evicted node, ``AllBlocksCleared`` on reset; consecutive
+compatible events coalesced the way SGLang's ``KVCacheEventRecorder`` coalesces its queue;
+``medium="GPU"`` as SGLang sets it). Pages are real ids (``0 .. total_pages - 1``): the torch
+runner keeps each page's K and V at that index of its pool, and the tree, the requests' page
+tables and the KV events all speak of the same pages.
 
 Design, for speed and memory with hundreds of running requests:
 
 - the tree is compressed: a node holds a run of whole pages as one ``bytes`` of uint32-LE
-  tokens (also the exact bytes SGLang hashes), its pages' int64 hashes (``array('q')``) and
-  chained 32-byte digests (one ``bytes``), so a cached token costs 4 bytes plus 40 bytes per
-  page, and matching is ``bytes.startswith`` in C;
+  tokens (also the exact bytes SGLang hashes), its pages' ids, int64 hashes (``array('q')``)
+  and chained 32-byte digests (one ``bytes``), so matching is ``bytes.startswith`` in C;
 - children are keyed by their first page's bytes;
 - tokens may be any int sequence, but ``array('I')`` skips the per-int conversion that
   dominates a warm match of a long prompt (about 7 us instead of 26 us for 2048 tokens);
@@ -22,18 +23,19 @@ Design, for speed and memory with hundreds of running requests:
 - like SGLang, a match that ends inside a node splits it so the match can be locked exactly;
   the node object keeps the suffix, so an earlier ``PrefixMatch`` stays valid.
 
-Page accounting (``KvPool``): every page is free, owned by a running request (not in the
-tree), or cached (in the tree, possibly shared and locked). A scheduler:
+Page ownership (``KvPool``): every page is free, owned by a running request (not in the tree),
+or cached (in the tree, possibly shared and locked). A scheduler:
 
-- on admission: ``m = cache.match_prefix(prompt)``; ``cache.lock(m)``; allocate the uncached
-  remainder with ``cache.alloc(n)`` (evicts unreferenced tree pages when the pool is short);
+- on admission: ``m = cache.match_prefix(prompt)``; ``cache.lock(m)``; the request's page table
+  starts with ``m.page_ids()``, then ``cache.alloc(n)`` pages for the uncached remainder
+  (evicting unreferenced tree pages when the pool is short);
 - while decoding: ``cache.alloc(1)`` whenever the sequence needs a new page;
-- on finish (or to checkpoint a chunked prefill): ``m2 = cache.insert(tokens)``. The pages
-  the insert adds to the tree (``m2.new_pages``) move from request-owned to cached; full
-  pages that were already in the tree (its locked prefix, or a duplicate another request
-  inserted meanwhile) are not counted twice, so the request frees its private pages minus
-  ``m2.new_pages`` with ``cache.pool.free(n)`` (a trailing partial page is never cached),
-  then ``cache.unlock(m)`` (or lock ``m2`` first to keep going, as SGLang's checkpoint does).
+- on finish (or to checkpoint a chunked prefill): ``m2 = cache.insert(tokens, page_table)``.
+  The tree adopts the request's pages past what it already holds (``m2.new_pages`` of them);
+  full pages the tree already held under other ids (a duplicate another request inserted
+  meanwhile) stay the request's, to give back with ``cache.pool.free(ids)`` and replace by
+  ``m2.page_ids()``; a trailing partial page is never cached. Then ``cache.unlock(m)`` (or lock
+  ``m2`` first to keep going, as SGLang's checkpoint does).
 """
 
 from __future__ import annotations
@@ -53,24 +55,27 @@ _LITTLE = sys.byteorder == "little"
 
 
 class KvPool:
-    """Page accounting: ``free_pages + request_pages + cached_pages == total_pages``.
+    """Page ownership: ``free_pages + request_pages + cached_pages == total_pages``.
 
-    ``alloc``/``free`` are the request side; the tree side moves with ``RadixCache.insert``
-    (request-owned to cached), eviction (cached to free) and reset (all cached to free).
+    ``alloc``/``free`` are the request side and hand out or take back page ids; the tree side
+    moves with ``RadixCache.insert`` (request-owned to cached), eviction (cached to free) and
+    reset (all cached to free). Free pages are reused most recently freed first.
     """
 
-    __slots__ = ("_cached", "_requests", "total_pages")
+    __slots__ = ("_cached", "_free", "_requests", "total_pages")
 
     def __init__(self, total_pages: int) -> None:
         if total_pages < 0:
             raise ValueError("total_pages must be >= 0")
         self.total_pages = total_pages
+        # A stack: ``alloc`` pops from the end, so a fresh pool hands out 0, 1, 2, ...
+        self._free: list[int] = list(range(total_pages - 1, -1, -1))
         self._requests = 0
         self._cached = 0
 
     @property
     def free_pages(self) -> int:
-        return self.total_pages - self._requests - self._cached
+        return len(self._free)
 
     @property
     def request_pages(self) -> int:
@@ -81,32 +86,49 @@ class KvPool:
     def cached_pages(self) -> int:
         return self._cached
 
-    def alloc(self, n: int) -> bool:
-        """Give ``n`` free pages to a request; False (nothing taken) if fewer are free."""
+    def alloc(self, n: int) -> list[int] | None:
+        """Give ``n`` free pages to a request; None (nothing taken) if fewer are free."""
         if n < 0:
             raise ValueError("cannot allocate a negative number of pages")
-        if n > self.total_pages - self._requests - self._cached:
-            return False
+        free = self._free
+        if n > len(free):
+            return None
+        if n == 0:
+            return []
+        pages = free[-n:]
+        del free[-n:]
+        pages.reverse()  # ascending on a fresh pool: neighbours in memory
         self._requests += n
-        return True
+        return pages
 
-    def free(self, n: int) -> None:
-        """Return ``n`` request-owned pages to the free list."""
-        if n < 0 or n > self._requests:
+    def free(self, pages: Sequence[int]) -> None:
+        """Return request-owned pages to the free list."""
+        n = len(pages)
+        if n > self._requests:
             raise ValueError(f"cannot free {n} pages: requests own {self._requests}")
         self._requests -= n
+        self._free.extend(pages)
 
-    def _into_tree(self, n: int) -> None:
-        # A caller that inserts without having allocated (warm-up, tests) takes the shortfall
-        # from free pages; the invariant holds either way.
-        from_requests = min(n, self._requests)
-        if n - from_requests > self.total_pages - self._requests - self._cached:
+    def _into_tree(self, n: int, *, owned: bool = True) -> list[int] | None:
+        """``n`` pages become cached. ``owned``: they were the requests' (their ids are the
+        caller's); otherwise (warm-up, tests) they are taken from the free list and returned."""
+        if owned:
+            if n > self._requests:
+                raise ValueError(f"cannot cache {n} pages: requests own {self._requests}")
+            self._requests -= n
+            self._cached += n
+            return None
+        if n > len(self._free):
             raise MemoryError(f"no room for {n} new cached pages")
-        self._requests -= from_requests
+        pages = self._free[-n:] if n else []
+        if n:
+            del self._free[-n:]
         self._cached += n
+        return pages
 
-    def _out_of_tree(self, n: int) -> None:
-        self._cached -= n
+    def _out_of_tree(self, pages: Sequence[int]) -> None:
+        self._cached -= len(pages)
+        self._free.extend(pages)
 
 
 class _Node:
@@ -119,6 +141,7 @@ class _Node:
         "hashes",
         "in_heap",
         "lock_ref",
+        "pages",
         "parent",
         "tokens",
     )
@@ -127,6 +150,7 @@ class _Node:
         self,
         parent: _Node | None,
         tokens: bytes,
+        pages: list[int],
         hashes: array[int],
         digests: bytes,
         access: int,
@@ -134,6 +158,7 @@ class _Node:
         self.parent = parent
         self.children: dict[bytes, _Node] = {}
         self.tokens = tokens
+        self.pages = pages
         self.hashes = hashes
         self.digests = digests
         self.lock_ref = 0
@@ -159,6 +184,18 @@ class PrefixMatch:
     def last_block_hash(self) -> int | None:
         """Hash of the prefix's last page; None for an empty prefix."""
         return self.node.hashes[-1] if self.num_pages else None
+
+    def page_ids(self) -> list[int]:
+        """The ids of the prefix's pages, in order (a walk up the path)."""
+        runs: list[list[int]] = []
+        node: _Node | None = self.node
+        while node is not None and node.pages:
+            runs.append(node.pages)
+            node = node.parent
+        out: list[int] = []
+        for run in reversed(runs):
+            out.extend(run)
+        return out
 
 
 def _u32le(tokens: Sequence[int], n: int) -> bytes:
@@ -259,16 +296,21 @@ class RadixCache:
         pages = end // self._page_bytes
         return PrefixMatch(node, pages * self.page_size, pages)
 
-    def insert(self, tokens: Sequence[int]) -> PrefixMatch:
+    def insert(self, tokens: Sequence[int], pages: Sequence[int] | None = None) -> PrefixMatch:
         """Cache the full pages of ``tokens`` (a trailing partial page is ignored).
 
-        Returns the match of the whole inserted prefix, ``new_pages`` = pages added to the
-        tree, which move from request-owned to cached in ``pool``. Records one ``BlockStored``
-        for the new pages (coalesced with the previous event when it chains on).
+        ``pages`` is the request's page table for those tokens (at least one id per full page):
+        the tree adopts the ids of the pages it does not hold yet, which move from
+        request-owned to cached in ``pool``. Without ``pages`` (warm-up, tests) new pages come
+        from the free list. Returns the match of the whole inserted prefix, ``new_pages`` =
+        pages added to the tree. Records one ``BlockStored`` for the new pages (coalesced with
+        the previous event when it chains on).
         """
         n_pages = len(tokens) // self.page_size
         if n_pages == 0:
             return PrefixMatch(self._root, 0, 0)
+        if pages is not None and len(pages) < n_pages:
+            raise ValueError(f"{n_pages} full pages of tokens but only {len(pages)} page ids")
         data = _u32le(tokens, n_pages * self.page_size)
         now = self._tick()
         node, end = self._walk(data, now)
@@ -277,16 +319,36 @@ class RadixCache:
 
         rest = data[end:]
         new_pages = len(rest) // self._page_bytes
-        self.pool._into_tree(new_pages)
+        if pages is None:
+            ids = self.pool._into_tree(new_pages, owned=False)
+            assert ids is not None
+        else:
+            ids = list(pages[n_pages - new_pages : n_pages])
+            self.pool._into_tree(new_pages)
         is_root = node is self._root
         parent_digest = None if is_root else node.digests[-DIGEST_SIZE:]
         digests, hashes = hash_page_run(parent_digest, rest, self._page_bytes)
-        leaf = _Node(node, rest, hashes, digests, now)
+        leaf = _Node(node, rest, ids, hashes, digests, now)
         node.children[rest[: self._page_bytes]] = leaf
         self._push(leaf)
         if self._events_enabled:
             self._record_store(None if is_root else node.hashes[-1], leaf)
         return PrefixMatch(leaf, n_pages * self.page_size, n_pages, new_pages)
+
+    def adopt(self, tokens: Sequence[int], table: list[int], held: int) -> PrefixMatch:
+        """Cache a request's full pages: ``insert(tokens, table)``, then give back the
+        request's copies of pages the tree already held and point ``table`` at the tree's.
+
+        ``table`` is the request's page table (updated in place); its first ``held`` pages are
+        already the tree's (the request's locked match). The request keeps ownership of the
+        pages past the inserted prefix (a partial last page, room to grow).
+        """
+        done = self.insert(tokens, table)
+        dup = done.num_pages - held - done.new_pages
+        if dup > 0:
+            self.pool.free(table[held : held + dup])
+            table[: done.num_pages] = done.page_ids()
+        return done
 
     def _walk(self, data: bytes, now: int) -> tuple[_Node, int]:
         """Follow ``data`` down the tree, splitting the node a partial match ends in.
@@ -332,6 +394,7 @@ class RadixCache:
         prefix = _Node(
             parent,
             ctoks[:cut],
+            child.pages[:pages],
             child.hashes[:pages],
             child.digests[: pages * DIGEST_SIZE],
             child.access,
@@ -339,6 +402,7 @@ class RadixCache:
         prefix.lock_ref = child.lock_ref
         parent.children[ctoks[: self._page_bytes]] = prefix
         child.tokens = ctoks[cut:]
+        child.pages = child.pages[pages:]
         child.hashes = child.hashes[pages:]
         child.digests = child.digests[pages * DIGEST_SIZE :]
         child.parent = prefix
@@ -397,31 +461,34 @@ class RadixCache:
                 continue
             del parent.children[node.tokens[:pb]]
             node.parent = None
-            n = len(node.hashes)
-            freed += n
-            self.pool._out_of_tree(n)
+            freed += len(node.pages)
+            self.pool._out_of_tree(node.pages)
             if self._events_enabled:
                 self._enqueue(BlockRemoved(block_hashes=node.hashes.tolist(), medium=self._medium))
             if parent is not root and not parent.children and not parent.lock_ref:
                 self._push(parent)
         return freed
 
-    def alloc(self, num_pages: int) -> bool:
+    def alloc(self, num_pages: int) -> list[int] | None:
         """``pool.alloc``, evicting unlocked tree pages first when the pool is short.
 
-        Returns False (and allocates nothing) if free plus evictable pages do not suffice;
+        Returns None (and allocates nothing) if free plus evictable pages do not suffice;
         in that case nothing is evicted either.
         """
         short = num_pages - self.pool.free_pages
         if short > 0:
             if short > self.evictable_pages:
-                return False
+                return None
             self.evict(short)
         return self.pool.alloc(num_pages)
 
     def reset(self) -> None:
         """Drop the whole tree (SGLang's flush_cache: the caller makes sure nothing runs)."""
-        self.pool._out_of_tree(self.pool.cached_pages)
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            self.pool._out_of_tree(node.pages)
+            stack.extend(node.children.values())
         self._root = self._new_root()
         self._heap = []
         self._protected = 0
@@ -521,6 +588,6 @@ class RadixCache:
             heapq.heappush(self._heap, (node.access, self._heap_seq, node))
 
     def _new_root(self) -> _Node:
-        root = _Node(None, b"", array("q"), b"", 0)
+        root = _Node(None, b"", [], array("q"), b"", 0)
         root.lock_ref = 1
         return root

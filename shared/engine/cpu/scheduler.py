@@ -1,16 +1,17 @@
-"""The simulated engine's scheduler: one asyncio task per DP rank, shaped like SGLang's.
+"""The CPU engines' scheduler: one asyncio task per DP rank, shaped like SGLang's.
 
 Why SGLang's shape and not a simpler queue: the mesh above routes on what this produces -- KV
 events (which prefixes are cached where), load metrics (running, waiting, KV use) and latency
 (TTFT grows with queueing and uncached prompt tokens, ITL with batch size and context). A
-scheduler that batches, caches, evicts and retracts like SGLang makes those signals behave
-as they will in production, so routing and backpressure can be developed and tested on CPUs.
+scheduler that batches, caches, evicts and retracts like SGLang makes those signals behave as
+they will in production, and the same scheduler drives the real model on a CPU (the torch
+runner) and the simulated one (``runner.py`` says how they split the work).
 
-One step (``_plan`` -> simulated forward time -> ``_apply``):
+One step (``_plan`` -> ``runner.forward`` -> ``_apply``):
 
 - admission, FCFS: the head of the waiting queue is matched against the radix cache (whole
   pages, never a 100% hit: at least one token is computed), its match locked and the rest of
-  its sequence allocated (evicting unlocked cached pages when short). Admission also keeps a
+  its sequence given pages (evicting unlocked cached pages when short). Admission also keeps a
   reserve for the future decode tokens of everything running, scaled by SGLang's
   ``new_token_ratio`` (starts at 0.7, decays per step, jumps after a retraction), so a full
   pool does not admit work it will immediately have to retract. Head of line blocks;
@@ -22,13 +23,12 @@ One step (``_plan`` -> simulated forward time -> ``_apply``):
   request crossing a page boundary gets a new page; when none is free even after eviction,
   the most recently admitted request is retracted: it loses its private KV, goes back to the
   front of the waiting queue and re-prefills its prompt plus the tokens generated so far;
-- the step's duration is the cost model's prefill time for the uncached tokens processed
-  plus its decode time for the batch, divided by ``speedup_ratio``; the scheduler sleeps for it
-  (against a running deadline, so its own CPU time does not add up) before the step's
-  results are emitted. With ``speedup_ratio == 0`` it only yields to the event loop;
-- finish: ``max_new_tokens`` (length), eos and ``stop_token_ids`` (stop, never before
-  ``min_new_tokens``, neither with ``ignore_eos`` -- SGLang's ``ignore_eos`` disables every
-  token-based stop), abort. The sequence's full pages go into the cache, the rest is freed.
+- finish: ``max_new_tokens`` (length), eos and ``stop_token_ids`` (stop; the runner never
+  samples one before ``min_new_tokens``; ``ignore_eos`` disables every token-based stop, as
+  in SGLang), abort. The sequence's full pages go into the cache, the rest is freed.
+
+Pages are allocated and freed only between steps, on the event loop, so a forward running in
+another thread never sees its pages change under it (an abort during a step frees them after).
 
 KV events are taken from the cache after every step and published when there are any (the
 router sees a stored prefix one step after it exists). ``KvMetrics`` go out after every step
@@ -39,13 +39,11 @@ computes them.
 Disaggregation: in ``prefill`` mode a finished prefill keeps its KV while a separate task
 sends it to the decode engine (the scheduler keeps stepping), then reports the first token
 with ``{"type": "length", "length": 1}``. In ``decode`` mode a request first receives its KV
-(a separate task) and then joins the running batch without prefill compute, its first output
-being the token the prefill sampled. The decode side neither matches nor inserts prefixes
-(``cached_tokens`` 0), as SGLang's decode engine without its decode radix cache.
-
-Outputs go through an :class:`OutputChannel` (a deque plus a future, cheaper than
-``asyncio.Queue``); increments a slow consumer has not picked up yet are merged, so a lagging
-stream costs one dict, not one per token.
+(a separate task, into a buffer), then takes pages and a running slot and joins the batch
+without prefill compute, its first output being the token the prefill sampled. The decode side
+neither matches nor inserts prefixes (``cached_tokens`` 0), as SGLang's decode engine without
+its decode radix cache. A decode-mode request for the fake bootstrap host (health checks,
+warm-up) has no prefill peer and is prefilled locally.
 """
 
 from __future__ import annotations
@@ -54,9 +52,11 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, Final
+
+import msgspec
 
 from proto.metrics import KvMetrics
 from proto.request import FAKE_BOOTSTRAP_HOST
@@ -67,17 +67,21 @@ from shared.engine.cpu.contracts import (
     MetricsSink,
     TransferError,
 )
-from shared.engine.cpu.radix import PrefixMatch, RadixCache
-from shared.engine.sim.cost import CostModel
-from shared.engine.sim.tokens import TokenGenerator
+from shared.engine.cpu.radix import RadixCache
+from shared.engine.cpu.request import (
+    DECODING,
+    DONE,
+    PREFILLING,
+    READY,
+    RECEIVING,
+    SENDING,
+    WAITING,
+    Req,
+    TokenLogprob,
+)
+from shared.engine.cpu.runner import ForwardBatch, KvSink, ModelRunner, StepOutput
 
-__all__ = [
-    "OutputChannel",
-    "Scheduler",
-    "SchedulerConfig",
-    "SchedulerStats",
-    "SimRequest",
-]
+__all__ = ["Scheduler", "SchedulerConfig", "SchedulerStats"]
 
 log = logging.getLogger(__name__)
 
@@ -91,172 +95,9 @@ CLIP_MAX_NEW_TOKENS: Final = 4096
 # After a retraction SGLang assumes every running request decodes this many more steps.
 RETRACT_DECODE_STEPS: Final = 20
 
-# Request states.
-WAITING: Final = 0
-PREFILLING: Final = 1
-DECODING: Final = 2
-RECEIVING: Final = 3  # decode mode: waiting for the KV from prefill
-READY: Final = 4  # decode mode: KV arrived, waiting for a running slot
-SENDING: Final = 5  # prefill mode: prefill done, KV being sent
-DONE: Final = 6
-
-
-class OutputChannel:
-    """One request's stream: the scheduler pushes SGLang-shaped dicts, one consumer iterates.
-
-    Unconsumed increments are merged into one dict (``output_ids`` and logprob lists
-    concatenated, ``meta_info`` taken from the newest), exactly what SGLang's incremental
-    streaming hands a slow reader.
-    """
-
-    __slots__ = ("_closed", "_items", "_waiter")
-
-    def __init__(self) -> None:
-        self._items: deque[dict[str, Any]] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._closed = False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def push(self, item: dict[str, Any], *, final: bool = False) -> None:
-        if self._closed:
-            return
-        items = self._items
-        if items:
-            last = items[-1]
-            last["output_ids"].extend(item["output_ids"])
-            meta = item["meta_info"]
-            old = last["meta_info"]
-            for key in ("output_token_logprobs", "output_top_logprobs"):
-                if key in meta and key in old:
-                    meta[key] = old[key] + meta[key]
-            last["meta_info"] = meta
-        else:
-            items.append(item)
-        if final:
-            self._closed = True
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def close(self) -> None:
-        """End the stream without a final item (only for teardown paths)."""
-        self._closed = True
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        items = self._items
-        loop = asyncio.get_running_loop()
-        while True:
-            if items:
-                yield items.popleft()
-                continue
-            if self._closed:
-                return
-            waiter = loop.create_future()
-            self._waiter = waiter
-            await waiter
-
-
-class SimRequest:
-    """A generate request inside the scheduler (built by the engine, which validated it)."""
-
-    __slots__ = (
-        "admit_seq",
-        "bootstrap_host",
-        "bootstrap_port",
-        "bootstrap_room",
-        "cached_tokens",
-        "cap",
-        "channel",
-        "fill",
-        "first_token",
-        "gen",
-        "ignore_eos",
-        "input_ids",
-        "kv_len",
-        "locked_pages",
-        "match",
-        "max_new_tokens",
-        "min_new_tokens",
-        "output_ids",
-        "private_pages",
-        "prompt_len",
-        "retractions",
-        "return_logprob",
-        "rid",
-        "sim_decode_s",
-        "sim_prefill_s",
-        "state",
-        "stop_ids",
-        "target",
-        "task",
-        "top_logprobs_num",
-    )
-
-    def __init__(
-        self,
-        *,
-        rid: str,
-        input_ids: list[int],
-        gen: TokenGenerator,
-        max_new_tokens: int,
-        min_new_tokens: int = 0,
-        ignore_eos: bool = False,
-        stop_token_ids: frozenset[int] = frozenset(),
-        return_logprob: bool = False,
-        top_logprobs_num: int = 0,
-        bootstrap_host: str | None = None,
-        bootstrap_port: int | None = None,
-        bootstrap_room: int | None = None,
-    ) -> None:
-        self.rid = rid
-        self.input_ids = input_ids
-        self.prompt_len = len(input_ids)
-        self.gen = gen
-        self.max_new_tokens = max_new_tokens
-        self.min_new_tokens = min_new_tokens
-        self.ignore_eos = ignore_eos
-        # Stop ids plus eos: every token that ends the request unless ignore_eos.
-        self.stop_ids = stop_token_ids
-        self.return_logprob = return_logprob
-        self.top_logprobs_num = top_logprobs_num
-        self.bootstrap_host = bootstrap_host
-        self.bootstrap_port = bootstrap_port
-        self.bootstrap_room = bootstrap_room
-        self.output_ids: list[int] = []
-        self.channel = OutputChannel()
-        self.state = WAITING
-        # KV bookkeeping: the locked cache match, pages owned privately (not in the tree),
-        # tokens with computed KV, and capacity in tokens (locked + private pages).
-        self.match: PrefixMatch | None = None
-        self.locked_pages = 0
-        self.private_pages = 0
-        self.kv_len = 0
-        self.cap = 0
-        # The token sequence being prefilled and its length (prompt + outputs so far).
-        self.fill: list[int] = input_ids
-        self.target = 0
-        self.cached_tokens = -1  # -1: not admitted yet
-        self.admit_seq = 0
-        self.first_token: int | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.retractions = 0
-        # Simulated GPU seconds charged to this request.
-        self.sim_prefill_s = 0.0
-        self.sim_decode_s = 0.0
-
-    @property
-    def finished(self) -> bool:
-        return self.state == DONE
+# The first token's logprob travels with the KV (the transfer's ``extra``).
+_LOGPROB_ENCODER = msgspec.msgpack.Encoder()
+_LOGPROB_DECODER = msgspec.msgpack.Decoder(tuple[float, list[tuple[float, int]] | None] | None)
 
 
 @dataclass(slots=True)
@@ -268,9 +109,7 @@ class SchedulerConfig:
     # <= 0 disables chunking: a prompt is prefilled in one step.
     chunked_prefill_size: int = 8192
     disaggregation_mode: str = "null"  # "null" | "prefill" | "decode"
-    speedup_ratio: float = 1.0
     decode_log_interval: int = 40
-    cost: CostModel = field(default_factory=CostModel)
     dp_rank: int = 0
     init_new_token_ratio: float = INIT_NEW_TOKEN_RATIO
     min_new_token_ratio: float = MIN_NEW_TOKEN_RATIO
@@ -290,8 +129,6 @@ class SchedulerConfig:
                 f"disaggregation_mode must be null, prefill or decode, not "
                 f"{self.disaggregation_mode!r}"
             )
-        if self.speedup_ratio < 0:
-            raise ValueError("speedup_ratio must be >= 0")
         if self.decode_log_interval < 1:
             raise ValueError("decode_log_interval must be >= 1")
 
@@ -311,18 +148,8 @@ class SchedulerStats:
     output_tokens: int = 0
     finished: int = 0
     aborted: int = 0
-    sim_seconds: float = 0.0  # simulated GPU time of all steps
+    forward_seconds: float = 0.0  # what the runner reported for all steps
     max_running: int = 0
-
-
-class _Step:
-    __slots__ = ("chunks", "decode", "duration", "prefill_s")
-
-    def __init__(self) -> None:
-        self.chunks: list[tuple[SimRequest, int]] = []
-        self.decode: list[SimRequest] = []
-        self.duration = 0.0
-        self.prefill_s = 0.0
 
 
 def _length(n: int) -> dict[str, Any]:
@@ -336,16 +163,30 @@ def _abort(message: str, status_code: int | None = None) -> dict[str, Any]:
     return reason
 
 
+def _logprob_meta(meta: dict[str, Any], req: Req, toks: list[int], lps: list[Any]) -> None:
+    """SGLang's ``output_token_logprobs`` / ``output_top_logprobs`` for ``toks``."""
+    chosen: list[tuple[float, int, None]] = []
+    tops: list[list[tuple[float, int, None]]] = []
+    for tok, entry in zip(toks, lps, strict=True):
+        lp, top = entry if entry is not None else (float("nan"), None)
+        chosen.append((lp, tok, None))
+        tops.append([(v, t, None) for v, t in top] if top else [])
+    meta["output_token_logprobs"] = chosen
+    if req.top_logprobs_num > 0:
+        meta["output_top_logprobs"] = tops
+
+
 class Scheduler:
     """One DP rank's scheduler; see the module docstring.
 
-    ``submit`` takes a :class:`SimRequest` and streams through its ``channel``. Every other
-    method is synchronous and safe to call between steps (everything runs on one loop).
+    ``submit`` takes a :class:`Req` and streams through its ``channel``. Every other method is
+    synchronous and safe to call between steps (everything runs on one loop).
     """
 
     def __init__(
         self,
         config: SchedulerConfig,
+        runner: ModelRunner,
         *,
         cache: RadixCache | None = None,
         event_sink: KvEventSink | None = None,
@@ -354,6 +195,7 @@ class Scheduler:
         kv_receiver: KvReceiver | None = None,
     ) -> None:
         self.config = config
+        self.runner = runner
         self.dp_rank = config.dp_rank
         self.page_size = config.page_size
         self.cache = (
@@ -369,11 +211,11 @@ class Scheduler:
         self.kv_receiver = kv_receiver
         self.mode = config.disaggregation_mode
         self.stats = SchedulerStats()
-        self.requests: dict[str, SimRequest] = {}
-        self._waiting: deque[SimRequest] = deque()
-        self._ready: deque[SimRequest] = deque()
-        self._prefilling: list[SimRequest] = []
-        self._decoding: list[SimRequest] = []
+        self.requests: dict[str, Req] = {}
+        self._waiting: deque[Req] = deque()
+        self._ready: deque[Req] = deque()
+        self._prefilling: list[Req] = []
+        self._decoding: list[Req] = []
         self._admit_counter = 0
         self._new_token_ratio = config.init_new_token_ratio
         self._cache_hit_rate = 0.0
@@ -384,15 +226,18 @@ class Scheduler:
         self._idle_reported = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._next_t = 0.0
         self._side_tasks: set[asyncio.Task[None]] = set()
+        # Decode mode: received KV waiting for its pages.
+        self._received: dict[str, KvSink] = {}
+        # A retraction while planning may hit a request already in the step's decode rows.
+        self._retracted_during_plan = False
 
     # ----- lifecycle -----
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"sim-scheduler-dp{self.dp_rank}"
+                self._run(), name=f"scheduler-dp{self.dp_rank}"
             )
 
     async def close(self) -> None:
@@ -434,30 +279,24 @@ class Scheduler:
     def is_idle(self) -> bool:
         return not self.requests
 
-    def submit(self, req: SimRequest) -> None:
+    def submit(self, req: Req) -> None:
         if req.rid in self.requests:
-            req.state = DONE
-            req.channel.push(
-                self._item(req, [], _abort(f"duplicate request id {req.rid}", 400)), final=True
-            )
+            self._refuse(req, _abort(f"duplicate request id {req.rid}", 400))
             return
         if self._closed:
-            req.state = DONE
-            req.channel.push(self._item(req, [], _abort("the engine is shutting down")), final=True)
+            self._refuse(req, _abort("the engine is shutting down"))
             return
         if self._released:
-            req.state = DONE
-            req.channel.push(
-                self._item(req, [], _abort("the engine's memory is released", 503)), final=True
-            )
+            self._refuse(req, _abort("the engine's memory is released", 503))
+            return
+        refusal = self.runner.unsupported(req)
+        if refusal is not None:
+            self._refuse(req, _abort(refusal, 400))
             return
         self.requests[req.rid] = req
-        if self.mode == "decode":
-            if (
-                req.bootstrap_host is None
-                or req.bootstrap_port is None
-                or (req.bootstrap_room is None)
-            ):
+        self.runner.add(req)
+        if self.mode == "decode" and req.bootstrap_host != FAKE_BOOTSTRAP_HOST:
+            if None in (req.bootstrap_host, req.bootstrap_port, req.bootstrap_room):
                 self._terminate(
                     req,
                     _abort(
@@ -467,18 +306,16 @@ class Scheduler:
                     ),
                 )
                 return
-            if req.bootstrap_host == FAKE_BOOTSTRAP_HOST:
-                # No prefill peer (health check, warm-up): sample the first token here.
-                req.first_token = self._sample(req, 0)
-                req.state = READY
-                self._ready.append(req)
-            else:
-                req.state = RECEIVING
-                req.task = self._spawn(self._receive(req), f"sim-kv-receive-{req.rid}")
+            req.state = RECEIVING
+            req.task = self._spawn(self._receive(req), f"kv-receive-{req.rid}")
         else:
             req.state = WAITING
             self._waiting.append(req)
         self._wake.set()
+
+    def _refuse(self, req: Req, reason: dict[str, Any]) -> None:
+        req.state = DONE
+        req.channel.push(self._item(req, [], [], reason), final=True)
 
     def abort(self, rid: str, message: str = "aborted by request") -> bool:
         """End ``rid`` wherever it is (waiting, running, in a KV transfer); False if unknown."""
@@ -490,7 +327,7 @@ class Scheduler:
         self._wake.set()
         return True
 
-    def _release_decode_peer(self, req: SimRequest) -> None:
+    def _release_decode_peer(self, req: Req) -> None:
         # Whatever stage a prefill request is at (queued, prefilling, sending), its decode
         # peer waits on the room: tell it now rather than let it run into the bootstrap
         # timeout. The sender remembers the room for a decode that registers later.
@@ -553,12 +390,10 @@ class Scheduler:
     # ----- the loop -----
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        speedup = self.config.speedup_ratio
         try:
             while not self._closed:
-                step = None if self._paused else self._plan()
-                if step is None:
+                batch = None if self._paused else self._plan()
+                if batch is None:
                     if not self._idle_reported:
                         self._idle_reported = True
                         self._publish_events()
@@ -567,28 +402,31 @@ class Scheduler:
                     await self._wake.wait()
                     continue
                 self._idle_reported = False
-                now = loop.time()
-                if self._next_t < now:
-                    self._next_t = now
-                if speedup > 0:
-                    self._next_t += step.duration / speedup
-                    delay = self._next_t - loop.time()
-                    await asyncio.sleep(delay if delay > 0 else 0)
-                else:
-                    await asyncio.sleep(0)
-                self._apply(step)
+                try:
+                    out = await self.runner.forward(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # The step's requests cannot continue (their KV is unknown); the rest can.
+                    log.exception("dp%d: a forward step failed", self.dp_rank)
+                    for req, _, _ in batch.prefill:
+                        self._terminate(req, _abort(f"the model failed: {exc!r}"))
+                    for req in batch.decode:
+                        self._terminate(req, _abort(f"the model failed: {exc!r}"))
+                    self._decoding = [r for r in self._decoding if r.state == DECODING]
+                    continue
+                self._apply(batch, out)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("simulated scheduler dp%d crashed", self.dp_rank)
+            log.exception("scheduler dp%d crashed", self.dp_rank)
             self._closed = True
             for req in list(self.requests.values()):
-                self._terminate(req, _abort(f"simulated scheduler crashed: {exc!r}"))
+                self._terminate(req, _abort(f"the scheduler crashed: {exc!r}"))
 
-    def _plan(self) -> _Step | None:
-        step = _Step()
+    def _plan(self) -> ForwardBatch | None:
+        batch = ForwardBatch()
         cfg = self.config
-        cost = cfg.cost
 
         # Decode-mode arrivals whose KV is here: straight into the running batch.
         while self._ready and self.num_running < cfg.max_running_requests:
@@ -599,29 +437,27 @@ class Scheduler:
                 self._ready.popleft()
 
         # Decode: every fully prefilled request gets one token; make room for its KV.
-        kv_tokens = 0
         if self._decoding:
-            batch = step.decode
+            page = self.page_size
             for req in list(self._decoding):
                 if req.state != DECODING:
                     continue  # retracted just now
-                if req.kv_len >= req.cap and not self._grow(req):
+                if req.kv_len >= len(req.page_table) * page and not self._grow(req):
                     continue
-                batch.append(req)
-                kv_tokens += req.kv_len + 1
+                batch.decode.append(req)
 
         # Prefill: continue the chunked request(s), then admit from the waiting queue.
         budget = cfg.max_prefill_tokens
         if cfg.chunked_prefill_size > 0:
             budget = min(budget, cfg.chunked_prefill_size)
         chunk_limit = cfg.chunked_prefill_size > 0
-        chunks = step.chunks
+        chunks = batch.prefill
         for req in self._prefilling:
             if budget <= 0:
                 break
             remaining = req.target - req.kv_len
             n = min(remaining, budget) if chunk_limit else remaining
-            chunks.append((req, n))
+            chunks.append((req, req.kv_len, n))
             budget -= n
         if self._waiting and not self._released:
             reserve = -1.0
@@ -639,43 +475,35 @@ class Scheduler:
                 if not chunk_limit and remaining > budget and chunks:
                     break  # unchunked: a prompt over the budget runs alone next step
                 n = min(remaining, budget) if chunk_limit else remaining
-                chunks.append((req, n))
+                chunks.append((req, req.kv_len, n))
                 budget -= n
 
-        if not chunks and not step.decode:
+        if batch.decode and self._retracted_during_plan:
+            batch.decode = [r for r in batch.decode if r.state == DECODING]
+        self._retracted_during_plan = False
+        if not chunks and not batch.decode:
             return None
-
-        prefill_s = 0.0
-        if chunks:
-            share = cost.prefill_overhead_s / len(chunks)
-            for req, n in chunks:
-                t = cost.chunk_time(n, req.kv_len + n) + share
-                req.sim_prefill_s += t
-                prefill_s += t
-        decode_s = 0.0
-        if step.decode:
-            decode_s = cost.decode_time(len(step.decode), kv_tokens)
-            per_req = decode_s / len(step.decode)
-            for req in step.decode:
-                req.sim_decode_s += per_req
-        step.prefill_s = prefill_s
-        step.duration = prefill_s + decode_s
+        batch.sample = [r for r, start, n in chunks if start + n >= r.target]
+        batch.sample.extend(batch.decode)
         running = self.num_running
         if running > self.stats.max_running:
             self.stats.max_running = running
-        return step
+        return batch
 
-    def _apply(self, step: _Step) -> None:
+    def _apply(self, batch: ForwardBatch, out: StepOutput) -> None:
         stats = self.stats
         stats.steps += 1
-        stats.sim_seconds += step.duration
+        stats.forward_seconds += out.seconds
         finished_any = False
+        sampled: dict[int, int] = {id(r): i for i, r in enumerate(batch.sample)}
+        tokens = out.tokens
+        logprobs = out.logprobs
 
-        if step.chunks:
+        if batch.prefill:
             stats.prefill_steps += 1
             computed = 0
             hit = 0
-            for req, n in step.chunks:
+            for req, _, n in batch.prefill:
                 if req.state != PREFILLING:
                     continue  # aborted while the step ran
                 if req.kv_len == req.cached_tokens and req.retractions == 0:
@@ -687,14 +515,16 @@ class Scheduler:
                 if req.kv_len >= req.target:
                     self._prefilling.remove(req)
                     req.fill = req.input_ids
-                    if self._prefill_done(req):
+                    i = sampled[id(req)]
+                    lp = logprobs[i] if logprobs is not None else None
+                    if self._prefill_done(req, tokens[i], lp):
                         finished_any = True
             stats.prefill_tokens += computed
             stats.cached_prompt_tokens += hit
             if computed + hit:
                 self._cache_hit_rate = hit / (computed + hit)
 
-        if step.decode:
+        if batch.decode:
             stats.decode_steps += 1
             self._decode_since_report += 1
             if self._new_token_ratio > self.config.min_new_token_ratio:
@@ -702,35 +532,38 @@ class Scheduler:
                     self.config.min_new_token_ratio,
                     self._new_token_ratio - self.config.new_token_ratio_decay,
                 )
-            if self._decode_batch(step.decode):
+            first = len(batch.sample) - len(batch.decode)
+            if self._decode_batch(batch.decode, tokens, logprobs, first):
                 finished_any = True
 
         if finished_any:
             self._decoding = [r for r in self._decoding if r.state == DECODING]
 
         self._publish_events()
-        if step.chunks or self._decode_since_report >= self.config.decode_log_interval:
+        if batch.prefill or self._decode_since_report >= self.config.decode_log_interval:
             self._decode_since_report = 0
             self._publish_metrics()
 
-    def _decode_batch(self, batch: list[SimRequest]) -> bool:
+    def _decode_batch(
+        self,
+        batch: list[Req],
+        tokens: list[int],
+        logprobs: list[TokenLogprob | None] | None,
+        first: int,
+    ) -> bool:
         """One decode token for each request; True if any finished."""
         finished_any = False
         stats = self.stats
         produced = 0
-        for req in batch:
+        for k, req in enumerate(batch, first):
             if req.state != DECODING:
                 continue
             req.kv_len += 1
             out = req.output_ids
-            i = len(out)
-            gen = req.gen
-            tok = gen.token(i)
-            if i < req.min_new_tokens and tok in req.stop_ids:
-                tok = self._resample(req, i, tok)
+            tok = tokens[k]
             out.append(tok)
             produced += 1
-            n = i + 1
+            n = len(out)
             if n >= req.max_new_tokens:
                 reason: dict[str, Any] | None = {"type": "length", "length": req.max_new_tokens}
             elif not req.ignore_eos and tok in req.stop_ids:
@@ -745,7 +578,7 @@ class Scheduler:
                 "cached_tokens": req.cached_tokens,
             }
             if req.return_logprob:
-                self._add_logprobs(req, meta, i, tok)
+                _logprob_meta(meta, req, [tok], [logprobs[k] if logprobs is not None else None])
             item = {"text": "", "output_ids": [tok], "index": 0, "meta_info": meta}
             if reason is None:
                 req.channel.push(item)
@@ -754,6 +587,7 @@ class Scheduler:
                 self._release(req, insert=True)
                 req.state = DONE
                 del self.requests[req.rid]
+                self.runner.remove(req)
                 stats.finished += 1
                 finished_any = True
         stats.output_tokens += produced
@@ -771,8 +605,8 @@ class Scheduler:
             total += min(req.max_new_tokens - len(req.output_ids), CLIP_MAX_NEW_TOKENS)
         return total * ratio
 
-    def _admit(self, req: SimRequest, reserve: float) -> tuple[bool, float]:
-        """Match, lock and allocate ``req``'s sequence; returns (admitted, new reserve)."""
+    def _admit(self, req: Req, reserve: float) -> tuple[bool, float]:
+        """Match, lock and give pages to ``req``'s sequence; returns (admitted, new reserve)."""
         cache = self.cache
         page = self.page_size
         if req.output_ids:
@@ -802,13 +636,13 @@ class Scheduler:
             if available < (seq_len - match.num_tokens) + future_reserve:
                 return False, reserve
         cache.lock(match)
-        if not cache.alloc(need):
+        own = cache.alloc(need)
+        if own is None:
             cache.unlock(match)
             return False, reserve
         req.match = match
         req.locked_pages = match.num_pages
-        req.private_pages = need
-        req.cap = (match.num_pages + need) * page
+        req.page_table = match.page_ids() + own if match.num_pages else own
         req.kv_len = match.num_tokens
         req.target = seq_len
         if req.cached_tokens < 0:
@@ -819,18 +653,21 @@ class Scheduler:
         self._prefilling.append(req)
         return True, reserve + future_reserve
 
-    def _admit_ready(self, req: SimRequest) -> bool:
+    def _admit_ready(self, req: Req) -> bool:
         """Decode mode: a request whose KV arrived takes a running slot and its pages."""
         need = -(-req.prompt_len // self.page_size)
         if need > self.cache.total_pages:
             self._terminate(req, _abort("the prompt does not fit in the KV cache", 400))
             return True
-        if not self.cache.alloc(need):
+        own = self.cache.alloc(need)
+        if own is None:
             return False
         req.match = None
         req.locked_pages = 0
-        req.private_pages = need
-        req.cap = need * self.page_size
+        req.page_table = own
+        sink = self._received.pop(req.rid, None)
+        if sink is not None:
+            self.runner.kv_import(req, sink)
         req.kv_len = req.prompt_len
         req.target = req.prompt_len
         req.cached_tokens = 0
@@ -840,14 +677,14 @@ class Scheduler:
         assert first is not None
         req.state = DECODING
         self._decoding.append(req)
-        self._emit_token(req, first)
+        self._emit_token(req, first, req.first_logprob)
         return True
 
-    def _grow(self, req: SimRequest) -> bool:
+    def _grow(self, req: Req) -> bool:
         """One more page for a decoding request, retracting others if need be; False if
         ``req`` itself was retracted or aborted."""
         cache = self.cache
-        while not cache.alloc(1):
+        while (page := cache.alloc(1)) is None:
             victim = self._latest_running()
             if victim is None:
                 return False
@@ -863,12 +700,11 @@ class Scheduler:
             self._retract(victim)
             if victim is req:
                 return False
-        req.private_pages += 1
-        req.cap += self.page_size
+        req.page_table.extend(page)
         return True
 
-    def _latest_running(self) -> SimRequest | None:
-        latest: SimRequest | None = None
+    def _latest_running(self) -> Req | None:
+        latest: Req | None = None
         for req in self._prefilling:
             if latest is None or req.admit_seq > latest.admit_seq:
                 latest = req
@@ -877,7 +713,7 @@ class Scheduler:
                 latest = req
         return latest
 
-    def _retract(self, req: SimRequest) -> None:
+    def _retract(self, req: Req) -> None:
         """SGLang's decode retraction: drop the request's private KV (its cached prefix stays
         in the tree, unlocked) and requeue it at the front, keeping its output so far."""
         self._release(req, insert=False)
@@ -890,6 +726,7 @@ class Scheduler:
         req.kv_len = 0
         req.retractions += 1
         self.stats.retractions += 1
+        self._retracted_during_plan = True
         self._waiting.appendleft(req)
         # SGLang's estimate after a retraction: every running request is assumed to decode
         # RETRACT_DECODE_STEPS more tokens.
@@ -903,57 +740,47 @@ class Scheduler:
             "dp%d retracted %s (%d output tokens)", self.dp_rank, req.rid, len(req.output_ids)
         )
 
-    def _checkpoint(self, req: SimRequest) -> None:
+    def _checkpoint(self, req: Req) -> None:
         """Put the request's computed full pages into the tree and hold them locked (SGLang's
         ``cache_unfinished_req``)."""
         cache = self.cache
         full = req.kv_len // self.page_size
         if full <= req.locked_pages:
             return
-        m2 = cache.insert(req.fill[: full * self.page_size])
-        moved = m2.num_pages - req.locked_pages
-        dup = moved - m2.new_pages
-        if dup:
-            cache.pool.free(dup)
-        req.private_pages -= moved
+        m2 = cache.adopt(req.fill[: full * self.page_size], req.page_table, req.locked_pages)
         cache.lock(m2)
         if req.match is not None:
             cache.unlock(req.match)
         req.match = m2
         req.locked_pages = m2.num_pages
 
-    def _release(self, req: SimRequest, *, insert: bool) -> None:
+    def _release(self, req: Req, *, insert: bool) -> None:
         """Give back the request's KV; with ``insert`` its computed full pages stay cached."""
         if req.state in (WAITING, RECEIVING, READY, DONE) or (
-            req.match is None and req.private_pages == 0
+            req.match is None and not req.page_table
         ):
             return
         cache = self.cache
+        table = req.page_table
+        held = req.locked_pages
         if insert and self.mode != "decode" and req.kv_len >= self.page_size:
             full = req.kv_len // self.page_size
-            if full > req.locked_pages:
+            if full > held:
                 tokens = req.fill if req.state == PREFILLING else req.input_ids + req.output_ids
-                m2 = cache.insert(tokens[: full * self.page_size])
-                moved = m2.num_pages - req.locked_pages
-                dup = moved - m2.new_pages
-                req.private_pages -= moved
-                if dup:
-                    cache.pool.free(dup)
-        if req.private_pages:
-            cache.pool.free(req.private_pages)
+                cache.adopt(tokens[: full * self.page_size], table, held)
+                held = full
+        if len(table) > held:
+            cache.pool.free(table[held:])
         if req.match is not None:
             cache.unlock(req.match)
         req.match = None
-        req.private_pages = 0
+        req.page_table = []
         req.locked_pages = 0
-        req.cap = 0
 
     # ----- prefill completion and disaggregation -----
 
-    def _prefill_done(self, req: SimRequest) -> bool:
-        """The prefill's forward samples the next token; True if the request finished."""
-        i = len(req.output_ids)
-        tok = self._sample(req, i)
+    def _prefill_done(self, req: Req, tok: int, lp: TokenLogprob | None) -> bool:
+        """The prefill's forward sampled the next token; True if the request finished."""
         if self.mode == "prefill":
             req.output_ids.append(tok)
             self.stats.output_tokens += 1
@@ -963,17 +790,18 @@ class Scheduler:
                 or req.bootstrap_room is None
                 or self.kv_sender is None
             ):
-                self._finish(req, [tok], _length(1))
+                self._finish(req, [tok], [lp], _length(1))
                 return True
             # Keep the KV, give up the running slot, and send it in the background.
             req.state = SENDING
-            req.task = self._spawn(self._send(req, tok), f"sim-kv-send-{req.rid}")
+            req.first_logprob = lp
+            req.task = self._spawn(self._send(req, tok), f"kv-send-{req.rid}")
             return True
         req.state = DECODING
         self._decoding.append(req)
-        return self._emit_token(req, tok)
+        return self._emit_token(req, tok, lp)
 
-    def _emit_token(self, req: SimRequest, tok: int) -> bool:
+    def _emit_token(self, req: Req, tok: int, lp: TokenLogprob | None) -> bool:
         """Append a just-sampled token (not via the decode loop), stream it and check for a
         finish; True if finished."""
         if req.state != DECODING:
@@ -981,7 +809,7 @@ class Scheduler:
         out = req.output_ids
         i = len(out)
         if i >= req.max_new_tokens:  # max_new_tokens=0: a prefill-only request
-            self._finish(req, [], _length(req.max_new_tokens))
+            self._finish(req, [], [], _length(req.max_new_tokens))
             return True
         out.append(tok)
         self.stats.output_tokens += 1
@@ -992,17 +820,23 @@ class Scheduler:
         elif not req.ignore_eos and tok in req.stop_ids:
             reason = {"type": "stop", "matched": tok}
         if reason is None:
-            req.channel.push(self._item(req, [tok], None, first_index=i))
+            req.channel.push(self._item(req, [tok], [lp], None))
             return False
-        self._finish(req, [tok], reason, first_index=i)
+        self._finish(req, [tok], [lp], reason)
         return True
 
-    async def _send(self, req: SimRequest, tok: int) -> None:
+    async def _send(self, req: Req, tok: int) -> None:
         sender = self.kv_sender
         assert sender is not None and req.bootstrap_room is not None
         try:
             await sender.send(
-                room=req.bootstrap_room, num_tokens=req.prompt_len, first_token=tok, rid=req.rid
+                room=req.bootstrap_room,
+                num_tokens=req.prompt_len,
+                first_token=tok,
+                rid=req.rid,
+                layout=self.runner.kv_layout,
+                payload=self.runner.kv_export(req, req.prompt_len),
+                extra=_LOGPROB_ENCODER.encode(req.first_logprob),
             )
         except TransferError as exc:
             self._terminate(req, _abort(f"KV transfer failed: {exc}"))
@@ -1012,25 +846,29 @@ class Scheduler:
             self._terminate(req, _abort(f"KV transfer failed: {exc!r}"))
         else:
             if req.state == SENDING:
-                self._finish(req, [tok], _length(1))
+                self._finish(req, [tok], [req.first_logprob], _length(1))
         finally:
             self._wake.set()
 
-    async def _receive(self, req: SimRequest) -> None:
+    async def _receive(self, req: Req) -> None:
         receiver = self.kv_receiver
         assert req.bootstrap_host is not None
         assert req.bootstrap_port is not None and req.bootstrap_room is not None
         if receiver is None:
             self._terminate(req, _abort("this engine has no KV receiver (not in decode mode)"))
             return
+        sink = self.runner.kv_sink(req, req.prompt_len)
         try:
-            tok = await receiver.receive(
+            tok, extra = await receiver.receive(
                 host=req.bootstrap_host,
                 port=req.bootstrap_port,
                 room=req.bootstrap_room,
                 num_tokens=req.prompt_len,
                 rid=req.rid,
+                layout=self.runner.kv_layout,
+                sink=sink,
             )
+            lp = _LOGPROB_DECODER.decode(extra) if extra else None
         except TransferError as exc:
             self._terminate(req, _abort(f"KV transfer failed: {exc}"))
             return
@@ -1041,6 +879,8 @@ class Scheduler:
         if req.state != RECEIVING:
             return
         req.first_token = tok
+        req.first_logprob = lp
+        self._received[req.rid] = sink
         req.state = READY
         self._ready.append(req)
         self._wake.set()
@@ -1058,30 +898,12 @@ class Scheduler:
 
     # ----- outputs -----
 
-    def _sample(self, req: SimRequest, i: int) -> int:
-        tok = req.gen.token(i)
-        if i < req.min_new_tokens and tok in req.stop_ids:
-            tok = self._resample(req, i, tok)
-        return tok
-
-    @staticmethod
-    def _resample(req: SimRequest, i: int, tok: int) -> int:
-        # min_new_tokens masks stop tokens (SGLang's penalizer): draw another ordinary one.
-        attempt = 0
-        while tok in req.stop_ids:
-            attempt += 1
-            tok = req.gen.alternative(i, attempt)
-            if attempt > 64:
-                break
-        return tok
-
     def _item(
         self,
-        req: SimRequest,
+        req: Req,
         toks: list[int],
+        lps: list[TokenLogprob | None],
         reason: dict[str, Any] | None,
-        *,
-        first_index: int = 0,
     ) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "id": req.rid,
@@ -1091,58 +913,44 @@ class Scheduler:
             "cached_tokens": max(req.cached_tokens, 0),
         }
         if req.return_logprob:
-            lps: list[tuple[float, int, None]] = []
-            tops: list[list[tuple[float, int, None]]] = []
-            for k, tok in enumerate(toks):
-                chosen, top = req.gen.logprobs(first_index + k, tok, req.top_logprobs_num)
-                lps.append(chosen)
-                tops.append(top)
-            meta["output_token_logprobs"] = lps
-            if req.top_logprobs_num > 0:
-                meta["output_top_logprobs"] = tops
+            _logprob_meta(meta, req, toks, lps)
         return {"text": "", "output_ids": toks, "index": 0, "meta_info": meta}
-
-    @staticmethod
-    def _add_logprobs(req: SimRequest, meta: dict[str, Any], i: int, tok: int) -> None:
-        chosen, top = req.gen.logprobs(i, tok, req.top_logprobs_num)
-        meta["output_token_logprobs"] = [chosen]
-        if req.top_logprobs_num > 0:
-            meta["output_top_logprobs"] = [top]
 
     def _finish(
         self,
-        req: SimRequest,
+        req: Req,
         toks: list[int],
+        lps: list[TokenLogprob | None],
         reason: dict[str, Any],
-        *,
-        first_index: int | None = None,
     ) -> None:
         """Normal end: final item, KV into the cache, bookkeeping."""
         if req.state == DONE:
             return
-        start = len(req.output_ids) - len(toks) if first_index is None else first_index
-        req.channel.push(self._item(req, toks, reason, first_index=start), final=True)
+        req.channel.push(self._item(req, toks, lps, reason), final=True)
         self._release(req, insert=True)
         self._unlist(req)
         req.state = DONE
         self.requests.pop(req.rid, None)
+        self.runner.remove(req)
         self.stats.finished += 1
 
-    def _terminate(self, req: SimRequest, reason: dict[str, Any]) -> None:
+    def _terminate(self, req: Req, reason: dict[str, Any]) -> None:
         """Abnormal end (abort, transfer failure, shutdown): final item with no new tokens."""
         if req.state == DONE:
             return
         task = req.task
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
-        req.channel.push(self._item(req, [], reason), final=True)
+        req.channel.push(self._item(req, [], [], reason), final=True)
         self._release(req, insert=True)
         self._unlist(req)
         req.state = DONE
         self.requests.pop(req.rid, None)
+        self._received.pop(req.rid, None)
+        self.runner.remove(req)
         self.stats.aborted += 1
 
-    def _unlist(self, req: SimRequest) -> None:
+    def _unlist(self, req: Req) -> None:
         state = req.state
         if state == WAITING:
             with contextlib.suppress(ValueError):

@@ -1,10 +1,12 @@
-"""Simulated disaggregated KV transfer: the prefill engine pushes a request's KV to decode over TCP.
+"""Disaggregated KV transfer between CPU engines: prefill pushes a request's KV to decode.
 
 Why: in SGLang's prefill/decode disaggregation the prompt's KV cache moves from the prefill
-engine to the decode engine (Mooncake or NIXL over RDMA on GPUs). The simulated engine must go
-through the same coordination -- the decode side may show up before or after the prefill, either
-side may abort, a peer may never come, a worker may die mid-transfer -- and put real bytes on a
-real socket, so the mesh above sees realistic latency, back-pressure and failures. As in SGLang,
+engine to the decode engine (Mooncake or NIXL over RDMA on GPUs). The CPU engines go through the
+same coordination -- the decode side may show up before or after the prefill, either side may
+abort, a peer may never come, a worker may die mid-transfer -- over TCP. The bytes are whatever
+the engines' model runner says a request's KV is (``runner.py``): the torch runner's real K/V
+pages, or the simulated runner's stand-in bytes of a modelled size, so the mesh above sees
+realistic latency, back-pressure and failures either way. As in SGLang,
 only the prefill engine listens (its bootstrap server, default port 8998) and decode engines dial
 it. Both legs of a request carry the same bootstrap room, the rendezvous key; one server serves
 every DP rank of its engine (``room % dp_size == dp_rank`` picks the rank, the room alone
@@ -16,12 +18,16 @@ Wire protocol: one TCP connection per request, decode dials prefill. Every frame
 header ``>BI`` (frame type, payload length) and the payload; control payloads are msgpack
 arrays, DATA payloads raw bytes::
 
-    decode  -> prefill  1 REGISTER   [room, num_tokens, nbytes, rid]
-    prefill -> decode   2 KV_HEADER  [num_tokens, first_token, nbytes]
+    decode  -> prefill  1 REGISTER   [room, num_tokens, nbytes, rid, layout]
+    prefill -> decode   2 KV_HEADER  [num_tokens, first_token, nbytes, extra]
     prefill -> decode   3 DATA       raw KV bytes, <= 1 MiB per frame, until nbytes are sent
     prefill -> decode   4 DONE       [nbytes, crc32 of all DATA]
     decode  -> prefill  5 ACK        [nbytes]    (only now has the transfer succeeded)
     either  -> other    6 ABORT      [code, reason]   code: "aborted" | "timeout" | "error"
+
+``layout`` names what the bytes mean (dtype, layers, heads, page size); a prefill whose layout
+or size differs from the decode's fails the transfer on both sides with both in the message.
+``extra`` is opaque to the transfer (the engines put the first token's logprobs there).
 
 ABORT may take the place of any frame after REGISTER (frames are written whole, so it never
 splits a DATA frame); its code picks what the other side raises: ``TransferAborted``,
@@ -40,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import struct
 import time
@@ -53,6 +58,7 @@ import msgspec
 
 from proto.request import FAKE_BOOTSTRAP_HOST, U32, U63
 from shared.engine.cpu.contracts import TransferAborted, TransferError, TransferTimeout
+from shared.engine.cpu.runner import KvPayload, KvSink
 
 if TYPE_CHECKING:
     from shared.engine.cpu import contracts
@@ -82,6 +88,8 @@ _ABORT: Final = 6
 _MAX_CONTROL = 64 * 1024
 _MAX_DATA = 16 * CHUNK_BYTES
 _MAX_REASON = 2000
+_MAX_LAYOUT = 1000
+_MAX_EXTRA = 32 * 1024
 # Bounded memory for aborted / hung-up rooms, however many requests fail.
 _REMEMBERED_ROOMS = 65536
 # A closing connection whose peer stopped reading is reset after this long, so a stuck peer
@@ -103,12 +111,14 @@ class _Register(msgspec.Struct, array_like=True, frozen=True):
     num_tokens: U32
     nbytes: _NonNegative
     rid: str
+    layout: Annotated[str, msgspec.Meta(max_length=_MAX_LAYOUT)]
 
 
 class _KvHeader(msgspec.Struct, array_like=True, frozen=True):
     num_tokens: U32
     first_token: U32
     nbytes: _NonNegative
+    extra: Annotated[bytes, msgspec.Meta(max_length=_MAX_EXTRA)] = b""
 
 
 class _Done(msgspec.Struct, array_like=True, frozen=True):
@@ -177,13 +187,6 @@ def _hang_up(writer: asyncio.StreamWriter) -> None:
     asyncio.get_running_loop().call_later(_LINGER, transport.abort)
 
 
-def _payload(room: int, size: int) -> bytes:
-    # Real, room-specific bytes (a mix-up between rooms would fail the checksum) made cheaply:
-    # one hash repeated, never more than a chunk.
-    seed = hashlib.blake2b(room.to_bytes(8, "big")).digest()
-    return (seed * (size // len(seed) + 1))[:size]
-
-
 def _check_request(room: int, num_tokens: int) -> None:
     if not 0 <= room < 2**63:
         raise ValueError(f"bootstrap room {room} is outside [0, 2**63)")
@@ -191,9 +194,7 @@ def _check_request(room: int, num_tokens: int) -> None:
         raise ValueError(f"num_tokens {num_tokens} is outside [0, 2**32)")
 
 
-def _check_settings(kv_bytes_per_token: int, timeout: float) -> None:
-    if kv_bytes_per_token < 0:
-        raise ValueError(f"kv_bytes_per_token must be >= 0, got {kv_bytes_per_token}")
+def _check_timeout(timeout: float) -> None:
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0, got {timeout}")
 
@@ -247,7 +248,17 @@ class _Peer:
     error of whoever ended it first (decode hang-up or ABORT, prefill abort, timeout, close).
     """
 
-    __slots__ = ("expiry", "nbytes", "num_tokens", "outcome", "reader", "rid", "room", "writer")
+    __slots__ = (
+        "expiry",
+        "layout",
+        "nbytes",
+        "num_tokens",
+        "outcome",
+        "reader",
+        "rid",
+        "room",
+        "writer",
+    )
 
     def __init__(
         self, reg: _Register, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -256,6 +267,7 @@ class _Peer:
         self.num_tokens = reg.num_tokens
         self.nbytes = reg.nbytes
         self.rid = reg.rid
+        self.layout = reg.layout
         self.reader = reader
         self.writer = writer
         self.outcome: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -302,13 +314,11 @@ class BootstrapServer:
         host: str = "0.0.0.0",
         port: int = 8998,
         *,
-        kv_bytes_per_token: int,
         timeout: float = 300.0,
     ) -> None:
-        _check_settings(kv_bytes_per_token, timeout)
+        _check_timeout(timeout)
         self.host = host
         self.port = port
-        self.kv_bytes_per_token = kv_bytes_per_token
         self.timeout = timeout
         self.bytes_transferred = 0
         self.transfers_ok = 0
@@ -379,16 +389,29 @@ class BootstrapServer:
     ) -> None:
         await self.close()
 
-    async def send(self, *, room: int, num_tokens: int, first_token: int, rid: str) -> None:
-        """Wait for the decode engine of ``room``, stream it ``num_tokens x kv_bytes_per_token``
-        bytes and ``first_token``, and return once it acknowledged receipt.
+    async def send(
+        self,
+        *,
+        room: int,
+        num_tokens: int,
+        first_token: int,
+        rid: str,
+        layout: str,
+        payload: KvPayload,
+        extra: bytes = b"",
+    ) -> None:
+        """Wait for the decode engine of ``room``, stream it ``payload`` (``num_tokens`` tokens
+        of KV in ``layout``), ``first_token`` and ``extra``, and return once it acknowledged
+        receipt.
 
         Raises TransferTimeout (no decode within ``timeout``, or it stopped reading),
         TransferAborted (decode hung up or aborted, ``abort(room)``, server closed) or
-        TransferError (size mismatch between the two sides, protocol error). Cancelling it
-        aborts the decode side.
+        TransferError (size or layout mismatch between the two sides, protocol error).
+        Cancelling it aborts the decode side.
         """
         _check_request(room, num_tokens)
+        if len(extra) > _MAX_EXTRA:
+            raise ValueError(f"extra is {len(extra)} bytes (max {_MAX_EXTRA})")
         if not 0 <= first_token < 2**32:
             raise ValueError(f"first_token {first_token} is outside [0, 2**32)")
         try:
@@ -406,7 +429,9 @@ class BootstrapServer:
                 )
             peer = await self._claim(room, rid)
             try:
-                await self._transfer(peer, num_tokens, first_token, rid)
+                await self._transfer(
+                    peer, _KvHeader(num_tokens, first_token, payload.nbytes, extra), layout, payload
+                )
             except BaseException as exc:
                 # Whatever ended the send, the decode must hear of it now, not at its timeout
                 # (a no-op if the transfer already ended on the decode's side).
@@ -475,38 +500,56 @@ class BootstrapServer:
             if self._active.get(peer.room) is peer:
                 del self._active[peer.room]
 
-    async def _transfer(self, peer: _Peer, num_tokens: int, first_token: int, rid: str) -> None:
+    async def _transfer(
+        self, peer: _Peer, header: _KvHeader, layout: str, payload: KvPayload
+    ) -> None:
         room = peer.room
-        nbytes = num_tokens * self.kv_bytes_per_token
+        rid = peer.rid
+        num_tokens = header.num_tokens
+        nbytes = header.nbytes
         # Either may have happened between the registration's hand-over and now.
         if self._closed:
             peer.fail("aborted", f"bootstrap server {self.address} is shutting down")
         aborted = self._aborted.get(room)
         if aborted is not None:
             peer.fail("aborted", aborted)
-        if peer.num_tokens != num_tokens or peer.nbytes != nbytes:
+        if peer.layout != layout:
             peer.fail(
                 "error",
-                f"KV size mismatch for bootstrap room {room}: prefill (rid {rid}) has "
-                f"{num_tokens} tokens = {nbytes} bytes, decode (rid {peer.rid}) expects "
-                f"{peer.num_tokens} tokens = {peer.nbytes} bytes",
+                f"KV layout mismatch for bootstrap room {room}: the prefill engine holds "
+                f"[{layout}], the decode engine (rid {rid}) expects [{peer.layout}]",
+            )
+        elif peer.num_tokens != num_tokens or peer.nbytes != nbytes:
+            peer.fail(
+                "error",
+                f"KV size mismatch for bootstrap room {room}: prefill has {num_tokens} tokens "
+                f"= {nbytes} bytes, decode (rid {rid}) expects {peer.num_tokens} tokens = "
+                f"{peer.nbytes} bytes",
             )
         peer.check()
         loop = asyncio.get_running_loop()
         started = loop.time()
         writer = peer.writer
-        writer.write(_frame(_KV_HEADER, _KvHeader(num_tokens, first_token, nbytes)))
-        chunk = memoryview(_payload(room, min(nbytes, CHUNK_BYTES)))
+        writer.write(_frame(_KV_HEADER, header))
         sent = crc = 0
-        while sent < nbytes:
-            size = min(CHUNK_BYTES, nbytes - sent)
-            data = chunk[:size]
+        for data in payload.chunks(CHUNK_BYTES):
+            size = len(data)
+            if not size:
+                continue
+            if size > CHUNK_BYTES or sent + size > nbytes:
+                raise TransferError(
+                    f"the KV payload of bootstrap room {room} is larger than its {nbytes} bytes"
+                )
             writer.write(_HEADER.pack(_DATA, size))
             writer.write(data)
             crc = zlib.crc32(data, crc)
             sent += size
             self.bytes_transferred += size
             await self._drain(peer)
+        if sent != nbytes:
+            raise TransferError(
+                f"the KV payload of bootstrap room {room} gave {sent} of its {nbytes} bytes"
+            )
         peer.check()
         writer.write(_frame(_DONE, _Done(nbytes, crc)))
         # No drain after DONE: the ACK can only come once everything arrived, and it may come
@@ -681,9 +724,8 @@ class KvReceiver:
     ``last_transfer_seconds`` (KV_HEADER to ACK of the last successful transfer).
     """
 
-    def __init__(self, *, kv_bytes_per_token: int, timeout: float = 300.0) -> None:
-        _check_settings(kv_bytes_per_token, timeout)
-        self.kv_bytes_per_token = kv_bytes_per_token
+    def __init__(self, *, timeout: float = 300.0) -> None:
+        _check_timeout(timeout)
         self.timeout = timeout
         self.bytes_transferred = 0
         self.transfers_ok = 0
@@ -710,30 +752,43 @@ class KvReceiver:
     ) -> None:
         await self.close()
 
-    async def receive(self, *, host: str, port: int, room: int, num_tokens: int, rid: str) -> int:
+    async def receive(
+        self,
+        *,
+        host: str,
+        port: int,
+        room: int,
+        num_tokens: int,
+        rid: str,
+        layout: str,
+        sink: KvSink,
+    ) -> tuple[int, bytes]:
         """Register ``room`` with the bootstrap server at ``host:port``, receive all
-        ``num_tokens x kv_bytes_per_token`` bytes, acknowledge them and return the first token.
+        ``sink.nbytes`` bytes (``num_tokens`` tokens of KV in ``layout``) into ``sink``,
+        acknowledge them and return the first token and the prefill's ``extra``.
 
         Raises TransferTimeout, TransferAborted (prefill aborted or hung up, receiver closed)
         or TransferError (size or checksum mismatch, protocol error). Cancelling it closes the
         connection, which the prefill's ``send`` sees as an abort.
         """
         if host == FAKE_BOOTSTRAP_HOST:
-            return FAKE_FIRST_TOKEN
+            return FAKE_FIRST_TOKEN, b""
         _check_request(room, num_tokens)
         try:
             if self._closing.is_set():
                 raise TransferAborted("KV receiver is closed")
-            first_token = await self._receive(host, port, room, num_tokens, rid)
+            result = await self._receive(host, port, room, num_tokens, rid, layout, sink)
         except (TransferError, asyncio.CancelledError):
             self.transfers_failed += 1
             raise
         self.transfers_ok += 1
-        return first_token
+        return result
 
-    async def _receive(self, host: str, port: int, room: int, num_tokens: int, rid: str) -> int:
+    async def _receive(
+        self, host: str, port: int, room: int, num_tokens: int, rid: str, layout: str, sink: KvSink
+    ) -> tuple[int, bytes]:
         what = f"bootstrap room {room} (rid {rid}) from prefill bootstrap server {host}:{port}"
-        nbytes = num_tokens * self.kv_bytes_per_token
+        nbytes = sink.nbytes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         writer: asyncio.StreamWriter | None = None
@@ -755,7 +810,9 @@ class KvReceiver:
                     self._writers.add(writer)
                     if self._closing.is_set():
                         raise TransferAborted(f"KV receiver closed while waiting for {what}")
-                    writer.write(_frame(_REGISTER, _Register(room, num_tokens, nbytes, rid)))
+                    writer.write(
+                        _frame(_REGISTER, _Register(room, num_tokens, nbytes, rid, layout))
+                    )
                     await writer.drain()
                     kind, body = await _read_frame(reader)
             except TimeoutError:
@@ -787,10 +844,11 @@ class KvReceiver:
                     ) from None
                 if kind != _DATA:
                     break
+                if received + len(body) > nbytes:
+                    raise TransferError(f"got more than {nbytes} KV bytes for {what}")
+                sink.write(received, body)
                 received += len(body)
                 self.bytes_transferred += len(body)
-                if received > nbytes:
-                    raise TransferError(f"got more than {nbytes} KV bytes for {what}")
                 crc = zlib.crc32(body, crc)
             done = _parse(self._expect(kind, _DONE, body, what), _DONE_DECODER)
             if received != nbytes or done.nbytes != nbytes:
@@ -802,7 +860,7 @@ class KvReceiver:
             writer.write(_frame(_ACK, _Ack(received)))
             await writer.drain()
             self.last_transfer_seconds = loop.time() - started
-            return header.first_token
+            return header.first_token, header.extra
         except TransferError as exc:
             if (
                 writer is not None

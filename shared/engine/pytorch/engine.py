@@ -1,0 +1,164 @@
+"""``TorchEngine``: the CPU engine with the torch runner (``--engine torch``), real answers.
+
+The model (``model.py``) is loaded once per engine and shared by its DP ranks; each rank has
+its own KV cache tensors and runner, and every forward runs on one model thread (one engine's
+ranks take turns: on a CPU they would only fight over the same cores).
+
+Where the command line is silent:
+
+- ``--dtype auto`` is float32 (the parity tests' reference); ``bfloat16`` is the option;
+- ``--max-total-tokens`` defaults to what ``--mem-fraction-static`` (default 0.1 on a CPU) of
+  the machine's RAM holds in this model's KV, between 4,096 and 131,072 tokens per rank. The
+  pool is allocated lazily, so RAM is used only as pages fill;
+- ``--torch-threads 0`` uses every core this process may run on (its CPU affinity);
+- eos ids come from ``generation_config.json``, else ``config.json``, as transformers'
+  ``generate`` reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shared.engine.cpu.engine import CpuConfig, CpuEngine, cpu_config_fields, model_config
+from shared.engine.cpu.runner import ModelRunner
+
+if TYPE_CHECKING:
+    from shared.engine.args import EngineArgs
+    from shared.engine.pytorch.model import LoadedModel
+
+__all__ = ["TorchConfig", "TorchEngine", "torch_config"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEM_FRACTION = 0.1
+MIN_POOL_TOKENS = 4096
+MAX_DEFAULT_POOL_TOKENS = 131_072
+
+
+@dataclass(slots=True, kw_only=True)
+class TorchConfig(CpuConfig):
+    dtype: str = "float32"
+    threads: int = 0  # 0: every core this process may run on
+    mem_fraction: float = DEFAULT_MEM_FRACTION
+
+    def __post_init__(self) -> None:
+        CpuConfig.__post_init__(self)
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0")
+        if not 0.0 < self.mem_fraction <= 1.0:
+            raise ValueError("mem_fraction must be in (0, 1]")
+
+
+def torch_config(args: EngineArgs) -> TorchConfig:
+    """The torch engine's settings from the same command line SGLang would get."""
+    dtype = {"auto": "float32", "float": "float32"}.get(args.dtype, args.dtype)
+    return TorchConfig(
+        **cpu_config_fields(args),
+        dtype=dtype,
+        threads=args.torch_threads,
+        mem_fraction=args.mem_fraction_static or DEFAULT_MEM_FRACTION,
+    )
+
+
+def _eos_token_ids(model_path: str, config: dict[str, Any]) -> tuple[int, ...]:
+    sources: list[Any] = []
+    with contextlib.suppress(OSError, ValueError):
+        sources.append(
+            json.loads((Path(model_path) / "generation_config.json").read_text(encoding="utf-8"))
+        )
+    sources.append(config)
+    for source in sources:
+        value = source.get("eos_token_id") if isinstance(source, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value,)
+        if isinstance(value, list):
+            ids = tuple(v for v in value if isinstance(v, int) and not isinstance(v, bool))
+            if ids:
+                return ids
+    return ()
+
+
+def _kv_bytes_per_token(config: dict[str, Any], dtype: str) -> int:
+    heads = int(config.get("num_attention_heads") or 1)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or int(config.get("hidden_size") or 64) // heads)
+    layers = int(config.get("num_hidden_layers") or 1)
+    return layers * 2 * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+
+
+def _total_ram() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+class TorchEngine(CpuEngine):
+    """The torch CPU engine (see the module docstring)."""
+
+    kind = "torch"
+    config: TorchConfig
+
+    def __init__(self, config: TorchConfig) -> None:
+        if config.max_total_tokens is None:
+            per_token = _kv_bytes_per_token(model_config(config.model_path), config.dtype)
+            budget = int(_total_ram() * config.mem_fraction) // max(per_token, 1)
+            self.default_max_total_tokens = max(
+                MIN_POOL_TOKENS, min(MAX_DEFAULT_POOL_TOKENS, budget)
+            )
+        super().__init__(config)
+        self.eos_token_ids = _eos_token_ids(config.model_path, self.model_config)
+        self.model: LoadedModel | None = None
+        self.threads = config.threads or len(os.sched_getaffinity(0))
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def _load(self) -> None:
+        from shared.engine.pytorch.model import load_model
+
+        executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="torch-model", initializer=self._init_thread
+        )
+        self._executor = executor
+        loop = asyncio.get_running_loop()
+        self.model = await loop.run_in_executor(
+            executor, lambda: load_model(self.config.model_path, dtype=self.config.dtype)
+        )
+        self.vocab_size = self.model.vocab_size
+
+    def _init_thread(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)
+
+    def _make_runner(self, rank: int) -> ModelRunner:
+        from shared.engine.pytorch.kv_cache import PagedKvCache
+        from shared.engine.pytorch.runner import TorchRunner
+
+        model = self.model
+        assert model is not None and self._executor is not None
+        cache = PagedKvCache(
+            num_layers=model.num_layers,
+            num_kv_heads=model.num_kv_heads,
+            head_dim=model.head_dim,
+            num_pages=self.total_pages,
+            page_size=self.page_size,
+            dtype=model.dtype,
+        )
+        return TorchRunner(model, cache, self._executor)
+
+    def _describe(self) -> str:
+        return f", {self.config.dtype}, {self.threads} threads"
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None

@@ -1,0 +1,131 @@
+"""The torch model runner: one real forward per scheduler step, over the paged KV cache.
+
+Each step is one flat row of tokens (every prefill chunk, then one token per decoding request)
+through transformers' model code with the paged attention (``attention.py``), the LM head on
+the rows that sample only, then sampling (``sampling.py``). What the step needs from the
+scheduler's requests (tokens, positions, page tables, sampling parameters) is copied on the
+event loop before the forward starts; the forward itself runs on the engine's one model
+thread under ``torch.inference_mode``, so the event loop keeps serving while the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from shared.engine.cpu.request import Req
+from shared.engine.cpu.runner import ForwardBatch, KvSink, StepOutput
+from shared.engine.pytorch.attention import PagedStep
+from shared.engine.pytorch.kv_cache import KvPages, PagedKvCache, ReceivedKv
+from shared.engine.pytorch.model import LoadedModel
+from shared.engine.pytorch.sampling import SampleRow, sample
+
+__all__ = ["TorchRunner"]
+
+
+class _Plan:
+    """A step copied out of the scheduler's requests (built on the event loop)."""
+
+    __slots__ = ("input_ids", "positions", "rows", "sample_index", "step")
+
+    def __init__(self, batch: ForwardBatch, cache: PagedKvCache) -> None:
+        ids: list[int] = []
+        positions: list[int] = []
+        sample_index: list[int] = []
+        prefill: list[tuple[list[int], int, int]] = []
+        for req, start, length in batch.prefill:
+            ids.extend(req.fill[start : start + length])
+            positions.extend(range(start, start + length))
+            prefill.append((req.page_table, start, length))
+            if start + length >= req.target:
+                sample_index.append(len(ids) - 1)
+        decode: list[tuple[list[int], int]] = []
+        for req in batch.decode:
+            sample_index.append(len(ids))
+            ids.append(req.output_ids[-1])
+            positions.append(req.kv_len)
+            decode.append((req.page_table, req.kv_len))
+        self.input_ids = torch.tensor([ids], dtype=torch.long)
+        self.positions = torch.tensor([positions], dtype=torch.long)
+        self.sample_index = torch.tensor(sample_index, dtype=torch.long)
+        self.step = PagedStep.build(cache, prefill, decode)
+        self.rows = [
+            SampleRow(
+                params=req.sampling,
+                position=len(req.input_ids) + len(req.output_ids),
+                prompt=req.input_ids,
+                output=list(req.output_ids),
+                logprobs=req.top_logprobs_num if req.return_logprob else -1,
+            )
+            for req in batch.sample
+        ]
+
+
+class TorchRunner:
+    """:class:`~shared.engine.cpu.runner.ModelRunner` over a real model (module docstring)."""
+
+    def __init__(
+        self, model: LoadedModel, cache: PagedKvCache, executor: ThreadPoolExecutor
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self._executor = executor
+
+    @property
+    def kv_layout(self) -> str:
+        return self.cache.layout
+
+    def unsupported(self, req: Req) -> str | None:
+        guided = req.sampling.guided
+        if guided:
+            return f"the torch engine does not enforce guided decoding ({', '.join(guided)}) yet"
+        return None
+
+    def add(self, req: Req) -> None:
+        pass
+
+    def remove(self, req: Req) -> None:
+        pass
+
+    async def forward(self, batch: ForwardBatch) -> StepOutput:
+        plan = _Plan(batch, self.cache)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run, plan)
+
+    def _run(self, plan: _Plan) -> StepOutput:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            hidden = self.model.body(
+                input_ids=plan.input_ids,
+                position_ids=plan.positions,
+                use_cache=False,
+                paged=plan.step,
+            ).last_hidden_state
+            tokens: list[int] = []
+            logprobs = None
+            if plan.rows:
+                logits = self.model.lm_head(hidden[0].index_select(0, plan.sample_index))
+                tokens, lps = sample(logits, plan.rows)
+                if any(lp is not None for lp in lps):
+                    logprobs = lps
+        return StepOutput(tokens, logprobs, time.perf_counter() - started)
+
+    def kv_nbytes(self, num_tokens: int) -> int:
+        return self.cache.nbytes(num_tokens)
+
+    def kv_export(self, req: Req, num_tokens: int) -> KvPages:
+        return KvPages(self.cache.read(req.page_table, num_tokens))
+
+    def kv_sink(self, req: Req, num_tokens: int) -> ReceivedKv:
+        return ReceivedKv(self.cache, num_tokens)
+
+    def kv_import(self, req: Req, sink: KvSink) -> None:
+        if not isinstance(sink, ReceivedKv):
+            raise TypeError(f"not a torch KV buffer: {type(sink).__name__}")
+        self.cache.write(req.page_table, sink.data)
+
+    async def close(self) -> None:
+        pass
