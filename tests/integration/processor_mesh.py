@@ -1,6 +1,6 @@
 """Processes for the processor's integration tests, started exactly as a user starts them.
 
-``python -m sglmesh worker --engine sim ...`` and ``python -m sglmesh processor ...`` run as
+``python -m sglmesh worker --engine sim|torch ...`` and ``python -m sglmesh processor ...`` run as
 subprocesses on the session's real NATS and etcd (or a test's own), each with its log in a
 file that a failing assertion can show. A :class:`Mesh` is one namespace: its workers and
 processors, all killed (SIGKILL) when it closes, whatever state a test left them in.
@@ -30,7 +30,7 @@ from tests.integration.mesh import ROOT, make_config, mesh_flags
 __all__ = [
     "Mesh",
     "Processor",
-    "SimWorker",
+    "Worker",
     "error_detail",
     "mesh",
     "parse_metric",
@@ -139,8 +139,9 @@ async def _metrics_text(url: str) -> str:
         return await resp.text()
 
 
-class SimWorker(_Process):
-    """``python -m sglmesh worker --engine sim ...`` with its system server on a free port."""
+class Worker(_Process):
+    """``python -m sglmesh worker --engine sim|torch ...`` with its system server on a free
+    port (the simulator at ``speedup``, or the real model on the torch engine)."""
 
     def __init__(
         self,
@@ -151,14 +152,16 @@ class SimWorker(_Process):
         name: str = "worker",
         served_model_name: str | None = None,
         speedup: float = 0,
+        engine: str = "sim",
     ) -> None:
         self.system_port = free_port()
         self.base = f"http://127.0.0.1:{self.system_port}"
+        engine_flags = ["--speedup-ratio", str(speedup)] if engine == "sim" else []
         args = [
             sys.executable, "-m", "sglmesh", "worker",
-            "--engine", "sim",
+            "--engine", engine,
+            *engine_flags,
             "--model-path", str(model),
-            "--speedup-ratio", str(speedup),
             "--page-size", "16",
             "--max-total-tokens", "65536",
             *mesh_flags(cfg),
@@ -231,15 +234,20 @@ class Mesh:
         self.cfg = cfg
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.workers: list[SimWorker] = []
+        self.workers: list[Worker] = []
         self.processors: list[Processor] = []
 
     async def add_workers(
-        self, model: Path, *specs: tuple[str, ...], speedup: float = 0, served: str | None = None
-    ) -> list[SimWorker]:
+        self,
+        model: Path,
+        *specs: tuple[str, ...],
+        speedup: float = 0,
+        served: str | None = None,
+        engine: str = "sim",
+    ) -> list[Worker]:
         """One worker per ``specs`` item (its extra flags), started together, ready on return."""
         new = [
-            SimWorker(
+            Worker(
                 self.cfg,
                 model,
                 self.log_dir,
@@ -247,6 +255,7 @@ class Mesh:
                 name=_role(flags),
                 speedup=speedup,
                 served_model_name=served,
+                engine=engine,
             )
             for flags in specs
         ]

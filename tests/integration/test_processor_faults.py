@@ -34,7 +34,7 @@ from shared.model import make_test_tokenizer
 from tests.integration.processor_mesh import (
     Mesh,
     Processor,
-    SimWorker,
+    Worker,
     mesh,
     parse_metric,
     sse_events,
@@ -61,7 +61,7 @@ async def slow_mesh(
     etcd_server: EtcdServer,
     tmp_path_factory: pytest.TempPathFactory,
     tiny: Path,
-) -> AsyncIterator[tuple[Mesh, SimWorker, Processor]]:
+) -> AsyncIterator[tuple[Mesh, Worker, Processor]]:
     """One slow aggregated worker and a processor."""
     async with mesh(nats_server, etcd_server, tmp_path_factory.mktemp("slow")) as m:
         processor = m.add_processor()
@@ -199,7 +199,7 @@ async def test_kill_a_worker_mid_stream_migrates_without_gaps(
 
 
 async def test_client_disconnect_aborts_the_engine_request(
-    slow_mesh: tuple[Mesh, SimWorker, Processor],
+    slow_mesh: tuple[Mesh, Worker, Processor],
 ) -> None:
     m, worker, processor = slow_mesh
     body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 1500,
@@ -258,7 +258,7 @@ async def test_client_disconnect_aborts_the_engine_request(
 
 
 async def test_inflight_gauge_counts_open_requests(
-    slow_mesh: tuple[Mesh, SimWorker, Processor],
+    slow_mesh: tuple[Mesh, Worker, Processor],
 ) -> None:
     _, worker, processor = slow_mesh
     body = {"model": MODEL, "prompt": "a story", "max_tokens": 300, "ignore_eos": True}
@@ -283,7 +283,7 @@ async def test_inflight_gauge_counts_open_requests(
 
 
 async def test_sigterm_processor_under_load_drains_and_exits_zero(
-    slow_mesh: tuple[Mesh, SimWorker, Processor],
+    slow_mesh: tuple[Mesh, Worker, Processor],
 ) -> None:
     m, _, _ = slow_mesh
     # No migration: every in-flight stream must finish on its own, on its first worker.

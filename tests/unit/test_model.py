@@ -90,6 +90,11 @@ def test_default_model_is_a_working_tokenizer_dir() -> None:
     assert config["bos_token_id"] == 1
     assert tok_config["eos_token"] == "<|im_end|>" == tok.id_to_token(2)
     assert tok_config["model_max_length"] == 8192
+    # The weights, dequantized (their values are checked against transformers' own GGUF
+    # loader in tests/unit/test_torch_model.py).
+    weights = path / "model.safetensors"
+    assert weights.stat().st_size > 500_000_000
+    assert weights.stat().st_mode & 0o044 == 0o044  # other users serve the model too
 
     prompt = render(path, CHAT, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>user\nHello world<|im_end|>\n<|im_start|>assistant\n")
@@ -126,6 +131,7 @@ def fast_builder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[int]:
     monkeypatch.setattr(model, "_installed_gguf", lambda: gguf)
     monkeypatch.setattr(model, "_read_gguf", read)
     monkeypatch.setattr(model, "_write_model_files", write)
+    monkeypatch.setattr(model, "_write_weights", lambda _gguf, _meta, _out: None)
     return builds
 
 

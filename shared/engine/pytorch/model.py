@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,26 @@ def _check_directory(path: Path) -> None:
         )
 
 
+_loaded: dict[tuple[str, str], LoadedModel] = {}
+_loading = threading.Lock()
+
+
 def load_model(model_path: str, *, dtype: str = "float32") -> LoadedModel:
     """Build the model of ``model_path`` over the paged attention, weights loaded, eval mode.
 
+    Read-only after loading, so engines of one process share it (tests start many; a worker
+    starts one): a second call for the same directory and dtype returns the same model.
     Raises :class:`ModelLoadError` with one line for anything a user can fix.
     """
+    key = (os.path.realpath(os.path.expanduser(model_path)), dtype)
+    with _loading:
+        model = _loaded.get(key)
+        if model is None:
+            model = _loaded[key] = _load(model_path, dtype)
+        return model
+
+
+def _load(model_path: str, dtype: str) -> LoadedModel:
     if dtype not in DTYPES:
         raise ModelLoadError(f"the torch engine runs {', '.join(DTYPES)}, not {dtype!r} (--dtype)")
     path = Path(os.path.expanduser(model_path))
