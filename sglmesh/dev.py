@@ -3,8 +3,9 @@
 ``run`` starts local NATS and etcd (as ``sglmesh infra up`` does, in the same run dir), prepares
 the default model, then starts detached background processes: the processor on
 ``127.0.0.1:--http-port`` and either two aggregated workers (``agg``) or one prefill and one
-decode worker (``disagg``), all on the simulated engine. It returns once the processor lists
-the model at ``/v1/models``, leaving everything running; ``stop`` takes it all down again.
+decode worker (``disagg``), running SmolLM2-135M-Instruct on the torch engine (real answers)
+where torch is installed, else on the simulator. It returns once the processor lists the model
+at ``/v1/models``, leaving everything running; ``stop`` takes it all down again.
 
 Design choices:
 
@@ -33,9 +34,11 @@ Design choices:
   load to the processor's router (its default ``--router-mode kv``).
 - **Default namespace.** The mesh joins the default namespace, so a worker started by hand
   (``sglmesh worker --engine sim``) joins this processor's pool.
-- **Speed.** ``--speedup-ratio 1`` (default) runs the simulator at the cost model's speed:
-  Llama-3-8B in bf16 on one H100 (~5 ms per decode step, ~200 tokens/s for one stream), so
-  streamed output looks like a real GPU's.
+- **Engine.** ``--engine auto`` (default) runs the real model on the torch engine when torch
+  is installed (``make install`` installs it), else the simulator; ``--engine sim`` asks for
+  the simulator, whose ``--speedup-ratio 1`` runs at the cost model's speed (Llama-3-8B in bf16
+  on one H100, ~200 tokens/s for one stream). The two torch workers share the machine's cores
+  (``--torch-threads`` each: the cores divided between them), so they do not oversubscribe it.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ import msgspec
 
 from shared import infra
 from shared.config import MeshConfig
+from shared.engine.registry import engine_kind
 from shared.flags import Flag, FlagError, add_flags, flag_values, float_converter
 from shared.model import DEFAULT_MODEL_NAME, ModelPrepareError, prepare_default_model
 
@@ -123,6 +127,20 @@ def _port(minimum: int) -> Callable[[str], int]:
     return convert
 
 
+def _engine(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("auto", "torch", "sim"):
+        raise ValueError(f"expected auto, torch or sim, got {text!r}")
+    return value
+
+
+def _workers_engine(requested: str) -> str:
+    """The engine the workers run: ``auto`` is torch when it can run here."""
+    if requested != "auto":
+        return requested
+    return "torch" if engine_kind("torch").missing() is None else "sim"
+
+
 def _namespace(text: str) -> str:
     value = text.strip()
     MeshConfig(namespace=value)  # the mesh's own check, and its message
@@ -147,8 +165,12 @@ _RUN_FLAGS: tuple[Flag, ...] = (
           "port; 0 picks free ports"),
     _Flag("namespace", _namespace, "sglmesh", "NAME", "the mesh's namespace",
           ("DYN_NAMESPACE",)),
+    _Flag("engine", _engine, "auto", "{auto,torch,sim}",
+          "the workers' engine: torch (the real model on the CPU), sim (the simulator) or "
+          "auto (torch when it is installed, else sim)"),
     _Flag("speedup_ratio", float_converter(0.0), 1.0, "RATIO",
-          "simulated engine speed: 1 = Llama-3-8B on one H100, 2 = twice that, 0 = no delays"),
+          "simulated engine speed: 1 = Llama-3-8B on one H100, 2 = twice that, 0 = no delays "
+          "(--engine sim only)"),
     _Flag("nats_port", _port(1), 4222, "PORT", "NATS client port"),
     _Flag("etcd_port", _port(1), 2379, "PORT", "etcd client port"),
     _Flag("etcd_peer_port", _port(1), None, "PORT", "etcd peer port",
@@ -374,13 +396,19 @@ def _plan(
         "--log-format", "text",
     ]  # fmt: skip
     python = [sys.executable, "-m", "sglmesh"]
+    engine = _workers_engine(opts["engine"])
+    if engine == "sim":
+        engine_flags = ["--speedup-ratio", f"{opts['speedup_ratio']:g}"]
+    else:
+        # Two workers on one machine: each gets its share of the cores.
+        threads = max(1, len(os.sched_getaffinity(0)) // 2)
+        engine_flags = ["--torch-threads", str(threads)]
 
     def worker(name: str, port: int, *role: str) -> _Proc:
         argv = [
             *python, "worker", *mesh,
             "--system-host", _HOST, "--system-port", str(port),
-            "--engine", "sim",
-            "--speedup-ratio", f"{opts['speedup_ratio']:g}",
+            "--engine", engine, *engine_flags,
             "--model-path", str(model),
             # The directory's path would be the name otherwise: an unwieldy `"model"` to type.
             "--served-model-name", DEFAULT_MODEL_NAME,
@@ -591,7 +619,7 @@ def _run(opts: dict[str, Any]) -> int:
             else f"health/metrics http://{_HOST}:{item.spec.system_port}"
         )
         print(f"  {item.spec.name:<10} pid {item.spec.pid:<8} {where}")
-    print(f"  model      {model}")
+    print(f"  model      {model} ({_workers_engine(opts['engine'])} engine)")
     print(f"  logs       {run_dir}/*.log")
     print("try:")
     print(f"  {_curl(opts['http_port'], model)}")
@@ -606,7 +634,8 @@ def run_main(argv: list[str]) -> int:
         opts = _parse(
             prog,
             "Start the whole mesh on this machine in the background: NATS and etcd (unless "
-            "running), the processor on 127.0.0.1 and simulated-engine workers. Returns once "
+            "running), the processor on 127.0.0.1 and two workers (the real model on the torch "
+            "engine, or the simulator). Returns once "
             "the processor lists the model; `sglmesh stop` stops what it started.",
             _RUN_FLAGS,
             argv,

@@ -176,6 +176,20 @@ def test_run_serves_chat_then_stop_leaves_nothing(dev: Dev, mode: str) -> None:
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text.strip(), events
     assert "data: [DONE]" in events
+    # The default engine is the real model: greedy SmolLM2 knows the capital of France.
+    assert "(torch engine)" in started.stdout
+    answer = json.loads(
+        _post_json(
+            url,
+            {
+                "model": body["model"],
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "temperature": 0,
+                "max_tokens": 16,
+            },
+        )
+    )
+    assert answer["choices"][0]["message"]["content"] == "The capital of France is Paris."
 
     # A second run while this one is up refuses, starts nothing, and says what to do.
     again = dev.run("agg")
