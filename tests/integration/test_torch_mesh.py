@@ -116,18 +116,27 @@ async def test_kill_a_worker_mid_stream_and_the_text_is_unchanged(
     ]  # fmt: skip
     async with mesh(nats_server, etcd_server, tmp_path, stream_timeout=2.0) as m:
         processor = m.add_processor("--router-mode", "round-robin")
-        victim, survivor = await m.add_workers(
-            model_dir(), (), (), served=MODEL_NAME, engine="torch"
-        )
+        workers = await m.add_workers(model_dir(), (), (), served=MODEL_NAME, engine="torch")
         await processor.wait_model(MODEL_NAME)
         async with aiohttp.ClientSession() as http:
+            # The model is listed once one worker is known: wait until both take requests.
+            short = {**bodies[0], "max_tokens": 1, "stream": False}
+            for _ in range(40):
+                async with http.post(f"{processor.v1}/completions", json=short) as resp:
+                    assert resp.status == 200, await resp.text()
+                served = [await w.metric("sglmesh_worker_requests_total") for w in workers]
+                if all(served):
+                    break
+            assert all(served), served
             started = [asyncio.Event() for _ in bodies]
             tasks = [
                 asyncio.create_task(stream(http, processor, b, s))
                 for b, s in zip(bodies, started, strict=True)
             ]
             await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 60)
-            on_victim = await victim.metric("sglmesh_worker_inflight_requests")
+            inflight = [await w.metric("sglmesh_worker_inflight_requests") for w in workers]
+            on_victim = max(inflight)
+            victim, survivor = workers if inflight[0] >= inflight[1] else workers[::-1]
             assert on_victim >= 1 and not any(t.done() for t in tasks), "too fast to kill"
             victim.signal(signal.SIGKILL)
             killed_at = time.monotonic()
