@@ -294,13 +294,20 @@ def _child(task: dict[str, Any]) -> dict[str, Any]:
 # The orchestration
 
 
-def run_task(task: dict[str, Any]) -> dict[str, Any]:
+def run_task(task: dict[str, Any], wait_policy: str) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        # The same OpenMP behaviour for both systems (the torch engine defaults to PASSIVE).
+        "OMP_WAIT_POLICY": wait_policy,
+    }
     done = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(task)],
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        env=env,
     )
     if done.returncode != 0:
         raise RuntimeError(f"{task['system']} {task['kind']} failed:\n{done.stderr[-3000:]}")
@@ -318,6 +325,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--rate", type=float, default=2.0, help="server load: arrivals per s")
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=("PASSIVE", "ACTIVE"),
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY for both systems (the torch engine's default is PASSIVE)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -332,7 +345,7 @@ def main() -> int:
 
     def record(name: str, task: dict[str, Any]) -> None:
         print(f"  {name} ...", end="", flush=True)
-        result = run_task({**common, **task})
+        result = run_task({**common, **task}, args.omp_wait_policy)
         results.setdefault(name, []).append(result)
         shown = result.get("tokens_per_s") or result.get("cached_s") or result.get("peak_rss")
         print(f" {shown:.4g}" if isinstance(shown, float) else f" {shown}")
@@ -363,7 +376,9 @@ def main() -> int:
     for c in uniform_requests:
         ours = med(f"ours_uniform_{c}", "tokens_per_s")
         gen = med(f"generate_uniform_{c}", "tokens_per_s")
-        rows.append((f"uniform c={c} vs generate", ours, gen, ours / gen, GOALS[f"uniform_generate_{c}"]))
+        rows.append(
+            (f"uniform c={c} vs generate", ours, gen, ours / gen, GOALS[f"uniform_generate_{c}"])
+        )
         summary[f"uniform_generate_{c}"] = ours / gen
         if c > 1:
             batch = med(f"generate_batch_uniform_{c}", "tokens_per_s")
@@ -380,7 +395,9 @@ def main() -> int:
     cached = med("ours_ttft", "cached_s")
     summary["ttft_cached_speedup"] = cold / cached
 
-    print(f"\ntorch engine vs transformers ({args.dtype}, {threads()} threads, medians of {repeats})")
+    print(
+        f"\ntorch engine vs transformers ({args.dtype}, {threads()} threads, medians of {repeats})"
+    )
     print(f"{'scenario':<38} {'ours':>10} {'theirs':>10} {'ratio':>7} {'goal':>6}")
     for name, ours_v, theirs_v, ratio, goal in rows:
         mark = "ok" if ratio >= goal else "MISS"
@@ -403,7 +420,10 @@ def main() -> int:
     RESULTS.write_text(
         json.dumps(
             {
-                "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads()},
+                "machine": {
+                    "cpu": platform.processor() or platform.machine(),
+                    "threads": threads(),
+                },
                 "dtype": args.dtype,
                 "repeats": repeats,
                 "ratios": summary,

@@ -10,6 +10,12 @@ lives in `shared.infra`; this file only maps it onto pytest scopes.
 
 from __future__ import annotations
 
+import os
+
+# As the torch engine sets it for its workers (shared/engine/pytorch/engine.py), before any
+# test module loads torch: the engines tests run in-process share two cores with the servers.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar

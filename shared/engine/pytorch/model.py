@@ -12,7 +12,10 @@ weights is read. Missing weights are the same kind of one-line error, pointing a
 ``sglmesh model prepare``.
 
 ``dtype`` ``float32`` is the default (the parity tests' reference); ``bfloat16`` halves the
-weights' and the KV pool's memory and uses the CPU's bf16 units where it has them.
+weights' and the KV pool's memory and uses the CPU's bf16 units where it has them: its linear
+layers (the LM head included) run on oneDNN with weights packed once at load, which is what
+makes bf16 pay at small batches (``bench/torch_engine.py``); in float32 MKL's plain matmul is
+as fast or faster, so nothing is packed.
 """
 
 from __future__ import annotations
@@ -41,6 +44,44 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 class ModelLoadError(RuntimeError):
     """The model cannot run on the torch engine; the message is one line saying why."""
+
+
+class PackedLinear(torch.nn.Module):
+    """A linear layer on oneDNN with its weight packed for it (bfloat16)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            x, self.packed, self.bias, "none", [], ""
+        )
+        return out
+
+
+def _pack_linears(model: torch.nn.Module) -> int:
+    """Replace every ``nn.Linear`` by a :class:`PackedLinear`; how many were replaced."""
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is torch.nn.Linear
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, PackedLinear(child))
+    return len(swaps)
+
+
+def _can_pack(dtype: torch.dtype) -> bool:
+    return (
+        dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
 
 
 @dataclass(slots=True)
@@ -128,10 +169,13 @@ def _load(model_path: str, dtype: str) -> LoadedModel:
     model.eval()
     model.requires_grad_(False)
     config = model.config
+    if model.get_output_embeddings() is None:
+        raise ModelLoadError(f"the model in {path} has no output embeddings (not a causal LM)")
+    if _can_pack(torch_dtype):
+        packed = _pack_linears(model)
+        log.info("packed %d linear layers for oneDNN (%s)", packed, dtype)
     body = getattr(model, model.base_model_prefix)
     lm_head = model.get_output_embeddings()
-    if lm_head is None:
-        raise ModelLoadError(f"the model in {path} has no output embeddings (not a causal LM)")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = int(text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
