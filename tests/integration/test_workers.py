@@ -379,6 +379,36 @@ def test_bad_flags_fail_at_once_with_one_clear_line(tmp_path: Path) -> None:
         assert flag in helptext.stdout, flag
 
 
+@pytest.mark.parametrize("defect", ["no weights", "architecture"])
+async def test_torch_worker_refuses_a_model_it_cannot_run(
+    mesh: tuple[MeshConfig, DistributedRuntime], tmp_path: Path, defect: str
+) -> None:
+    """One clear line and exit code 1, before anything registers: a model directory without
+    weights, or an architecture the torch engine does not run."""
+    pytest.importorskip("torch")
+    cfg, rt = mesh
+    model = make_test_tokenizer(tmp_path / "model")  # a tokenizer and a config, no weights
+    if defect == "architecture":
+        config = model / "config.json"
+        config.write_text(config.read_text().replace("LlamaForCausalLM", "MambaForCausalLM"))
+        (model / "model.safetensors").write_bytes(b"")
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "sglmesh", "worker", "--engine", "torch",
+         "--model-path", str(model), *mesh_flags(cfg), "--system-port", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if "the engine failed to start" in line]
+    assert len(errors) == 1, output
+    expected = "sglmesh model prepare" if defect == "no weights" else "MambaForCausalLM"
+    assert expected in errors[0], errors
+    client = await rt.client("backend", "generate")
+    assert client.instances() == []
+
+
 async def test_follower_node_runs_the_engine_only(
     mesh: tuple[MeshConfig, DistributedRuntime], model_dir: Path, workers: list[Worker]
 ) -> None:
