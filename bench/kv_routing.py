@@ -232,7 +232,7 @@ async def _capacity_async(opts: Options, prefixes: list[list[int]]) -> dict[str,
         stats = engine.schedulers[0].stats
     finally:
         await engine.shutdown()
-    per_worker = stats.finished / stats.sim_seconds
+    per_worker = stats.finished / stats.forward_seconds
     return {
         "method": "one SimEngine at speedup 0, closed loop of "
         f"{opts.capacity_clients} clients, {opts.capacity_requests} requests with a uniform mix "

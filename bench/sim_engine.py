@@ -101,7 +101,7 @@ async def throughput(requests: int, prompt_len: int, max_new: int, tmp: str) -> 
         "output_tokens_per_s": round(total / elapsed),
         "peak_running": stats.max_running,
         "kv_event_batches": published,
-        "simulated_gpu_seconds": round(stats.sim_seconds, 3),
+        "simulated_gpu_seconds": round(stats.forward_seconds, 3),
     }
 
 
