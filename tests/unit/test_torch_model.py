@@ -137,3 +137,48 @@ async def test_bad_requests_end_with_a_400_and_the_engine_keeps_serving() -> Non
         assert len(fine["ids"]) == 3 and fine["finish_reason"]["type"] == "length"
     finally:
         await engine.shutdown()
+
+
+async def test_any_llama_directory_with_safetensors(tmp_path: Path) -> None:
+    """Not only SmolLM2: a Llama of other shapes (head size 16, 4 query heads per KV head,
+    untied LM head), saved by transformers itself, generates what transformers generates,
+    on a page size of 4 with chunked prefill."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_id=1,
+        bos_token_id=0,
+    )
+    reference = LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    prompts = [[0, *range(5, 5 + n)] for n in (3, 17, 40)]
+    expected = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            out = reference.generate(
+                torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None
+            )
+            expected.append(out[0, len(prompt) :].tolist())
+    engine = TorchEngine(
+        TorchConfig(
+            model_path=str(tmp_path), max_total_tokens=1024, page_size=4, chunked_prefill_size=8
+        )
+    )
+    await engine.start()
+    try:
+        outs = [
+            await generate(engine, p, temperature=0, ignore_eos=True, max_new_tokens=20)
+            for p in prompts
+        ]
+    finally:
+        await engine.shutdown()
+    assert [o["ids"] for o in outs] == expected
