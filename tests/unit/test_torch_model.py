@@ -182,3 +182,33 @@ async def test_any_llama_directory_with_safetensors(tmp_path: Path) -> None:
     finally:
         await engine.shutdown()
     assert [o["ids"] for o in outs] == expected
+
+
+async def test_sampling_fields_on_the_real_model() -> None:
+    engine = TorchEngine(TorchConfig(model_path=str(model_dir()), max_total_tokens=4096))
+    await engine.start()
+    prompt = chat_ids([{"role": "user", "content": "What is the capital of France?"}])
+    try:
+        greedy = await generate(engine, prompt, temperature=0)
+        assert len(greedy["ids"]) == 8 and greedy["ids"][-1] == 2  # "... Paris.<|im_end|>"
+        # min_new_tokens holds the eos back; the answer itself is unchanged.
+        floor = await generate(engine, prompt, temperature=0, min_new_tokens=12)
+        assert len(floor["ids"]) >= 12 and 2 not in floor["ids"][:12]
+        assert floor["ids"][:7] == greedy["ids"][:7]
+        # A stop token id ends it there (reported as the matched stop).
+        paris = greedy["ids"][5]
+        stopped = await generate(engine, prompt, temperature=0, stop_token_ids=[paris])
+        assert stopped["ids"] == greedy["ids"][:6]
+        assert stopped["finish_reason"] == {"type": "stop", "matched": paris}
+        # logit_bias steers greedy decoding to another first token.
+        biased = await generate(engine, prompt, temperature=0, logit_bias={"504": 100.0})
+        assert biased["ids"][0] == 504
+        # top_k 1 is greedy; a seed makes sampling reproducible, another seed differs.
+        assert (await generate(engine, prompt, temperature=1.0, top_k=1))["ids"] == greedy["ids"]
+        hot = {"temperature": 1.5, "max_new_tokens": 24, "ignore_eos": True}
+        a = await generate(engine, prompt, sampling_seed=7, **hot)
+        b = await generate(engine, prompt, sampling_seed=7, **hot)
+        c = await generate(engine, prompt, sampling_seed=8, **hot)
+        assert a["ids"] == b["ids"] != c["ids"]
+    finally:
+        await engine.shutdown()

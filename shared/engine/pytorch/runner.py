@@ -52,16 +52,22 @@ class _Plan:
         self.positions = torch.tensor([positions], dtype=torch.long)
         self.sample_index = torch.tensor(sample_index, dtype=torch.long)
         self.step = PagedStep.build(cache, prefill, decode)
-        self.rows = [
-            SampleRow(
-                params=req.sampling,
-                position=len(req.input_ids) + len(req.output_ids),
-                prompt=req.input_ids,
-                output=list(req.output_ids),
-                logprobs=req.top_logprobs_num if req.return_logprob else -1,
-            )
-            for req in batch.sample
-        ]
+        self.rows = [_sample_row(req) for req in batch.sample]
+
+
+def _sample_row(req: Req) -> SampleRow:
+    params = req.sampling
+    generated = len(req.output_ids)
+    # The token history only where a penalty reads it (a copy: the scheduler appends to the
+    # request's list while the step runs).
+    return SampleRow(
+        params=params,
+        position=len(req.input_ids) + generated,
+        prompt=req.input_ids if params.repetition_penalty != 1.0 else [],
+        output=list(req.output_ids) if params.penalized else [],
+        logprobs=req.top_logprobs_num if req.return_logprob else -1,
+        generated=generated,
+    )
 
 
 class TorchRunner:

@@ -35,9 +35,10 @@ class SampleRow:
 
     params: SamplingParams
     position: int  # absolute position of the token being sampled
-    prompt: list[int]
-    output: list[int]
+    prompt: list[int]  # needed by the repetition penalty only
+    output: list[int]  # needed by the penalties only
     logprobs: int  # -1: none; 0: the chosen token's; k > 0: and the top k
+    generated: int = -1  # output tokens so far (-1: len(output))
 
 
 def _mix(z: int) -> int:
@@ -109,7 +110,8 @@ def sample(
             line.index_add_(0, ids, torch.tensor(list(p.logit_bias.values())))
         if p.penalized:
             _penalize(line, row)
-        if len(row.output) < p.min_new_tokens and p.stop_token_ids:
+        generated = row.generated if row.generated >= 0 else len(row.output)
+        if generated < p.min_new_tokens and p.stop_token_ids:
             stop = torch.tensor(sorted(p.stop_token_ids), dtype=torch.long)
             line[stop[stop < line.shape[0]]] = float("-inf")
     greedy = [i for i, row in enumerate(rows) if row.params.greedy]
