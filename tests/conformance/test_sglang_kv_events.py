@@ -321,6 +321,12 @@ async def test_sglangs_publisher_feeds_our_subscriber_with_replay() -> None:
 
     for _ in range(5):  # before anyone listens: only the replay socket has them
         publish()
+    # SGLang sends from a thread: wait until those five left its queue (and its PUB socket,
+    # with nobody subscribed), or a slow thread would deliver them live to the subscriber.
+    deadline = time.monotonic() + 5
+    while len(publisher._buffer) < 5 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)  # a thread's deque: nothing to await
+    assert len(publisher._buffer) == 5
 
     async def keep_publishing() -> None:
         while True:
