@@ -188,6 +188,9 @@ class ServedEndpoint:
             await nc.subscribe(self.eid.subject, queue=self.eid.subject, cb=self._on_request)
         )
         self._subs.append(await nc.subscribe(self.direct_subject, cb=self._on_request))
+        # A PING round trip: the server has our subscriptions before anyone can find us in
+        # etcd (else a caller quick off the mark gets "no responders").
+        await nc.flush()
         self.serving = True
         if register:
             await self.register()

@@ -36,6 +36,9 @@ torch = pytest.importorskip("torch")
 
 from shared.engine.pytorch.engine import TorchConfig, TorchEngine  # noqa: E402
 
+# 20 x 64 tokens per mode on two cores that the rest of the suite shares.
+pytestmark = pytest.mark.timeout(600)
+
 TOKENS = 64
 TIE = 1e-4
 
