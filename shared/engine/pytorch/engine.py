@@ -11,6 +11,9 @@ Where the command line is silent:
   the machine's RAM holds in this model's KV, between 4,096 and 131,072 tokens per rank. The
   pool is allocated lazily, so RAM is used only as pages fill;
 - ``--torch-threads 0`` uses every core this process may run on (its CPU affinity);
+- ``--chunked-prefill-size`` defaults to 512 tokens (SGLang sizes it for a GPU, 8,192 here):
+  on a CPU a 512-token chunk is already an efficient matmul (~0.5 s for this model), and a
+  long prompt then stalls the running streams for one such chunk per step, not for seconds;
 - eos ids come from ``generation_config.json``, else ``config.json``, as transformers'
   ``generate`` reads them;
 - ``OMP_WAIT_POLICY`` is ``PASSIVE`` unless the environment says otherwise: torch's OpenMP
@@ -47,10 +50,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MEM_FRACTION = 0.1
 MIN_POOL_TOKENS = 4096
 MAX_DEFAULT_POOL_TOKENS = 131_072
+DEFAULT_CHUNKED_PREFILL_SIZE = 512
 
 
 @dataclass(slots=True, kw_only=True)
 class TorchConfig(CpuConfig):
+    chunked_prefill_size: int | None = None  # None: DEFAULT_CHUNKED_PREFILL_SIZE
     dtype: str = "float32"
     threads: int = 0  # 0: every core this process may run on
     mem_fraction: float = DEFAULT_MEM_FRACTION
@@ -115,6 +120,8 @@ class TorchEngine(CpuEngine):
 
     def __init__(self, config: TorchConfig) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if config.chunked_prefill_size is None:
+            config.chunked_prefill_size = DEFAULT_CHUNKED_PREFILL_SIZE
         if config.max_total_tokens is None:
             per_token = _kv_bytes_per_token(model_config(config.model_path), config.dtype)
             budget = int(_total_ram() * config.mem_fraction) // max(per_token, 1)
