@@ -84,17 +84,16 @@ class PagedStep:
                 mask = torch.arange(end)[None, :] <= q
             chunks.append(_Chunk(offset, offset + length, torch.tensor(slots), mask))
             offset += length
-        rows: list[tuple[int, list[int]]] = []
+        rows: list[tuple[int, list[int], int]] = []
         for table, position in decode:
-            slots = _slots(table, position + 1, page)
-            write.append(slots[position])
-            rows.append((offset, slots))
+            write.append(table[position // page] * page + position % page)
+            rows.append((offset, table, position + 1))
             offset += 1
         return cls(
             cache=kv,
             write_slots=torch.tensor(write, dtype=torch.long),
             chunks=chunks,
-            groups=[_group(bucket) for bucket in _buckets(rows)],
+            groups=[_group(bucket, page) for bucket in _buckets(rows)],
         )
 
 
@@ -108,31 +107,40 @@ def _slots(table: list[int], length: int, page: int) -> list[int]:
     return out
 
 
-def _buckets(rows: list[tuple[int, list[int]]]) -> list[list[tuple[int, list[int]]]]:
-    """Decode rows grouped so that within a group the longest context is at most
-    ``_BUCKET_RATIO`` times the shortest: padding stays bounded, calls stay few."""
+def _buckets(rows: list[tuple[int, list[int], int]]) -> list[list[tuple[int, list[int], int]]]:
+    """Decode rows ``(offset, page table, context length)`` grouped so that within a group the
+    longest context is at most ``_BUCKET_RATIO`` times the shortest: padding stays bounded,
+    calls stay few."""
     if not rows:
         return []
-    ordered = sorted(rows, key=lambda r: len(r[1]))
-    groups: list[list[tuple[int, list[int]]]] = [[ordered[0]]]
+    ordered = sorted(rows, key=lambda r: r[2])
+    groups: list[list[tuple[int, list[int], int]]] = [[ordered[0]]]
     for row in ordered[1:]:
-        if len(row[1]) > _BUCKET_RATIO * len(groups[-1][0][1]):
+        if row[2] > _BUCKET_RATIO * groups[-1][0][2]:
             groups.append([row])
         else:
             groups[-1].append(row)
     return groups
 
 
-def _group(rows: list[tuple[int, list[int]]]) -> _Group:
-    longest = max(len(slots) for _, slots in rows)
-    padded = [slots + [slots[0]] * (longest - len(slots)) for _, slots in rows]
+def _group(rows: list[tuple[int, list[int], int]], page: int) -> _Group:
+    """The rows' context slots as one padded tensor, built with tensor ops (a Python list of
+    every slot would cost milliseconds per step at large batches)."""
+    lengths = torch.tensor([length for _, _, length in rows])
+    longest = int(lengths.max())
+    pages = -(-longest // page)
+    # Short tables padded with their own first page: valid slots, masked out below.
+    tables = torch.tensor(
+        [table[:pages] + [table[0]] * (pages - len(table[:pages])) for _, table, _ in rows],
+        dtype=torch.long,
+    )
+    slots = (tables[:, :, None] * page + torch.arange(page)).reshape(len(rows), -1)[:, :longest]
     mask = None
-    if any(len(slots) < longest for _, slots in rows):
-        lengths = torch.tensor([len(slots) for _, slots in rows])
+    if int(lengths.min()) < longest:
         mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
     return _Group(
-        rows=torch.tensor([r for r, _ in rows], dtype=torch.long),
-        slots=torch.tensor(padded, dtype=torch.long),
+        rows=torch.tensor([offset for offset, _, _ in rows], dtype=torch.long),
+        slots=slots.contiguous(),
         mask=mask,
     )
 
