@@ -189,14 +189,15 @@ async def _profile(engine: Any, one: Any) -> dict[str, Any]:
     run = runner._run
 
     def capture(plan: Any) -> Any:
-        if not plan.step.chunks:
+        if not plan.step.chunks and len(plan.rows) in (1, 32):
             plans.setdefault(len(plan.rows), plan)
         return run(plan)
 
     runner._run = capture
     for batch in (1, 32):
         prompts = uniform_prompts(batch, batch)
-        await asyncio.gather(*(one(f"p{batch}-{i}", p, 4) for i, p in enumerate(prompts)))
+        # Long enough that all of them run decode-only steps once every prompt is prefilled.
+        await asyncio.gather(*(one(f"p{batch}-{i}", p, 40) for i, p in enumerate(prompts)))
     runner._run = run
     out: dict[str, Any] = {}
     torch.set_num_threads(engine.threads)

