@@ -9,8 +9,23 @@ from __future__ import annotations
 
 import sys
 
-from shared.worker.args import PREFILL, parse_worker_args
-from shared.worker.runner import worker_main
+from services.decode.handler import DecodeHandler
+from shared.engine.protocol import Engine
+from shared.engine.registry import engine_kind
+from shared.worker.args import PREFILL, WorkerConfig, parse_worker_args
+from shared.worker.metrics import WorkerMetrics
+from shared.worker.runner import llm_role, worker_main
+
+
+def _handler(engine: Engine, config: WorkerConfig, metrics: WorkerMetrics) -> DecodeHandler:
+    kind = engine_kind(engine.info.engine)
+    return DecodeHandler(
+        engine,
+        disaggregation_mode=config.engine.disaggregation_mode,
+        skip_tokenizer_init=config.engine.skip_tokenizer_init
+        and not kind.min_tokens_without_tokenizer,
+        metrics=metrics,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,4 +37,4 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return worker_main(config)
+    return worker_main(config, llm_role(_handler))

@@ -11,8 +11,8 @@ from __future__ import annotations
 from services.processor.app import ProcessorApp
 from services.processor.args import ProcessorConfig, parse_processor_args
 from services.processor.dispatch import Dispatcher
+from services.processor.kv_events_feed import KvEventsFeed
 from services.processor.models import ModelRegistry
-from shared.kv_events_feed import KvEventsFeed
 from shared.router import KvRouter, RouterMode
 from shared.runtime import DistributedRuntime
 from shared.runtime.service import Cleanup, ServiceMain, StartupError, run_service

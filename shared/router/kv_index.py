@@ -47,8 +47,8 @@ Correctness choices:
 - ``BlockStored.block_size`` is used as is: requests must be hashed with the engine's page
   size (the model card's ``kv_cache_block_size``), otherwise nothing matches (no false hits).
 - Sequence numbers (:meth:`KvIndex.apply_message`) are only counted. Ordering is the
-  consumer feed's job (``shared/kv_events_feed.py``): it drops duplicates, holds a worker's
-  batches across a gap while it fetches that worker's state from the publishers, and
+  consumer feed's job (``services/processor/kv_events_feed.py``): it drops duplicates, holds
+  a worker's batches across a gap while it fetches that worker's state from the publishers, and
   delivers that state as one batch ``[AllBlocksCleared, BlockStored...]`` (parents first),
   which this index applies like any other. A gap nobody can fill has no safe repair here
   short of forgetting the worker, which would under-report far more than the lost events.

@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -49,8 +49,10 @@ if TYPE_CHECKING:
 __all__ = [
     "PAYLOAD_ENV_VARS",
     "Canary",
+    "CanaryProbe",
     "CanaryResult",
     "canary_payload",
+    "generate_probe",
     "payload_override",
 ]
 
@@ -136,6 +138,28 @@ def canary_payload(
 
 
 @dataclass(frozen=True, slots=True)
+class CanaryProbe:
+    """What a canary sends and how it reads the answer: the request, the chunk type, and
+    ``failure(chunk)``, which says why a chunk shows the worker unhealthy (None: it does not).
+    Each worker service brings its own (an LLM role: :func:`generate_probe`)."""
+
+    payload: Any
+    response_type: Any
+    failure: Callable[[Any], str | None]
+
+
+def _generate_failure(chunk: EngineOutput) -> str | None:
+    if chunk.finish_reason in _FAILED_FINISHES:
+        return f"finished with {chunk.finish_reason.value}"
+    return None
+
+
+def generate_probe(payload: PreprocessedRequest) -> CanaryProbe:
+    """The probe of an LLM worker's ``generate``: a failed or cancelled finish is unhealthy."""
+    return CanaryProbe(payload, EngineOutput, _generate_failure)
+
+
+@dataclass(frozen=True, slots=True)
 class CanaryResult:
     ok: bool
     at: float  # wall-clock time the canary finished
@@ -157,7 +181,7 @@ class Canary:
         self,
         runtime: DistributedRuntime,
         served: ServedEndpoint,
-        payload: PreprocessedRequest,
+        payload: PreprocessedRequest | CanaryProbe,
         *,
         wait_time: float = 10.0,
         timeout: float = 3.0,
@@ -167,7 +191,7 @@ class Canary:
             raise ValueError("wait_time and timeout must be > 0")
         self.runtime = runtime
         self.served = served
-        self.payload = payload
+        self.probe = payload if isinstance(payload, CanaryProbe) else generate_probe(payload)
         self.wait_time = wait_time
         self.timeout = timeout
         self.on_change = on_change
@@ -291,14 +315,13 @@ class Canary:
         try:
             async with asyncio.timeout(self.timeout):
                 stream = await self._client.generate(
-                    self.payload,
+                    self.probe.payload,
                     instance_id=self.runtime.instance_id,
-                    response_type=EngineOutput,
+                    response_type=self.probe.response_type,
                 )
                 async for chunk in stream:
                     chunks += 1
-                    if chunk.finish_reason in _FAILED_FINISHES:
-                        error = f"finished with {chunk.finish_reason.value}"
+                    error = self.probe.failure(chunk) or error
         except TimeoutError:
             error = f"no complete answer within {self.timeout:g} s"
         except MeshError as exc:

@@ -1,5 +1,10 @@
 """A worker's life: engine up, endpoints served, model registered, canary on, drain on SIGTERM.
 
+Every worker service (decode, prefill, encode) runs this same life; what differs is a
+:class:`WorkerRole` the service passes in: its handler, its request type, its model card, its
+health-canary probe, and whether it has a KV cache to clear and engine routes to offer. So the
+services own their role code and share the lifecycle.
+
 The engine starts before the endpoint subscribes, so no request can reach a worker whose engine
 is not ready. Shutdown follows the runtime's sequence (leave discovery, grace period, still
 running requests end with a retryable ``shutting_down`` error so the processor can migrate
@@ -11,27 +16,77 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from proto.discovery import ModelCard
 from proto.request import PreprocessedRequest
 from shared.config import EndpointId
+from shared.engine.args import EngineArgs
 from shared.engine.protocol import Engine
-from shared.engine.registry import create_engine, engine_kind
+from shared.engine.registry import create_engine
 from shared.runtime import DistributedRuntime
+from shared.runtime.endpoint import Context
 from shared.runtime.service import Cleanup, StartupError, run_service
 from shared.runtime.system_server import SystemServer
-from shared.worker.args import PREFILL, WorkerConfig
+from shared.worker.args import WorkerConfig
 from shared.worker.engine_routes import register_engine_routes
-from shared.worker.handlers import ClearKvBlocksHandler, DecodeHandler, PrefillHandler
-from shared.worker.health import Canary, canary_payload
-from shared.worker.metrics import WorkerMetrics, install_engine_metrics
+from shared.worker.handlers import ClearKvBlocksHandler
+from shared.worker.health import Canary, CanaryProbe, canary_payload, generate_probe
+from shared.worker.metrics import WorkerMetrics, install_engine_metrics, metrics_source
 from shared.worker.registration import instance_fields, model_card, register_model
+
+__all__ = ["Handler", "WorkerRole", "llm_role", "worker_main"]
 
 log = logging.getLogger(__name__)
 
 
-async def _start_engine(config: WorkerConfig) -> tuple[Engine, float]:
+class Handler(Protocol):
+    """A worker's ``generate``: an async generator of response chunks per request."""
+
+    def generate(self, request: Any, ctx: Context) -> AsyncIterator[Any]: ...
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What one worker service brings to the shared lifecycle."""
+
+    # The endpoint's handler, built once the engine runs.
+    handler: Callable[[Engine, WorkerConfig, WorkerMetrics], Handler]
+    request_type: Any
+    # The health canary's probe for this worker (given its card), or None for no canary.
+    canary: Callable[[Engine, WorkerConfig, ModelCard], CanaryProbe] | None
+    card: Callable[[Engine, WorkerConfig, int], ModelCard]
+    instance_fields: Callable[[Engine, WorkerConfig], dict[str, Any]]
+    create_engine: Callable[[EngineArgs], Engine] = create_engine
+    # ``{ns}.{component}.clear_kv_blocks`` and the ``/engine/*`` routes (LLM engines).
+    clear_kv_blocks: bool = True
+    engine_routes: bool = True
+
+
+def _llm_canary(engine: Engine, config: WorkerConfig, card: ModelCard) -> CanaryProbe:
+    return generate_probe(
+        canary_payload(
+            config.role, bos_token_id=card.bos_token_id, bootstrap_port=engine.info.bootstrap_port
+        )
+    )
+
+
+def llm_role(handler: Callable[[Engine, WorkerConfig, WorkerMetrics], Handler]) -> WorkerRole:
+    """An LLM worker (aggregated, decode or prefill) with ``handler``."""
+    return WorkerRole(
+        handler=handler,
+        request_type=PreprocessedRequest,
+        canary=_llm_canary,
+        card=lambda engine, config, iid: model_card(engine.info, config, iid),
+        instance_fields=lambda engine, config: instance_fields(engine.info, config),
+    )
+
+
+async def _start_engine(config: WorkerConfig, role: WorkerRole) -> tuple[Engine, float]:
     try:
-        engine = create_engine(config.engine)
+        engine = role.create_engine(config.engine)
         started = time.perf_counter()
         await engine.start()
     except Exception as exc:
@@ -39,35 +94,13 @@ async def _start_engine(config: WorkerConfig) -> tuple[Engine, float]:
     return engine, time.perf_counter() - started
 
 
-def _handler(engine: Engine, config: WorkerConfig, metrics: WorkerMetrics) -> object:
-    args = config.engine
-    kind = engine_kind(engine.info.engine)
-    skip = args.skip_tokenizer_init and not kind.min_tokens_without_tokenizer
-    if config.role == PREFILL:
-        info = engine.info
-        return PrefillHandler(
-            engine,
-            bootstrap_host=info.bootstrap_host or "127.0.0.1",
-            bootstrap_port=info.bootstrap_port or args.disaggregation_bootstrap_port,
-            dp_size=info.dp_size,
-            skip_tokenizer_init=skip,
-            metrics=metrics,
-        )
-    return DecodeHandler(
-        engine,
-        disaggregation_mode=args.disaggregation_mode,
-        skip_tokenizer_init=skip,
-        metrics=metrics,
-    )
-
-
-def worker_main(config: WorkerConfig) -> int:
+def worker_main(config: WorkerConfig, role: WorkerRole) -> int:
     """Run the worker until SIGTERM/SIGINT; returns the process exit code."""
 
     async def start(runtime: DistributedRuntime, system: SystemServer | None) -> Cleanup:
-        engine, load_seconds = await _start_engine(config)
+        engine, load_seconds = await _start_engine(config, role)
         model = config.engine.model_name
-        source = engine_kind(engine.info.engine).metrics
+        source = metrics_source(engine)
         metrics = WorkerMetrics(model, sglang_source=source)
         metrics.model_loaded(load_seconds)
         install_engine_metrics(engine, model, source=source)
@@ -82,34 +115,31 @@ def worker_main(config: WorkerConfig) -> int:
             )
             return engine.shutdown
 
-        handler = _handler(engine, config, metrics)
+        handler = role.handler(engine, config, metrics)
         eid = config.endpoint
         try:
             served = await runtime.endpoint(eid).serve(
-                handler.generate,  # type: ignore[attr-defined]
-                request_type=PreprocessedRequest,
-                **instance_fields(engine.info, config),
+                handler.generate,
+                request_type=role.request_type,
+                **role.instance_fields(engine, config),
             )
-            clear = ClearKvBlocksHandler(engine)
-            await runtime.endpoint(
-                EndpointId(eid.namespace, eid.component, "clear_kv_blocks")
-            ).serve(clear.generate, request_type=dict)
-            card = model_card(engine.info, config, runtime.instance_id)
+            if role.clear_kv_blocks:
+                clear = ClearKvBlocksHandler(engine)
+                await runtime.endpoint(
+                    EndpointId(eid.namespace, eid.component, "clear_kv_blocks")
+                ).serve(clear.generate, request_type=dict)
+            card = role.card(engine, config, runtime.instance_id)
             await register_model(runtime, card)
         except Exception as exc:
             await engine.shutdown()
             raise StartupError(f"registration failed: {exc}") from exc
 
         canary: Canary | None = None
-        if config.worker.health_check:
+        if config.worker.health_check and role.canary is not None:
             canary = Canary(
                 runtime,
                 served,
-                canary_payload(
-                    config.role,
-                    bos_token_id=card.bos_token_id,
-                    bootstrap_port=engine.info.bootstrap_port,
-                ),
+                role.canary(engine, config, card),
                 wait_time=config.worker.canary_wait_time,
                 timeout=config.worker.health_check_timeout,
             )
@@ -125,7 +155,7 @@ def worker_main(config: WorkerConfig) -> int:
             if canary is not None:
                 canary.resume()
 
-        if system is not None:
+        if system is not None and role.engine_routes:
             register_engine_routes(system, engine, leave=leave, rejoin=rejoin)
         log.info(
             "worker serving",

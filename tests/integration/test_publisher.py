@@ -29,12 +29,12 @@ from proto.kv_events import BlockStored
 from proto.metrics import KvEventsMessage, LoadMetrics
 from proto.request import PreprocessedRequest, RoutingHints, SamplingOptions, StopConditions
 from proto.response import EngineOutput
+from services.processor.kv_events_feed import KvEventsFeed
 from services.publisher.args import PublisherFlags
 from services.publisher.state import CacheState
 from services.publisher.supervisor import Supervisor
 from shared.config import MeshConfig
 from shared.infra import EtcdServer, NatsServer, free_port
-from shared.kv_events_feed import KvEventsFeed
 from shared.model import make_test_tokenizer
 from shared.router.hashing import block_hashes
 from shared.router.kv_index import KvIndex

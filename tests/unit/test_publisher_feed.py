@@ -13,7 +13,7 @@ from typing import cast
 
 from proto.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from proto.metrics import KvEventsMessage
-from shared.kv_events_feed import KvEventsFeed, _Snapshot
+from services.processor.kv_events_feed import KvEventsFeed, _Snapshot
 from shared.runtime import DistributedRuntime
 
 W = 0x77

@@ -24,20 +24,17 @@ from proto.request import (
     StopConditions,
 )
 from proto.response import KV_CACHE_HIT_KEY, EngineOutput, FinishReason
+from services.decode.handler import DecodeHandler
+from services.prefill.handler import PrefillHandler
 from shared.engine.mapping import EngineError
 from shared.engine.protocol import Engine
 from shared.engine.sim.engine import SimConfig, SimEngine
 from shared.model import make_test_tokenizer
+from shared.router.bootstrap import MAX_BOOTSTRAP_ROOM, choose_bootstrap_room
 from shared.runtime.endpoint import Context, StopReason
 from shared.runtime.errors import InvalidRequestError
 from shared.worker import handlers
-from shared.worker.handlers import (
-    MAX_BOOTSTRAP_ROOM,
-    ClearKvBlocksHandler,
-    DecodeHandler,
-    PrefillHandler,
-    choose_bootstrap_room,
-)
+from shared.worker.handlers import ClearKvBlocksHandler
 
 PROMPT = list(range(10, 50))  # 40 tokens: two full 16-token pages can be cached
 SEED = 11
