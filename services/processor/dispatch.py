@@ -50,12 +50,12 @@ from shared.router.hashing import block_hashes
 from shared.runtime import InvalidRequestError, MeshError, NoInstancesError, ResponseStream
 from shared.runtime.errors import RemoteError
 
-__all__ = ["Dispatcher", "NoWorkersError"]
+__all__ = ["RETRY_PAUSE", "Dispatcher", "NoWorkersError", "exhausted"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 16
-_RETRY_PAUSE = 0.05
+RETRY_PAUSE = 0.05
 
 
 class NoWorkersError(NoInstancesError):
@@ -143,12 +143,12 @@ class Dispatcher:
             except MeshError as exc:
                 if not exc.retryable or attempt >= limit or isinstance(exc, NoWorkersError):
                     if attempt and exc.retryable:
-                        raise _exhausted(exc, attempt) from exc
+                        raise exhausted(exc, attempt) from exc
                     raise
                 attempt += 1
                 metrics.migrations.labels(model.name, exc.code.value).inc()
                 # A short pause: an overloaded or restarting mesh is not helped by a retry storm.
-                await asyncio.sleep(_RETRY_PAUSE * (attempt - 1))
+                await asyncio.sleep(RETRY_PAUSE * (attempt - 1))
                 log.info(
                     "migrating request",
                     extra={
@@ -418,7 +418,7 @@ def _handler_error(message: str) -> MeshError:
     return MeshError(message, code=ErrorCode.HANDLER_ERROR)
 
 
-def _exhausted(exc: MeshError, attempts: int) -> MeshError:
+def exhausted(exc: MeshError, attempts: int) -> MeshError:
     """The last retryable failure, made final: the caller must not retry it again."""
     message = f"request failed after {attempts} migration attempt(s): {exc.message}"
     return RemoteError(ErrorBody(code=exc.code, message=message, retryable=False))

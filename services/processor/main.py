@@ -11,6 +11,7 @@ from __future__ import annotations
 from services.processor.app import ProcessorApp
 from services.processor.args import ProcessorConfig, parse_processor_args
 from services.processor.dispatch import Dispatcher
+from services.processor.embeddings import EmbeddingDispatcher
 from services.processor.kv_events_feed import KvEventsFeed
 from services.processor.models import ModelRegistry
 from shared.router import KvRouter, RouterMode
@@ -35,7 +36,10 @@ def start_processor(config: ProcessorConfig) -> ServiceMain:
             # the workers routes by their caches at once.
             await feed.start()
 
+        embedder = EmbeddingDispatcher(migration_limit=flags.migration_limit)
+
         def worker_left(instance_id: int) -> None:
+            embedder.forget(instance_id)
             if router is not None and feed is not None:
                 router.remove_worker(instance_id)
                 feed.forget(instance_id)
@@ -50,7 +54,7 @@ def start_processor(config: ProcessorConfig) -> ServiceMain:
             busy_threshold=flags.active_decode_blocks_threshold,
             kv_router=router,
         )
-        app = ProcessorApp(flags, runtime, registry, dispatcher)
+        app = ProcessorApp(flags, runtime, registry, dispatcher, embedder)
         try:
             await app.start()
         except OSError as exc:

@@ -3,7 +3,8 @@
 Workers write a :class:`~proto.discovery.ModelCard` under their etcd lease; this module
 watches them. A model is *servable* when its preprocessor (tokenizer and chat template) is
 loaded and its workers satisfy their needs: at least one aggregated worker, or at least one
-prefill and one decode worker. With both kinds present the disaggregated pair is used.
+prefill and one decode worker (with both kinds present the disaggregated pair is used), or,
+for an embedding model, at least one embedding worker.
 
 Model names are remembered after their last worker leaves, so a request for a model that was
 served a moment ago gets 503 ("no workers"), not 404 ("no such model").
@@ -17,7 +18,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from proto.discovery import InstanceRecord, ModelCard, WorkerType, models_prefix
+from proto.discovery import EmbeddingInfo, InstanceRecord, ModelCard, WorkerType, models_prefix
 from proto.openai import RequestError
 from services.processor.preprocess import ModelPreprocessor, PreprocessorLoadError
 from shared.config import parse_endpoint
@@ -29,7 +30,12 @@ __all__ = ["ModelRegistry", "ServedModel", "WorkerPool"]
 
 log = logging.getLogger(__name__)
 
-_SERVING_TYPES = (WorkerType.AGGREGATED, WorkerType.DECODE, WorkerType.PREFILL)
+_SERVING_TYPES = (
+    WorkerType.AGGREGATED,
+    WorkerType.DECODE,
+    WorkerType.PREFILL,
+    WorkerType.EMBEDDING,
+)
 
 
 @dataclass
@@ -94,9 +100,23 @@ class ServedModel:
         )
 
     @property
+    def is_embedding(self) -> bool:
+        """An embedding model: served on ``/v1/embeddings``, never on chat or completions."""
+        return WorkerType.EMBEDDING in self.pools or any(
+            card.embedding is not None for card in self.cards
+        )
+
+    @property
+    def embedding(self) -> EmbeddingInfo | None:
+        """The embedding facts of the model's cards (the first worker's)."""
+        return next((c.embedding for c in self.cards if c.embedding is not None), None)
+
+    @property
     def servable(self) -> bool:
         if self.preprocessor is None:
             return False
+        if self.pool(WorkerType.EMBEDDING) is not None:
+            return self.embedding is not None
         return self.disaggregated or self.pool(WorkerType.AGGREGATED) is not None
 
     def unavailable_reason(self) -> str:
@@ -191,7 +211,7 @@ class ModelRegistry:
 
     def _on_put(self, key: str, card: ModelCard) -> None:
         if card.worker_type not in _SERVING_TYPES:
-            return  # encoders and embedding models arrive with the encode service
+            return  # vision encoders serve the LLM workers, not the API
         model = self.models.get(card.name)
         if model is None:
             model = self.models[card.name] = ServedModel(

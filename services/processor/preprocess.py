@@ -202,6 +202,10 @@ class ModelPreprocessor:
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as exc:  # tokenizers raises a bare Exception
             raise PreprocessorLoadError(f"cannot load {tokenizer_file}: {exc}") from exc
+        # A tokenizer.json may pad or truncate (all-MiniLM-L6-v2's pads every input to 128):
+        # prompts are tokenized exactly, and limits are checked, never silently applied.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         tok_config = _read_json(directory / "tokenizer_config.json")
 
         template: str | None = custom_template

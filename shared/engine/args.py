@@ -71,6 +71,7 @@ __all__ = [
     "engine_flag_values",
     "human_readable_int",
     "kv_events_endpoints",
+    "model_overrides",
     "parse_engine_args",
     "parse_kv_events_config",
     "split_served_model_name",
@@ -288,6 +289,13 @@ BUILTIN_SGLANG_FLAGS: tuple[SglangFlag, ...] = (
     ),
     SglangFlag(
         "is_embedding", ("--is-embedding",), "bool", False, "Use a CausalLM as an embedding model."
+    ),
+    SglangFlag(
+        "json_model_override_args",
+        ("--json-model-override-args",),
+        "str",
+        "{}",
+        "A dictionary in JSON string format used to override default model configurations.",
     ),
     SglangFlag("dtype", ("--dtype",), "str", "auto", "Weights dtype.", choices=_DTYPES),
     SglangFlag(
@@ -749,6 +757,7 @@ class EngineArgs:
     enable_metrics: bool = False
     skip_tokenizer_init: bool = False
     is_embedding: bool = False
+    json_model_override_args: str = "{}"
     incremental_streaming_output: bool = True
     disable_radix_cache: bool = False
     random_seed: int | None = None
@@ -857,6 +866,23 @@ def _check(values: Mapping[str, Any]) -> None:
     if not values.get("model_path"):
         raise ValueError("--model-path must not be empty")
     parse_kv_events_config(values.get("kv_events_config"))
+    model_overrides(values.get("json_model_override_args"))
+
+
+def model_overrides(text: str | None) -> dict[str, Any]:
+    """``--json-model-override-args`` as a dict; ValueError naming the flag if it is not a
+    JSON object."""
+    if not text or not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--json-model-override-args is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"--json-model-override-args must be a JSON object, got {type(value).__name__}"
+        )
+    return value
 
 
 def _sglang_parser_class() -> Any | None:

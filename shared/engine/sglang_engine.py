@@ -36,7 +36,7 @@ from shared.engine.args import EngineArgs, kv_events_endpoints
 from shared.engine.protocol import EngineInfo
 from shared.runtime.errors import InvalidRequestError, OverloadedError
 
-__all__ = ["ENCODE_KWARGS", "GENERATE_KWARGS", "SglangEngine"]
+__all__ = ["EMBEDDING_REQUEST_FIELDS", "ENCODE_KWARGS", "GENERATE_KWARGS", "SglangEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,9 @@ GENERATE_KWARGS = frozenset(
         "cache_salt",
     }
 )
-ENCODE_KWARGS = frozenset({"prompt"})
+ENCODE_KWARGS = frozenset({"prompt", "rid"})
+# Fields of ``EmbeddingReqInput`` the adapter sets for token-id inputs (checked alike).
+EMBEDDING_REQUEST_FIELDS = frozenset({"input_ids", "rid"})
 
 _STARTUP_QUERY_TIMEOUT = 30.0
 
@@ -357,22 +359,38 @@ class SglangEngine:
                 self.abort_request(rid)
 
     async def async_encode(
-        self, *, prompt: str | list[str] | None = None, input_ids: list[list[int]] | None = None
+        self,
+        *,
+        prompt: str | list[str] | None = None,
+        input_ids: list[list[int]] | None = None,
+        rid: str | None = None,
     ) -> list[dict[str, Any]]:
         """Embed texts (``prompt``) or token id lists (``input_ids``): one dict per input,
-        each with ``embedding`` and ``meta_info`` as SGLang returns them."""
+        each with ``embedding`` and ``meta_info`` as SGLang returns them.
+
+        Each input gets the request id ``{rid}-{i}``, as the reference's batches do, so a
+        caller that goes away (the task is cancelled) aborts them in the engine."""
         if (prompt is None) == (input_ids is None):
             raise InvalidRequestError("give exactly one of prompt and input_ids")
+        count = 1 if isinstance(prompt, str) else len(prompt or input_ids or [])
+        rids: list[str] | None = None
+        if rid is not None:
+            rids = [f"{rid}-{i}" for i in range(count)]
         try:
             if prompt is not None:
-                result = await self.engine.async_encode(prompt=prompt)
+                one: str | list[str] | None = rids[0] if rids and isinstance(prompt, str) else rids
+                result = await self.engine.async_encode(prompt=prompt, rid=one)
             else:
                 from sglang.srt.managers.io_struct import EmbeddingReqInput
 
-                request = EmbeddingReqInput(input_ids=input_ids)
+                request = EmbeddingReqInput(input_ids=input_ids, rid=rids)
                 result = await self.tokenizer_manager.generate_request(request, None).__anext__()
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from exc
+        except asyncio.CancelledError:
+            for one_rid in rids or ():
+                self.abort_request(one_rid)
+            raise
         if isinstance(result, dict):
             return [result]
         return list(result)

@@ -4,8 +4,9 @@
 reference do: no ``--disaggregation-mode`` (or ``null``, ``agg``, ``pd``) is an aggregated
 worker, ``decode`` a disaggregated decode worker, ``prefill`` a prefill worker. The encoder
 roles (``--embedding-worker``, ``--multimodal-encode-worker``, ``--disaggregation-mode
-encode``) belong to the encode service. Parsing goes mesh flags first, then worker flags, then
-the engine's (SGLang's own parser when sglang is importable), each taking only its own flags.
+encode``) belong to the encode service; ``--embedding-worker`` (the reference's flag) also sets
+SGLang's ``--is-embedding``. Parsing goes mesh flags first, then worker flags, then the
+engine's (SGLang's own parser when sglang is importable), each taking only its own flags.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ ENCODE = "encode"
 
 # The reference accepts these for an aggregated worker; SGLang itself knows only "null".
 _AGGREGATED_MODES = {"null", "agg", "pd"}
-_ENCODER_FLAGS = ("--embedding-worker", "--multimodal-encode-worker")
+EMBEDDING_WORKER_FLAG = "--embedding-worker"
+_MULTIMODAL_ENCODE_FLAG = "--multimodal-encode-worker"
+_ENCODER_FLAGS = (EMBEDDING_WORKER_FLAG, _MULTIMODAL_ENCODE_FLAG)
 
 
 class RoleError(ValueError):
@@ -173,9 +176,17 @@ class WorkerConfig:
     endpoint: EndpointId
 
 
+_COMPONENTS = {PREFILL: "prefill", ENCODE: "encode"}
+
+
 def default_endpoint(mesh: MeshConfig, role: str) -> EndpointId:
-    component = "prefill" if role == PREFILL else "backend"
+    component = _COMPONENTS.get(role, "backend")
     return mesh.endpoint or EndpointId(mesh.namespace, component, "generate")
+
+
+def _without_embedding_flag(argv: Sequence[str]) -> list[str]:
+    """The command line minus ``--embedding-worker`` (a mesh flag SGLang's parser lacks)."""
+    return [a for a in argv if a.split("=", 1)[0] != EMBEDDING_WORKER_FLAG]
 
 
 def _die(prog: str, message: str) -> NoReturn:
@@ -219,13 +230,17 @@ def parse_worker_args(
         _die(prog, str(exc))
     if role is not None and chosen not in (role, AGGREGATED):
         _die(prog, f"this entry point runs a {role} worker, but the flags ask for {chosen}")
+    if chosen == ENCODE and role != ENCODE:
+        _die(prog, "encoder flags run the encode service: use sglmesh encode (or sglmesh worker)")
     chosen = role or chosen
     if chosen == ENCODE:
-        _die(
-            prog,
-            "encoder workers (--embedding-worker, --multimodal-encode-worker, "
-            "--disaggregation-mode encode) come with the encode service: not available yet",
-        )
+        if _MULTIMODAL_ENCODE_FLAG in args or _flag_value(args, "--disaggregation-mode") == ENCODE:
+            _die(
+                prog,
+                "multimodal encode workers (--multimodal-encode-worker, --disaggregation-mode "
+                "encode) are not available yet; --embedding-worker serves text embeddings",
+            )
+        args = _without_embedding_flag(args)
     if role == PREFILL and _flag_value(args, "--disaggregation-mode") is None:
         args = [*args, "--disaggregation-mode", "prefill"]
     ns, rest = parser.parse_known_args(args)
@@ -233,6 +248,10 @@ def parse_worker_args(
     worker = _worker_flags(ns, environ, parser)
 
     def default_model() -> str:
+        if chosen == ENCODE:
+            from shared.embedding_model import prepare_embedding_model
+
+            return str(prepare_embedding_model())
         from shared.model import default_model_path
 
         return str(default_model_path())
@@ -242,6 +261,7 @@ def parse_worker_args(
             normalize_mode(rest),
             prog=prog,
             env=environ,
+            embedding=chosen == ENCODE,
             default_model=default_model,
             use_sglang=use_sglang,
         )

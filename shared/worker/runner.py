@@ -18,13 +18,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from proto.discovery import ModelCard
 from proto.request import PreprocessedRequest
 from shared.config import EndpointId
 from shared.engine.args import EngineArgs
-from shared.engine.protocol import Engine
+from shared.engine.protocol import Engine, EngineInfo
 from shared.engine.registry import create_engine
 from shared.runtime import DistributedRuntime
 from shared.runtime.endpoint import Context
@@ -48,19 +48,33 @@ class Handler(Protocol):
     def generate(self, request: Any, ctx: Context) -> AsyncIterator[Any]: ...
 
 
+class WorkerEngine(Protocol):
+    """What the lifecycle itself needs of an engine (an LLM ``Engine`` or an encoder)."""
+
+    info: EngineInfo
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+E = TypeVar("E", bound=WorkerEngine)
+
+
 @dataclass(frozen=True)
-class WorkerRole:
+class WorkerRole(Generic[E]):
     """What one worker service brings to the shared lifecycle."""
 
+    create_engine: Callable[[EngineArgs], E]
     # The endpoint's handler, built once the engine runs.
-    handler: Callable[[Engine, WorkerConfig, WorkerMetrics], Handler]
+    handler: Callable[[E, WorkerConfig, WorkerMetrics], Handler]
     request_type: Any
     # The health canary's probe for this worker (given its card), or None for no canary.
-    canary: Callable[[Engine, WorkerConfig, ModelCard], CanaryProbe] | None
-    card: Callable[[Engine, WorkerConfig, int], ModelCard]
-    instance_fields: Callable[[Engine, WorkerConfig], dict[str, Any]]
-    create_engine: Callable[[EngineArgs], Engine] = create_engine
-    # ``{ns}.{component}.clear_kv_blocks`` and the ``/engine/*`` routes (LLM engines).
+    canary: Callable[[E, WorkerConfig, ModelCard], CanaryProbe] | None
+    card: Callable[[E, WorkerConfig, int], ModelCard]
+    instance_fields: Callable[[E, WorkerConfig], dict[str, Any]]
+    # ``{ns}.{component}.clear_kv_blocks`` and the ``/engine/*`` routes: only for an
+    # ``Engine`` (the LLM protocol), which has a KV cache and the control methods.
     clear_kv_blocks: bool = True
     engine_routes: bool = True
 
@@ -73,9 +87,12 @@ def _llm_canary(engine: Engine, config: WorkerConfig, card: ModelCard) -> Canary
     )
 
 
-def llm_role(handler: Callable[[Engine, WorkerConfig, WorkerMetrics], Handler]) -> WorkerRole:
+def llm_role(
+    handler: Callable[[Engine, WorkerConfig, WorkerMetrics], Handler],
+) -> WorkerRole[Engine]:
     """An LLM worker (aggregated, decode or prefill) with ``handler``."""
     return WorkerRole(
+        create_engine=create_engine,
         handler=handler,
         request_type=PreprocessedRequest,
         canary=_llm_canary,
@@ -84,7 +101,7 @@ def llm_role(handler: Callable[[Engine, WorkerConfig, WorkerMetrics], Handler]) 
     )
 
 
-async def _start_engine(config: WorkerConfig, role: WorkerRole) -> tuple[Engine, float]:
+async def _start_engine(config: WorkerConfig, role: WorkerRole[E]) -> tuple[E, float]:
     try:
         engine = role.create_engine(config.engine)
         started = time.perf_counter()
@@ -94,7 +111,7 @@ async def _start_engine(config: WorkerConfig, role: WorkerRole) -> tuple[Engine,
     return engine, time.perf_counter() - started
 
 
-def worker_main(config: WorkerConfig, role: WorkerRole) -> int:
+def worker_main(config: WorkerConfig, role: WorkerRole[E]) -> int:
     """Run the worker until SIGTERM/SIGINT; returns the process exit code."""
 
     async def start(runtime: DistributedRuntime, system: SystemServer | None) -> Cleanup:
@@ -124,7 +141,7 @@ def worker_main(config: WorkerConfig, role: WorkerRole) -> int:
                 **role.instance_fields(engine, config),
             )
             if role.clear_kv_blocks:
-                clear = ClearKvBlocksHandler(engine)
+                clear = ClearKvBlocksHandler(cast(Engine, engine))
                 await runtime.endpoint(
                     EndpointId(eid.namespace, eid.component, "clear_kv_blocks")
                 ).serve(clear.generate, request_type=dict)
@@ -156,7 +173,7 @@ def worker_main(config: WorkerConfig, role: WorkerRole) -> int:
                 canary.resume()
 
         if system is not None and role.engine_routes:
-            register_engine_routes(system, engine, leave=leave, rejoin=rejoin)
+            register_engine_routes(system, cast(Engine, engine), leave=leave, rejoin=rejoin)
         log.info(
             "worker serving",
             extra={"role": config.role, "endpoint": str(eid), "model": model,

@@ -48,7 +48,7 @@ from proto.request import (
 from shared.engine import args as engine_args
 from shared.engine.args import BUILTIN_SGLANG_FLAGS, parse_engine_args
 from shared.engine.mapping import to_generate_kwargs
-from shared.engine.sglang_engine import ENCODE_KWARGS, GENERATE_KWARGS
+from shared.engine.sglang_engine import EMBEDDING_REQUEST_FIELDS, ENCODE_KWARGS, GENERATE_KWARGS
 
 SGLANG_ROOT = Path(next(iter(importlib.util.find_spec("sglang").submodule_search_locations or [])))
 
@@ -91,6 +91,7 @@ def _struct_fields(cls: ast.ClassDef) -> set[str]:
 
 
 ENGINE_PY = "srt/entrypoints/engine.py"
+IO_STRUCT_PY = "srt/managers/io_struct.py"
 
 
 def test_generate_kwargs_exist_in_engine_async_generate() -> None:
@@ -108,6 +109,22 @@ def test_encode_kwargs_exist_in_engine_async_encode() -> None:
     assert fn.args.kwarg is None
     missing = ENCODE_KWARGS - _params(fn)
     assert not missing, f"Engine.async_encode has no parameter(s) {sorted(missing)}"
+
+
+def test_embedding_request_fields_exist() -> None:
+    """Token-id inputs go to SGLang as ``EmbeddingReqInput(input_ids=..., rid=...)`` through
+    ``TokenizerManager.generate_request``: the fields and the method must exist (io_struct
+    itself needs transformers, which this venv leaves out, so it is read, not imported)."""
+    cls = _class(IO_STRUCT_PY, "EmbeddingReqInput")
+    fields = {
+        node.target.id
+        for node in cls.body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
+    missing = EMBEDDING_REQUEST_FIELDS - fields
+    assert not missing, f"EmbeddingReqInput has no field(s) {sorted(missing)}"
+    manager = _class("srt/managers/tokenizer_manager.py", "TokenizerManager")
+    assert {"obj", "request"} <= _params(_method(manager, "generate_request"))
 
 
 def test_engine_members_the_adapter_uses() -> None:

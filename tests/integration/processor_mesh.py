@@ -28,6 +28,7 @@ from shared.infra import EtcdServer, NatsServer, free_port
 from tests.integration.mesh import ROOT, make_config, mesh_flags
 
 __all__ = [
+    "Encoder",
     "Mesh",
     "Processor",
     "Worker",
@@ -182,6 +183,32 @@ class Worker(_Process):
         return parse_metric(await self.metrics(), name, **labels)
 
 
+class Encoder(_Process):
+    """``python -m sglmesh worker --embedding-worker ...``: an embedding worker on the CPU
+    engine, with its system server on a free port."""
+
+    def __init__(
+        self, cfg: MeshConfig, model: Path, log_dir: Path, *flags: str, name: str = "encoder"
+    ) -> None:
+        self.system_port = free_port()
+        self.base = f"http://127.0.0.1:{self.system_port}"
+        args = [
+            sys.executable, "-m", "sglmesh", "worker", "--embedding-worker",
+            "--model-path", str(model),
+            *mesh_flags(cfg),
+            "--system-host", "127.0.0.1",
+            "--system-port", str(self.system_port),
+            *flags,
+        ]  # fmt: skip
+        super().__init__(f"{name}-{self.system_port}", args, log_dir)
+
+    async def wait_ready(self, timeout: float = 120) -> None:
+        await _poll_status(self, f"{self.base}/health", timeout)
+
+    async def metric(self, name: str, **labels: str) -> float:
+        return parse_metric(await _metrics_text(f"{self.base}/metrics"), name, **labels)
+
+
 class Processor(_Process):
     """``python -m sglmesh processor ...`` on a free HTTP port."""
 
@@ -235,6 +262,7 @@ class Mesh:
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self.workers: list[Worker] = []
+        self.encoders: list[Encoder] = []
         self.processors: list[Processor] = []
 
     async def add_workers(
@@ -263,16 +291,23 @@ class Mesh:
         await asyncio.gather(*(w.wait_ready() for w in new))
         return new
 
+    async def add_encoders(self, model: Path, *specs: tuple[str, ...]) -> list[Encoder]:
+        """One embedding worker per ``specs`` item (its extra flags), ready on return."""
+        new = [Encoder(self.cfg, model, self.log_dir, *flags) for flags in specs]
+        self.encoders.extend(new)
+        await asyncio.gather(*(e.wait_ready() for e in new))
+        return new
+
     def add_processor(self, *flags: str) -> Processor:
         processor = Processor(self.cfg, self.log_dir, *flags)
         self.processors.append(processor)
         return processor
 
     def output(self) -> str:
-        return "\n".join(p.output() for p in [*self.processors, *self.workers])
+        return "\n".join(p.output() for p in [*self.processors, *self.workers, *self.encoders])
 
     def close(self) -> None:
-        for p in [*self.processors, *self.workers]:
+        for p in [*self.processors, *self.workers, *self.encoders]:
             p.stop()
 
 

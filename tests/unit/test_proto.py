@@ -17,6 +17,7 @@ from proto import (
     BootstrapInfo,
     CompletionUsage,
     EmbeddingData,
+    EmbeddingOutput,
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
@@ -310,6 +311,8 @@ def test_embedding_request_input_shapes(
         {"model": "e5", "input": 5},
         {"model": "e5", "input": "a", "dimensions": 0},
         {"model": "e5", "input": "a", "encoding_format": "int8"},
+        {"model": "e5", "input": "a", "truncate_prompt_tokens": 0},
+        {"model": "e5", "input": "a", "truncate_prompt_tokens": -2},
         {"input": "a"},
     ],
 )
@@ -333,10 +336,21 @@ def test_embedding_response_keeps_object_fields() -> None:
     assert decoded["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
     assert roundtrip(resp) == resp
 
-    pre = PreprocessedEmbeddingRequest(
-        token_ids=[[1, 2]], model="e5", encoding_format="base64", dimensions=4, annotations=["a"]
-    )
+    pre = PreprocessedEmbeddingRequest(token_ids=[[1, 2]], model="e5", dimensions=4)
     assert roundtrip(pre) == pre
+    assert len(pre) == 1
+    assert roundtrip(PreprocessedEmbeddingRequest(texts=["a", "b"])).texts == ["a", "b"]
+    out = EmbeddingOutput(index=3, embeddings=[b"\x00\x00\x80?"], prompt_tokens=2)
+    assert roundtrip(out) == out
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"token_ids": [[1]], "texts": ["a"]}, {"token_ids": []}, {"texts": []}],
+)
+def test_preprocessed_embedding_request_needs_one_kind_of_input(body: dict[str, Any]) -> None:
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.msgpack.decode(msgspec.msgpack.encode(body), type=PreprocessedEmbeddingRequest)
 
 
 # --- discovery -----------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The encode service: text-embedding workers (and, next, the vision encoder)."""

@@ -1,0 +1,89 @@
+"""The encode service's command line: a worker's (mesh, worker and engine flags) plus batching.
+
+``sglmesh encode [SGLang flags] [mesh flags] [--embedding-max-batch-size N ...]`` and
+``sglmesh worker --embedding-worker ...`` both land here. ``--embedding-worker`` is implied
+(and sets SGLang's ``--is-embedding``); without ``--model-path`` the default embedding model
+(all-MiniLM-L6-v2, ``sglmesh model prepare --model all-minilm-l6-v2``) is used. The batching
+flags are the encode service's own and are taken off before the worker's parsers see the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from services.encode.batcher import BatchLimits
+from services.encode.engines import choose_engine
+from shared.engine.args import EngineSelectionError
+from shared.flags import Flag, FlagError, add_flags, flag_values, float_converter, int_converter
+from shared.worker.args import ENCODE, WorkerConfig, parse_worker_args
+
+__all__ = ["EncodeConfig", "parse_encode_args"]
+
+_D = BatchLimits()
+_FLAGS: tuple[Flag, ...] = (
+    Flag("embedding_max_batch_size", int_converter(1), _D.max_batch_size, "N",
+         "most inputs one forward pass embeds together (dynamic batching)"),
+    Flag("embedding_max_batch_tokens", int_converter(1), _D.max_batch_tokens, "TOKENS",
+         "most padded tokens (inputs x the longest) in one forward pass; a longer input "
+         "runs alone"),
+    Flag("embedding_batch_wait_ms", float_converter(0.0), _D.max_wait * 1000, "MS",
+         "how long a partial batch may wait for more inputs; 0 = never wait (inputs that "
+         "arrive during a forward form the next batch)"),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    worker: WorkerConfig
+    limits: BatchLimits
+    engine: str  # "torch" (CPU) or "sglang"
+    engine_reason: str
+
+
+def _help(prog: str, parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    print(
+        f"usage: {prog} [SGLang flags] [mesh flags] [batching flags]\n\n"
+        "An embedding worker (the encode service): serves {ns}.encode.generate with a "
+        "sentence-embedding model, the CPU engine (torch) or SGLang --is-embedding on GPUs.\n"
+    )
+    parser.print_help()
+    print()
+    sys.stdout.flush()
+    parse_worker_args(["--help"], prog=prog, role=ENCODE, env=env)
+
+
+def parse_encode_args(
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str = "sglmesh encode",
+    env: Mapping[str, str] | None = None,
+    use_sglang: bool | None = None,
+) -> EncodeConfig:
+    """Parse the whole command line; bad input exits 2 with one line naming the flag."""
+    environ: Mapping[str, str] = os.environ if env is None else env
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, add_help=False)
+    add_flags(parser.add_argument_group("batching"), _FLAGS)
+    if "-h" in args or "--help" in args:
+        _help(prog, parser, environ)
+        raise SystemExit(0)
+    ns, rest = parser.parse_known_args(args)
+    try:
+        values = flag_values(_FLAGS, ns, environ)
+    except FlagError as exc:
+        parser.error(str(exc))
+    limits = BatchLimits(
+        max_batch_size=values["embedding_max_batch_size"],
+        max_batch_tokens=values["embedding_max_batch_tokens"],
+        max_wait=values["embedding_batch_wait_ms"] / 1000.0,
+    )
+    worker = parse_worker_args(rest, prog=prog, role=ENCODE, env=environ, use_sglang=use_sglang)
+    try:
+        engine, reason = choose_engine(worker.engine)
+    except EngineSelectionError as exc:
+        parser.error(str(exc))
+    return EncodeConfig(worker=worker, limits=limits, engine=engine, engine_reason=reason)
