@@ -27,7 +27,7 @@ import pytest
 from shared.embedding_model import prepare_embedding_model
 from shared.infra import EtcdServer, NatsServer
 from shared.model import prepare_default_model
-from tests.integration.processor_mesh import Encoder, Mesh, Processor, error_detail, mesh
+from tests.integration.processor_mesh import Mesh, Processor, error_detail, mesh
 
 MODEL = "minilm"
 MRL = "minilm-mrl"
@@ -105,8 +105,16 @@ def client(emb: tuple[Mesh, Processor]) -> openai.AsyncOpenAI:
 
 
 def _vectors(response: Any) -> np.ndarray[Any, Any]:
+    """The vectors of an answer; ``base64`` ones (the client passes them through when the
+    caller asked for that encoding) decoded as OpenAI specifies: little-endian float32."""
     assert [d.index for d in response.data] == list(range(len(response.data)))
-    return np.asarray([d.embedding for d in response.data], dtype=np.float64)
+    rows = [
+        np.frombuffer(base64.b64decode(d.embedding), dtype="<f4")
+        if isinstance(d.embedding, str)
+        else d.embedding
+        for d in response.data
+    ]
+    return np.asarray(rows, dtype=np.float64)
 
 
 def _cosines(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -149,7 +157,9 @@ async def test_openai_client_every_input_shape(
         assert got.usage.total_tokens == got.usage.prompt_tokens
 
 
-async def test_base64_is_little_endian_float32_of_the_float_answer(emb: tuple[Mesh, Processor]) -> None:
+async def test_base64_is_little_endian_float32_of_the_float_answer(
+    emb: tuple[Mesh, Processor],
+) -> None:
     _, processor = emb
     body = {"model": MODEL, "input": SENTENCES[:2]}
     status, floats = await _post(processor, {**body, "encoding_format": "float"})
@@ -181,7 +191,10 @@ async def test_vectors_equal_sentence_transformers_alone_and_batched(
     forwards_before = sum([await e.metric("sglmesh_embedding_forwards_total") for e in m.encoders])
     # Concurrent batches of 5, and 50 single-sentence requests at once: the workers batch them.
     batches = await asyncio.gather(
-        *(client.embeddings.create(model=MODEL, input=SENTENCES[i : i + 5]) for i in range(0, 50, 5))
+        *(
+            client.embeddings.create(model=MODEL, input=SENTENCES[i : i + 5])
+            for i in range(0, 50, 5)
+        )
     )
     batched = np.concatenate([_vectors(b) for b in batches])
     singles = await asyncio.gather(
@@ -327,8 +340,9 @@ async def test_models_listed_and_worker_canary_embeds_while_idle(
 async def test_kill9_an_embedding_worker_under_load_loses_no_request(
     emb: tuple[Mesh, Processor], client: openai.AsyncOpenAI, reference: Any
 ) -> None:
-    m, _ = emb
+    m, processor = emb
     victim = next(e for e in m.encoders if MRL not in e.args)
+    retried = await processor.metric("sglmesh_processor_migrations_total", model=MODEL)
     want = reference.encode(SENTENCES[:8])
     results: list[Any] = []
     stop = asyncio.Event()
@@ -350,6 +364,8 @@ async def test_kill9_an_embedding_worker_under_load_loses_no_request(
     await asyncio.gather(*tasks)
     assert not victim.alive()
     assert len(results) > 16
+    # The kill hit requests in flight (or routed before discovery caught up): they were retried.
+    assert await processor.metric("sglmesh_processor_migrations_total", model=MODEL) > retried
     index = {s: i for i, s in enumerate(SENTENCES)}
     full = reference.encode(SENTENCES)
     for batch, vectors in results:
