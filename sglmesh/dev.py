@@ -1,11 +1,13 @@
 """``sglmesh run agg|disagg`` and ``sglmesh stop``: the whole mesh on one machine, one command.
 
 ``run`` starts local NATS and etcd (as ``sglmesh infra up`` does, in the same run dir), prepares
-the default model, then starts detached background processes: the processor on
-``127.0.0.1:--http-port`` and either two aggregated workers (``agg``) or one prefill and one
+the default models, then starts detached background processes: the processor on
+``127.0.0.1:--http-port``, either two aggregated workers (``agg``) or one prefill and one
 decode worker (``disagg``), running SmolLM2-135M-Instruct on the torch engine (real answers)
-where torch is installed, else on the simulator. It returns once the processor lists the model
-at ``/v1/models``, leaving everything running; ``stop`` takes it all down again.
+where torch is installed, else on the simulator, and one embedding worker (all-MiniLM-L6-v2
+on the CPU engine), so chat and embeddings are served side by side. It returns once the
+processor lists both models at ``/v1/models``, leaving everything running; ``stop`` takes it
+all down again.
 
 Design choices:
 
@@ -27,9 +29,10 @@ Design choices:
   exiting, the timeout, Ctrl-C), everything this run started is stopped again, and the log
   tail of a process that died is printed.
 - **Fixed, printed ports.** The workers' system servers (``/health``, ``/metrics``) sit at
-  ``--system-port-base`` and the next port (9101, 9102), so they can be bookmarked; ``0``
-  picks free ports (tests). The workers' KV-event sockets take free loopback ports, the
-  prefill worker reserves a free bootstrap port itself, and load metrics use IPC.
+  ``--system-port-base`` and the next two ports (9101, 9102, and 9103 for the embedding
+  worker), so they can be bookmarked; ``0`` picks free ports (tests). The workers' KV-event
+  sockets take free loopback ports, the prefill worker reserves a free bootstrap port itself,
+  and load metrics use IPC.
 - **KV-aware routing works out of the box.** A publisher relays the workers' KV events and
   load to the processor's router (its default ``--router-mode kv``).
 - **Default namespace.** The mesh joins the default namespace, so a worker started by hand
@@ -62,6 +65,7 @@ import msgspec
 
 from shared import infra
 from shared.config import MeshConfig
+from shared.embedding_model import EMBEDDING_MODEL_NAME, prepare_embedding_model
 from shared.engine.registry import engine_kind
 from shared.flags import Flag, FlagError, add_flags, flag_values, float_converter
 from shared.model import DEFAULT_MODEL_NAME, ModelPrepareError, prepare_default_model
@@ -161,8 +165,8 @@ _RUN_DIR_FLAG = _Flag(
 _RUN_FLAGS: tuple[Flag, ...] = (
     _Flag("http_port", _port(1), 8000, "PORT", "the processor's HTTP port on 127.0.0.1"),
     _Flag("system_port_base", _port(0), 9101, "PORT",
-          "system server (/health, /metrics) of the first worker; the second gets the next "
-          "port; 0 picks free ports"),
+          "system server (/health, /metrics) of the first worker; the second and the "
+          "embedding worker get the next ports; 0 picks free ports"),
     _Flag("namespace", _namespace, "sglmesh", "NAME", "the mesh's namespace",
           ("DYN_NAMESPACE",)),
     _Flag("engine", _engine, "auto", "{auto,torch,sim}",
@@ -176,9 +180,9 @@ _RUN_FLAGS: tuple[Flag, ...] = (
     _Flag("etcd_peer_port", _port(1), None, "PORT", "etcd peer port",
           default_text="etcd port + 1"),
     _RUN_DIR_FLAG,
-    _Flag("run_timeout", float_converter(0.0, strict=True), 60.0, "SECONDS",
+    _Flag("run_timeout", float_converter(0.0, strict=True), 120.0, "SECONDS",
           "how long to wait for NATS and etcd to answer and then for the processor to list "
-          "the model", option="--timeout"),
+          "the models", option="--timeout"),
 )  # fmt: skip
 
 _STOP_FLAGS: tuple[Flag, ...] = (
@@ -307,28 +311,33 @@ def _infra_settings(
     return infra._settings(ns)  # same defaults and port checks as `sglmesh infra`
 
 
+_WORKERS = 3  # two LLM workers and the embedding worker
+
+
 def _system_ports(opts: dict[str, Any], settings: infra._Settings) -> list[int]:
     """The workers' system ports; ports given twice are bad input."""
     base: int = opts["system_port_base"]
     if base == 0:
         taken = {opts["http_port"], settings.nats_port, settings.etcd_port, settings.etcd_peer_port}
         system_ports: list[int] = []
-        while len(system_ports) < 2:
+        while len(system_ports) < _WORKERS:
             port = infra.free_port(_HOST)
             if port not in taken:
                 taken.add(port)
                 system_ports.append(port)
     else:
-        if base + 1 > 65535:
-            raise _UsageError(f"--system-port-base {base} leaves no port for the second worker")
-        system_ports = [base, base + 1]
+        if base + _WORKERS - 1 > 65535:
+            raise _UsageError(
+                f"--system-port-base {base} leaves no port for the second and embedding workers"
+            )
+        system_ports = [base + i for i in range(_WORKERS)]
     named = {
         "--http-port": opts["http_port"],
         "--nats-port": settings.nats_port,
         "--etcd-port": settings.etcd_port,
         "--etcd-peer-port": settings.etcd_peer_port,
         "--system-port-base": system_ports[0],
-        "--system-port-base + 1": system_ports[1],
+        **{f"--system-port-base + {i}": port for i, port in enumerate(system_ports[1:], 1)},
     }
     seen: dict[int, str] = {}
     for flag, port in named.items():
@@ -387,7 +396,11 @@ def _child_env() -> dict[str, str]:
 
 
 def _plan(
-    opts: dict[str, Any], settings: infra._Settings, model: Path, system_ports: list[int]
+    opts: dict[str, Any],
+    settings: infra._Settings,
+    model: Path,
+    embedding_model: Path,
+    system_ports: list[int],
 ) -> list[_Proc]:
     mesh = [
         "--namespace", opts["namespace"],
@@ -431,6 +444,18 @@ def _plan(
             worker("prefill", system_ports[0], "--disaggregation-mode", "prefill"),
             worker("decode", system_ports[1], "--disaggregation-mode", "decode"),
         ]
+    encoder = _Proc(
+        name="encoder",
+        argv=[
+            *python, "worker", "--embedding-worker", *mesh,
+            "--system-host", _HOST, "--system-port", str(system_ports[2]),
+            "--model-path", str(embedding_model),
+            "--served-model-name", EMBEDDING_MODEL_NAME,
+            # Beside the LLM workers on one machine: a share of the cores, not all of them.
+            "--torch-threads", str(max(1, len(os.sched_getaffinity(0)) // 2)),
+        ],
+        system_port=system_ports[2],
+    )  # fmt: skip
     processor = _Proc(
         name="processor",
         argv=[
@@ -440,7 +465,7 @@ def _plan(
     )  # fmt: skip
     # Relays the workers' KV events and load to NATS, for the processor's KV-aware router.
     publisher = _Proc(name="publisher", argv=[*python, "publisher", *mesh])
-    return [processor, publisher, *workers]
+    return [processor, publisher, *workers, encoder]
 
 
 def _launch(spec: _Proc, run_dir: Path, env: dict[str, str]) -> _Launched:
@@ -477,24 +502,26 @@ def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(f"    {line}" for line in kept) or "    (empty log)"
 
 
-def _listed_model(url: str) -> str | None:
-    """The first model id ``GET /v1/models`` lists, None while there is none (or no answer)."""
+def _listed_models(url: str) -> set[str]:
+    """The model ids ``GET /v1/models`` lists (none while there is no answer)."""
     try:
         with _NO_PROXY_OPENER.open(url, timeout=2.0) as response:
             if response.status != 200:
-                return None
+                return set()
             body = json.loads(response.read())
     except (OSError, ValueError):  # URLError, HTTPError and connection errors are OSErrors
-        return None
+        return set()
     data = body.get("data") if isinstance(body, dict) else None
-    if isinstance(data, list):
-        for entry in data:
-            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
-                return str(entry["id"])
-    return None
+    if not isinstance(data, list):
+        return set()
+    return {
+        str(entry["id"])
+        for entry in data
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str)
+    }
 
 
-def _wait_ready(launched: list[_Launched], url: str, timeout: float) -> str:
+def _wait_ready(launched: list[_Launched], url: str, timeout: float, models: set[str]) -> None:
     deadline = time.monotonic() + timeout
     while True:
         for item in launched:
@@ -506,16 +533,16 @@ def _wait_ready(launched: list[_Launched], url: str, timeout: float) -> str:
                 )
                 print(_log_tail(item.log), file=sys.stderr)
                 raise DevError(f"{item.spec.name} exited with code {code} before the mesh was up")
-        model = _listed_model(url)
-        if model is not None:
-            return model
+        missing = models - _listed_models(url)
+        if not missing:
+            return
         if time.monotonic() >= deadline:
             for item in launched:
                 print(f"last lines of {item.log}:", file=sys.stderr)
                 print(_log_tail(item.log, 5), file=sys.stderr)
             raise DevError(
-                f"the processor listed no model at {url} within {timeout:g}s "
-                f"(raise --timeout, or see the logs above)"
+                f"the processor did not list {', '.join(sorted(missing))} at {url} within "
+                f"{timeout:g}s (raise --timeout, or see the logs above)"
             )
         time.sleep(_POLL_INTERVAL)
 
@@ -532,6 +559,14 @@ def _curl(port: int, model: str) -> str:
     )
     return (
         f"curl -N http://{_HOST}:{port}/v1/chat/completions "
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    )
+
+
+def _curl_embeddings(port: int, model: str) -> str:
+    body = json.dumps({"model": model, "input": ["Hello!", "How are you?"]}, separators=(",", ":"))
+    return (
+        f"curl http://{_HOST}:{port}/v1/embeddings "
         f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
     )
 
@@ -588,18 +623,19 @@ def _run(opts: dict[str, Any]) -> int:
         _infra_up(settings, carried, state, run_dir)
         try:
             model_path = prepare_default_model()
+            embedding_path = prepare_embedding_model()
         except ModelPrepareError as exc:
-            raise DevError(f"cannot prepare the default model: {exc}") from None
-        print(f"model directory: {model_path}")
+            raise DevError(f"cannot prepare the default models: {exc}") from None
+        print(f"model directories: {model_path}, {embedding_path}")
         env = _child_env()
         launched: list[_Launched] = []
-        for spec in _plan(opts, settings, model_path, system_ports):
+        for spec in _plan(opts, settings, model_path, embedding_path, system_ports):
             launched.append(_launch(spec, run_dir, env))
             state.processes.append(spec)
             _save_state(run_dir, state)  # after each start: an interrupted run stays stoppable
         url = f"http://{_HOST}:{opts['http_port']}/v1/models"
-        print(f"waiting up to {timeout:g}s for {url} to list the model ...")
-        model = _wait_ready(launched, url, timeout)
+        print(f"waiting up to {timeout:g}s for {url} to list the models ...")
+        _wait_ready(launched, url, timeout, {DEFAULT_MODEL_NAME, EMBEDDING_MODEL_NAME})
     except BaseException as exc:
         if state.processes or state.infra_started:
             print("stopping what this run started", file=sys.stderr)
@@ -619,10 +655,14 @@ def _run(opts: dict[str, Any]) -> int:
             else f"health/metrics http://{_HOST}:{item.spec.system_port}"
         )
         print(f"  {item.spec.name:<10} pid {item.spec.pid:<8} {where}")
-    print(f"  model      {model} ({_workers_engine(opts['engine'])} engine)")
+    print(
+        f"  models     {DEFAULT_MODEL_NAME} (chat, {_workers_engine(opts['engine'])} engine), "
+        f"{EMBEDDING_MODEL_NAME} (embeddings)"
+    )
     print(f"  logs       {run_dir}/*.log")
     print("try:")
-    print(f"  {_curl(opts['http_port'], model)}")
+    print(f"  {_curl(opts['http_port'], DEFAULT_MODEL_NAME)}")
+    print(f"  {_curl_embeddings(opts['http_port'], EMBEDDING_MODEL_NAME)}")
     print(f"stop everything with `{_stop_hint(run_dir)}`")
     return _EXIT_OK
 

@@ -125,8 +125,10 @@ async def collect(runtime: DistributedRuntime, timeout: float) -> dict[str, Any]
         )
     for model in models.values():
         workers = model["workers"]
-        model["servable"] = bool(workers.get("aggregated")) or (
-            bool(workers.get("prefill")) and bool(workers.get("decode"))
+        model["servable"] = (
+            bool(workers.get("aggregated"))
+            or (bool(workers.get("prefill")) and bool(workers.get("decode")))
+            or bool(workers.get("embedding"))
         )
     return {
         "namespace": ns,

@@ -202,7 +202,8 @@ class Encoder(_Process):
         ]  # fmt: skip
         super().__init__(f"{name}-{self.system_port}", args, log_dir)
 
-    async def wait_ready(self, timeout: float = 120) -> None:
+    async def wait_ready(self, timeout: float = 180) -> None:
+        # Generous: torch and the weights load in seconds alone, far slower beside others.
         await _poll_status(self, f"{self.base}/health", timeout)
 
     async def metric(self, name: str, **labels: str) -> float:

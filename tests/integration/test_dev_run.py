@@ -105,7 +105,7 @@ def dev(tmp_path: Path) -> Iterator[Dev]:
         "--http-port", str(http_port),
         "--system-port-base", "0",
         "--run-dir", str(run_dir),
-        "--timeout", "45",
+        "--timeout", "120",
     ]  # fmt: skip
     yield Dev(run_dir, nats_port, etcd_port, peer_port, http_port, args)
     # Whatever a test did, nothing it started may outlive it.
@@ -152,8 +152,8 @@ def test_run_serves_chat_then_stop_leaves_nothing(dev: Dev, mode: str) -> None:
     assert state["infra_started"] == ["nats", "etcd"]
     names = [p["name"] for p in state["processes"]]
     assert names == (
-        ["processor", "publisher", "prefill", "decode"] if mode == "disagg" else
-        ["processor", "publisher", "worker-1", "worker-2"]
+        ["processor", "publisher", "prefill", "decode", "encoder"] if mode == "disagg" else
+        ["processor", "publisher", "worker-1", "worker-2", "encoder"]
     )  # fmt: skip
     pids = [p["pid"] for p in state["processes"]]
     pids += [int((dev.run_dir / f"{key}.pid").read_text()) for key in ("nats", "etcd")]
@@ -190,6 +190,13 @@ def test_run_serves_chat_then_stop_leaves_nothing(dev: Dev, mode: str) -> None:
         )
     )
     assert answer["choices"][0]["message"]["content"] == "The capital of France is Paris."
+
+    # Embeddings beside chat: the printed embeddings line, sent as printed.
+    line = next(x for x in started.stdout.splitlines() if "/v1/embeddings" in x)
+    words = shlex.split(line.strip())
+    url = next(w for w in words if w.startswith("http://"))
+    answer = json.loads(_post_json(url, json.loads(words[words.index("-d") + 1])))
+    assert [len(d["embedding"]) for d in answer["data"]] == [384, 384]
 
     # A second run while this one is up refuses, starts nothing, and says what to do.
     again = dev.run("agg")
