@@ -123,7 +123,8 @@ class DynamicBatcher:
             item = self._queue.popleft()
             if not item.future.done():
                 item.future.set_exception(RuntimeError("the embedding engine is shutting down"))
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # A forward may still run on the thread: wait for it without blocking the loop.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     async def run(self, batch: Sequence[Sequence[int]]) -> list[Any]:
         """The rows of ``batch``'s inputs, in order. Cancelling drops them from the queue."""

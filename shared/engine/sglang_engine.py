@@ -378,8 +378,10 @@ class SglangEngine:
             rids = [f"{rid}-{i}" for i in range(count)]
         try:
             if prompt is not None:
-                one: str | list[str] | None = rids[0] if rids and isinstance(prompt, str) else rids
-                result = await self.engine.async_encode(prompt=prompt, rid=one)
+                kwargs: dict[str, Any] = {"prompt": prompt}
+                if rids is not None:
+                    kwargs["rid"] = rids[0] if isinstance(prompt, str) else rids
+                result = await self.engine.async_encode(**kwargs)
             else:
                 from sglang.srt.managers.io_struct import EmbeddingReqInput
 

@@ -370,8 +370,10 @@ def test_bad_flags_fail_at_once_with_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
     unknown = run("--engine", "sim", "--model-path", str(tmp_path), "--no-such-flag", "1")
     assert unknown.returncode == 2 and "--no-such-flag" in unknown.stderr
-    encode = run("--embedding-worker")
+    encode = run("--multimodal-encode-worker")
     assert encode.returncode == 2 and "not available yet" in encode.stderr
+    embed = run("--embedding-worker", "--engine", "sim")
+    assert embed.returncode == 2 and "--engine sim generates tokens only" in embed.stderr
     helptext = run("--help")
     assert helptext.returncode == 0
     for flag in ("--namespace", "--nats-url", "--canary-wait-time", "--model-path",

@@ -36,6 +36,7 @@ SGLANG_0_5_23: dict[str, tuple[tuple[str, ...], Any, tuple[str, ...] | None, boo
     "trust_remote_code": (("--trust-remote-code",), False, None, True),
     "context_length": (("--context-length",), None, None, False),
     "is_embedding": (("--is-embedding",), False, None, True),
+    "json_model_override_args": (("--json-model-override-args",), "{}", None, False),
     "dtype": (
         ("--dtype",),
         "auto",

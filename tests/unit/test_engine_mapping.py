@@ -509,7 +509,12 @@ class FakeSgl:
 
         return gen()
 
-    async def async_encode(self, prompt: Any) -> Any:
+    async def async_encode(self, prompt: Any, rid: Any = None) -> Any:
+        self.encoded = (prompt, rid)
+        if rid is not None and isinstance(prompt, list):
+            return [{"embedding": [0.1], "meta_info": {"id": r}} for r in rid]
+        if rid == "hang-0":
+            await asyncio.sleep(3600)
         return {"embedding": [0.1, 0.2], "meta_info": {"prompt_tokens": 2}}
 
     def shutdown(self) -> None:
@@ -628,3 +633,13 @@ async def test_adapter_control_calls() -> None:
     ]
     with pytest.raises(InvalidRequestError):
         await eng.async_encode()
+    # A batch gets one SGLang rid per input ("{rid}-{i}", as the reference's batches), and a
+    # caller that goes away aborts them.
+    got = await eng.async_encode(prompt=["a", "b"], rid="req")
+    assert [item["meta_info"]["id"] for item in got] == ["req-0", "req-1"]
+    task = asyncio.create_task(eng.async_encode(prompt="x", rid="hang"))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert fake.tokenizer_manager.aborted[-1] == ("hang-0", False)
