@@ -31,8 +31,8 @@ _FLAGS: tuple[Flag, ...] = (
          "most padded tokens (inputs x the longest) in one forward pass; a longer input "
          "runs alone"),
     Flag("embedding_batch_wait_ms", float_converter(0.0), _D.max_wait * 1000, "MS",
-         "how long a partial batch may wait for more inputs; 0 = never wait (inputs that "
-         "arrive during a forward form the next batch)"),
+         "how long a partial batch may wait for more inputs, under load only (an idle "
+         "worker answers at once); 0 = never wait"),
 )  # fmt: skip
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+from proto.embedding import EmbeddingRequest, EmbeddingResponse
 from proto.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -80,6 +81,8 @@ def openapi_document() -> dict[str, Any]:
         CompletionRequest,
         CompletionResponse,
         CompletionChunk,
+        EmbeddingRequest,
+        EmbeddingResponse,
         ModelList,
         ModelObject,
         ErrorResponse,
@@ -102,6 +105,16 @@ def openapi_document() -> dict[str, Any]:
             "/v1/completions": _generate_op(
                 "Create a text completion", CompletionRequest, CompletionResponse, CompletionChunk
             ),
+            "/v1/embeddings": {
+                "post": {
+                    "summary": "Create embeddings (embedding models only)",
+                    "requestBody": {"required": True, "content": _json(EmbeddingRequest)},
+                    "responses": {
+                        "200": {"description": "the vectors", "content": _json(EmbeddingResponse)},
+                        **_errors(400, 404, 413, 500, 503),
+                    },
+                }
+            },
             "/v1/models": {
                 "get": {
                     "summary": "List the models that can be served now",

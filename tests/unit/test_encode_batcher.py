@@ -98,15 +98,31 @@ async def test_an_oversized_input_does_not_hold_short_ones_back() -> None:
         assert [len(b) for b in forward.batches if len(b[0]) == 300] == [1]
 
 
-async def test_max_wait_collects_a_fuller_batch() -> None:
+async def test_max_wait_fills_batches_under_load_and_never_delays_an_idle_worker() -> None:
     forward = Recorder()
-    async with _batcher(forward, max_batch_size=8, max_wait=0.2) as batcher:
+    async with _batcher(forward, max_batch_size=8, max_wait=0.5) as batcher:
+        # Idle (the previous round held one input): a lone request is answered at once.
+        await batcher.run([[1]])
+        started = time.monotonic()
+        assert await batcher.run([[2]]) == [2]
+        assert time.monotonic() - started < 0.25
+        # Under load (a round of two): staggered arrivals wait for each other.
+        await batcher.run([[1], [2]])
+        forward.batches.clear()
         tasks = []
         for i in range(5):
             tasks.append(asyncio.create_task(batcher.run([[i]])))
             await asyncio.sleep(0.01)
         await asyncio.gather(*tasks)
         assert [len(b) for b in forward.batches] == [5]
+
+
+def test_padding_splits_forwards_where_another_forward_is_cheaper() -> None:
+    lengths = [10] * 10 + [40]
+    # One forward would pad ten inputs by 30 tokens each (300 > 64): the long one goes alone.
+    assert plan_forwards(lengths, max_tokens=10_000, overhead=64) == [list(range(10)), [10]]
+    # Padding cheaper than a forward: one forward.
+    assert plan_forwards([10, 11, 12], max_tokens=10_000, overhead=64) == [[0, 1, 2]]
 
 
 async def test_cancelled_inputs_never_reach_a_forward() -> None:
