@@ -70,10 +70,10 @@ class _Item:
     enqueued: float = field(default_factory=time.monotonic)
 
 
-# What one more forward pass costs beyond its tokens, in tokens: a forward over one short
-# input takes about as long as ~64 more tokens in a batch (all-MiniLM-L6-v2, torch on 2 CPU
-# cores: ~5 ms for one sentence, ~0.08 ms per token in a batch of 64).
-FORWARD_OVERHEAD_TOKENS = 64
+# What one more forward pass costs beyond its tokens, in tokens: a forward over one 16-token
+# input takes as long as ~46 tokens in a batch (all-MiniLM-L6-v2, torch on 2 CPU cores,
+# measured over batches of 1 to 32 inputs of 16 to 48 tokens), so about 32 beyond its own.
+FORWARD_OVERHEAD_TOKENS = 32
 
 
 def plan_forwards(
