@@ -396,3 +396,35 @@ async def test_kill9_an_embedding_worker_under_load_loses_no_request(
     for batch, vectors in results:
         expected = full[[index[s] for s in batch]]
         assert (_cosines(vectors, expected) >= 0.9999).all()
+
+
+async def test_sigterm_drains_an_embedding_worker_and_it_leaves(
+    emb: tuple[Mesh, Processor], client: openai.AsyncOpenAI
+) -> None:
+    m, processor = emb
+    worker = next(e for e in m.encoders if MRL in e.args)
+    # Requests in flight when SIGTERM arrives are answered (the grace period), then it exits.
+    inflight = [
+        asyncio.create_task(client.embeddings.create(model=MRL, input=SENTENCES[i : i + 8]))
+        for i in range(0, 40, 8)
+    ]
+    await asyncio.sleep(0.05)
+    worker.signal(signal.SIGTERM)
+    answers = await asyncio.gather(*inflight, return_exceptions=True)
+    done = [a for a in answers if not isinstance(a, BaseException)]
+    # Each was answered, or (arriving after the worker left) refused as unavailable: never
+    # a broken answer.
+    for a in answers:
+        if isinstance(a, BaseException):
+            assert isinstance(a, openai.APIStatusError) and a.status_code == 503, a
+    assert done, answers
+    assert await worker.wait_exit(30) == 0
+    async with aiohttp.ClientSession() as http:
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            async with http.get(f"{processor.v1}/models") as resp:
+                ids = {m["id"] for m in (await resp.json())["data"]}
+            if MRL not in ids:
+                break
+            assert asyncio.get_running_loop().time() < deadline, ids
+            await asyncio.sleep(0.2)
