@@ -655,10 +655,8 @@ def _run(opts: dict[str, Any]) -> int:
             else f"health/metrics http://{_HOST}:{item.spec.system_port}"
         )
         print(f"  {item.spec.name:<10} pid {item.spec.pid:<8} {where}")
-    print(
-        f"  models     {DEFAULT_MODEL_NAME} (chat, {_workers_engine(opts['engine'])} engine), "
-        f"{EMBEDDING_MODEL_NAME} (embeddings)"
-    )
+    print(f"  model      {DEFAULT_MODEL_NAME} ({_workers_engine(opts['engine'])} engine)")
+    print(f"  embeddings {EMBEDDING_MODEL_NAME} (CPU sentence-embedding engine)")
     print(f"  logs       {run_dir}/*.log")
     print("try:")
     print(f"  {_curl(opts['http_port'], DEFAULT_MODEL_NAME)}")
