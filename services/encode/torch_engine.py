@@ -17,6 +17,7 @@ queued (length within the model's limit, token ids within its vocabulary): a bad
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Sequence
@@ -95,6 +96,21 @@ class TorchEmbeddingEngine:
         # (measured: one-sentence latency 14 ms passive, over 400 ms spinning, 2 cores).
         # Read when torch loads its OpenMP runtime; an operator's own setting wins.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Importing torch and loading the weights take seconds: on a thread, so the process's
+        # event loop keeps its etcd lease alive and answers /live meanwhile.
+        threads = await asyncio.to_thread(self._load)
+        self._batcher = DynamicBatcher(self._forward, self.limits, stats=self._stats)
+        self._batcher.start()
+        # One forward now: the first request must not pay for torch's lazy initialisation.
+        await self._batcher.run([[0, 0]])
+        log.info(
+            "embedding engine ready",
+            extra={"model": str(self.spec.path), "dimensions": self.spec.dimensions,
+                   "pooling": self.spec.pooling, "threads": threads},
+        )  # fmt: skip
+
+    def _load(self) -> int:
+        """Import torch, load the tokenizer and the weights (blocking); returns the threads."""
         import torch
         from tokenizers import Tokenizer
         from transformers import AutoModel
@@ -110,15 +126,7 @@ class TorchEmbeddingEngine:
         model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
         model.eval()
         self._tokenizer, self._model = tokenizer, model
-        self._batcher = DynamicBatcher(self._forward, self.limits, stats=self._stats)
-        self._batcher.start()
-        # One forward now: the first request must not pay for torch's lazy initialisation.
-        await self._batcher.run([[0, 0]])
-        log.info(
-            "embedding engine ready",
-            extra={"model": str(path), "dimensions": self.spec.dimensions,
-                   "pooling": self.spec.pooling, "threads": threads},
-        )  # fmt: skip
+        return threads
 
     async def shutdown(self) -> None:
         batcher, self._batcher = self._batcher, None
