@@ -13,6 +13,7 @@ from services.processor.args import ProcessorConfig, parse_processor_args
 from services.processor.dispatch import Dispatcher
 from services.processor.models import ModelRegistry
 from shared.kv_events_feed import KvEventsFeed
+from shared.model import default_cache_dir
 from shared.router import KvRouter, RouterMode
 from shared.runtime import DistributedRuntime
 from shared.runtime.service import Cleanup, ServiceMain, StartupError, run_service
@@ -41,7 +42,10 @@ def start_processor(config: ProcessorConfig) -> ServiceMain:
                 feed.forget(instance_id)
 
         registry = ModelRegistry(
-            runtime, custom_template=flags.custom_jinja_template, on_worker_left=worker_left
+            runtime,
+            custom_template=flags.custom_jinja_template,
+            model_roots=flags.model_root or (str(default_cache_dir()),),
+            on_worker_left=worker_left,
         )
         await registry.start()
         dispatcher = Dispatcher(

@@ -196,6 +196,9 @@ class ResponseStream:
     async def _send_control(self, kind: ControlKind, value: int = 0) -> None:
         if self.instance_id is None:
             return
+        if self.instance_id == self._runtime.instance_id:
+            await self._runtime.handle_control(Control(self.request_id, kind, value))
+            return
         data = self._runtime.encoder.encode(Control(self.request_id, kind, value))
         with contextlib.suppress(Exception):
             await self._runtime.publish(control_subject(self.instance_id), data)

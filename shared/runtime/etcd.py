@@ -17,6 +17,7 @@ from collections.abc import Callable
 import aetcd
 
 from shared.runtime import metrics
+from shared.runtime.etcd_client import EtcdAuth, EtcdClient
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,13 @@ class EtcdSession:
         lease_ttl: int,
         *,
         request_timeout: float = 5.0,
+        auth: EtcdAuth | None = None,
     ) -> None:
         if not hostports:
             raise ValueError("at least one etcd endpoint is required")
         self._hostports = hostports
+        self._auth = auth or EtcdAuth()
+        self._warned = False
         self._endpoint_index = 0
         self._ttl = lease_ttl
         self._timeout = request_timeout
@@ -97,10 +101,19 @@ class EtcdSession:
             with contextlib.suppress(Exception):
                 await self._client.close()
         host, port = self._hostports[self._endpoint_index]
-        client = aetcd.Client(host=host, port=port, timeout=self._timeout, options=_GRPC_OPTIONS)
+        client = EtcdClient(
+            host, port, auth=self._auth, timeout=self._timeout, options=_GRPC_OPTIONS
+        )
         await client.connect()
         await client.status()  # connect() is lazy; this proves the server answers
         self._client = client
+        if self._auth.user is None and not self._warned:
+            self._warned = True
+            log.warning(
+                "no etcd credentials (--etcd-user): if this etcd accepts anonymous clients, "
+                "anyone who reaches it can read and change discovery",
+                extra={"etcd": f"{host}:{port}"},
+            )
 
     def _rotate_endpoint(self) -> None:
         self._endpoint_index = (self._endpoint_index + 1) % len(self._hostports)

@@ -34,6 +34,7 @@ from shared.runtime.errors import (
     TransportError,
 )
 from shared.runtime.etcd import EtcdSession
+from shared.runtime.planes_auth import etcd_auth, nats_auth_options
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class DistributedRuntime:
         self.encoder = msgspec.msgpack.Encoder()
         self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
         self.nats = NATS()
-        self.etcd = EtcdSession(config.etcd_hostports(), config.lease_ttl)
+        self.etcd = EtcdSession(config.etcd_hostports(), config.lease_ttl, auth=etcd_auth(config))
         self.control_subject = control_subject(self.instance_id)
         self.inbox = ""
         self.server_streams: dict[str, ServerStream] = {}
@@ -72,6 +73,7 @@ class DistributedRuntime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._nats_warned = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, *, connect_timeout: float = 10.0) -> None:
@@ -123,7 +125,15 @@ class DistributedRuntime:
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
             error_cb=self._on_nats_error,
+            **nats_auth_options(self.config),
         )
+        if not self._nats_warned and not self.nats._server_info.get("auth_required"):
+            self._nats_warned = True
+            log.warning(
+                "the NATS server accepts anonymous clients: anyone who reaches it can read "
+                "prompts and answers and call workers",
+                extra={"nats": str(self.nats.connected_url)},
+            )
 
     def request_shutdown(self) -> None:
         self.shutdown_event.set()
@@ -231,6 +241,13 @@ class DistributedRuntime:
         loop = self.loop
         if loop is None or loop.is_closed() or self.nats.is_closed:
             return
+        if instance_id == self.instance_id:
+            ctl = Control(request_id, ControlKind.CANCEL)
+            if from_gc:
+                loop.call_soon_threadsafe(lambda: self.spawn(self.handle_control(ctl)))
+            else:
+                self.spawn(self.handle_control(ctl))
+            return
         data = self.encoder.encode(Control(request_id, ControlKind.CANCEL))
         subject = control_subject(instance_id)
         if from_gc:
@@ -272,6 +289,12 @@ class DistributedRuntime:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("undecodable control message", extra={"error": str(exc)})
             return
+        await self.handle_control(ctl)
+
+    async def handle_control(self, ctl: Control) -> None:
+        """Apply a cancel or credit to one of this instance's streams. A process calling its
+        own endpoint (a worker's health canary) is served here without NATS, so its
+        credentials need no right to publish on control subjects."""
         stream = self.server_streams.get(ctl.request_id)
         if stream is None:
             return

@@ -39,13 +39,9 @@ from shared.model import make_test_tokenizer
 from shared.router.hashing import block_hashes
 from shared.router.kv_index import KvIndex
 from shared.runtime import Client, DistributedRuntime
-from tests.integration.mesh import ROOT, make_config, mesh_flags, runtime
+from tests.integration.mesh import ADMIN_HEADERS, ROOT, make_config, mesh_flags, runtime
 
 PAGE = 16
-
-
-def _log_path(name: str) -> Path:
-    return Path(os.environ.get("TMPDIR", "/tmp")) / f"{name}.log"
 
 
 class Proc:
@@ -54,7 +50,8 @@ class Proc:
     def __init__(self, name: str, argv: list[str]) -> None:
         self.system_port = free_port()
         self.base = f"http://127.0.0.1:{self.system_port}"
-        self.log = open(_log_path(f"{name}-{self.system_port}"), "w+")  # noqa: SIM115
+        # Unnamed: the log is gone with the handle, nothing is left in the temp directory.
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in close()
         self.argv = [*argv, "--system-host", "127.0.0.1", "--system-port", str(self.system_port)]
         # Its own temp dir: the engine's metrics ipc socket lives there, not in /tmp.
         self.tmp = tempfile.mkdtemp(prefix="sglmesh-")
@@ -81,7 +78,10 @@ class Proc:
                 await asyncio.sleep(0.05)
 
     async def get(self, path: str) -> Any:
-        async with aiohttp.ClientSession() as http, http.get(f"{self.base}{path}") as resp:
+        async with (
+            aiohttp.ClientSession(headers=ADMIN_HEADERS) as http,
+            http.get(f"{self.base}{path}") as resp,
+        ):
             assert resp.status == 200, await resp.text()
             return await resp.json() if path != "/metrics" else await resp.text()
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,7 +24,7 @@ from shared.config import MeshConfig
 from shared.infra import EtcdServer, NatsServer, free_port
 from shared.model import make_test_tokenizer
 from shared.runtime import Client, DistributedRuntime, MeshError
-from tests.integration.mesh import ROOT, make_config, mesh_flags, runtime
+from tests.integration.mesh import ADMIN_HEADERS, ROOT, make_config, mesh_flags, runtime
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,8 @@ class Worker:
             "--system-port", str(self.system_port),
             *flags,
         ]  # fmt: skip
-        self.log = open(  # noqa: SIM115 - closed in stop()
-            Path(os.environ.get("TMPDIR", "/tmp")) / f"worker-{self.system_port}.log", "w+"
-        )
+        # Unnamed: the log is gone with the handle, nothing is left in the temp directory.
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.log, stderr=self.log)
         self.base = f"http://127.0.0.1:{self.system_port}"
 
@@ -72,13 +71,16 @@ class Worker:
                 await asyncio.sleep(0.1)
 
     async def get(self, path: str) -> tuple[int, Any]:
-        async with aiohttp.ClientSession() as http, http.get(f"{self.base}{path}") as resp:
+        async with (
+            aiohttp.ClientSession(headers=ADMIN_HEADERS) as http,
+            http.get(f"{self.base}{path}") as resp,
+        ):
             body = await resp.json() if path != "/metrics" else await resp.text()
             return resp.status, body
 
     async def post(self, path: str, body: Any = None) -> tuple[int, Any]:
         async with (
-            aiohttp.ClientSession() as http,
+            aiohttp.ClientSession(headers=ADMIN_HEADERS) as http,
             http.post(f"{self.base}{path}", json=body or {}) as resp,
         ):
             return resp.status, await resp.json()
