@@ -64,6 +64,7 @@ from shared import infra
 from shared.config import MeshConfig
 from shared.engine.registry import engine_kind
 from shared.flags import Flag, FlagError, add_flags, flag_values, float_converter
+from shared.infra_auth import ensure_credentials
 from shared.model import DEFAULT_MODEL_NAME, ModelPrepareError, prepare_default_model
 
 __all__ = ["run_main", "stop_main"]
@@ -295,7 +296,12 @@ class _Launched:
 
 
 def _infra_settings(
-    run_dir: Path, nats_port: int, etcd_port: int, peer_port: int | None, timeout: float
+    run_dir: Path,
+    nats_port: int,
+    etcd_port: int,
+    peer_port: int | None,
+    timeout: float,
+    namespace: str | None = None,
 ) -> infra._Settings:
     ns = argparse.Namespace(
         nats_port=nats_port,
@@ -303,6 +309,7 @@ def _infra_settings(
         etcd_peer_port=peer_port,
         run_dir=run_dir,
         timeout=timeout,
+        namespace=namespace,
     )
     return infra._settings(ns)  # same defaults and port checks as `sglmesh infra`
 
@@ -395,6 +402,12 @@ def _plan(
         "--etcd-endpoints", f"http://{_HOST}:{settings.etcd_port}",
         "--log-format", "text",
     ]  # fmt: skip
+    creds = ensure_credentials(settings.run_dir)
+
+    def login(role: str) -> list[str]:
+        # A path on the command line; the secrets stay in the 0600 file.
+        return ["--credentials", str(creds.env_file(role))]
+
     python = [sys.executable, "-m", "sglmesh"]
     engine = _workers_engine(opts["engine"])
     if engine == "sim":
@@ -406,7 +419,7 @@ def _plan(
 
     def worker(name: str, port: int, *role: str) -> _Proc:
         argv = [
-            *python, "worker", *mesh,
+            *python, "worker", *mesh, *login("worker"),
             "--system-host", _HOST, "--system-port", str(port),
             "--engine", engine, *engine_flags,
             "--model-path", str(model),
@@ -434,12 +447,12 @@ def _plan(
     processor = _Proc(
         name="processor",
         argv=[
-            *python, "processor", *mesh,
+            *python, "processor", *mesh, *login("processor"),
             "--http-host", _HOST, "--http-port", str(opts["http_port"]),
         ],
     )  # fmt: skip
     # Relays the workers' KV events and load to NATS, for the processor's KV-aware router.
-    publisher = _Proc(name="publisher", argv=[*python, "publisher", *mesh])
+    publisher = _Proc(name="publisher", argv=[*python, "publisher", *mesh, *login("publisher")])
     return [processor, publisher, *workers]
 
 
@@ -547,7 +560,12 @@ def _run(opts: dict[str, Any]) -> int:
     timeout: float = opts["run_timeout"]
     try:
         settings = _infra_settings(
-            run_dir, opts["nats_port"], opts["etcd_port"], opts["etcd_peer_port"], timeout
+            run_dir,
+            opts["nats_port"],
+            opts["etcd_port"],
+            opts["etcd_peer_port"],
+            timeout,
+            opts["namespace"],
         )
     except infra.InfraError as exc:
         raise _UsageError(str(exc)) from None

@@ -34,6 +34,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self, TypeAlias
 
+from shared.infra_auth import ROLES, enable_etcd_auth, ensure_credentials
+
 __all__ = [
     "LOOPBACK",
     "EtcdServer",
@@ -472,7 +474,9 @@ class NatsServer(_ManagedServer):
         data_dir: Path | None = None,
         log_file: Path | None = None,
         host: str = LOOPBACK,
+        config_file: Path | None = None,
     ) -> None:
+        self._config_file = config_file
         if data_dir is None and log_file is None:
             data_dir = _scratch_dir(self, "sglmesh-nats-")
         self._data_dir = data_dir
@@ -490,8 +494,10 @@ class NatsServer(_ManagedServer):
         return self._data_dir
 
     def _command(self) -> list[str]:
-        # Long option names: Debian's older nats-server accepts the same ones.
-        return [self._binary, "--addr", self._host, "--port", str(self._port)]
+        # Long option names: Debian's older nats-server accepts the same ones. The config
+        # file (users and permissions, see shared/infra_auth.py) comes first: flags win.
+        config = ["--config", str(self._config_file)] if self._config_file else []
+        return [self._binary, *config, "--addr", self._host, "--port", str(self._port)]
 
     def _prepare(self) -> None:
         if self._data_dir is not None:
@@ -638,6 +644,7 @@ class _Settings:
     etcd_peer_port: int
     run_dir: Path
     timeout: float
+    namespace: str = "sglmesh"
 
 
 @dataclass(frozen=True)
@@ -652,6 +659,8 @@ class _Service:
     probe: Callable[[], bool]
     make: Callable[[], _ManagedServer]
     run_dir: Path
+    # Runs once a server this command started answers (etcd: turn authentication on).
+    after_start: Callable[[], None] | None = None
 
     @property
     def pid_file(self) -> Path:
@@ -677,7 +686,10 @@ def _services(settings: _Settings) -> list[_Service]:
             port_flags={settings.nats_port: "--nats-port (or SGLMESH_NATS_PORT)"},
             probe=lambda: probe_nats(LOOPBACK, settings.nats_port),
             make=lambda: NatsServer(
-                settings.nats_port, data_dir=run_dir, log_file=run_dir / "nats.log"
+                settings.nats_port,
+                data_dir=run_dir,
+                log_file=run_dir / "nats.log",
+                config_file=ensure_credentials(run_dir).nats_config,
             ),
             run_dir=run_dir,
         ),
@@ -700,8 +712,17 @@ def _services(settings: _Settings) -> list[_Service]:
                 log_file=run_dir / "etcd.log",
             ),
             run_dir=run_dir,
+            after_start=lambda: _secure_etcd(settings),
         ),
     ]
+
+
+def _secure_etcd(settings: _Settings) -> None:
+    creds = ensure_credentials(settings.run_dir)
+    try:
+        asyncio.run(enable_etcd_auth(LOOPBACK, settings.etcd_port, creds, settings.namespace))
+    except Exception as exc:
+        raise InfraError(f"cannot turn on etcd authentication: {exc}") from exc
 
 
 def _read_pid(path: Path) -> int | None:
@@ -790,11 +811,13 @@ def _up(settings: _Settings) -> int:
             _DETACHED.append(proc)
     env_lines = [f"export {s.url_env}={s.url}" for s in _services(settings)]
     (settings.run_dir / "env").write_text("\n".join(env_lines) + "\n")
+    creds = ensure_credentials(settings.run_dir).directory
     for line in report:
         print(line)
     print(f"logs and data in {settings.run_dir}; to use these servers:")
     for line in env_lines:
         print(f"  {line}")
+    print(f"  export SGLMESH_CREDENTIALS={creds}/<role>.env   # role: {', '.join(ROLES)}")
     return _EXIT_OK
 
 
@@ -828,6 +851,8 @@ def _up_one(service: _Service, timeout: float) -> _ManagedServer | None:
     service.pid_file.write_text(f"{server.pid}\n")
     try:
         server.wait_ready_sync(timeout)
+        if service.after_start is not None:
+            service.after_start()
     except BaseException:
         server.stop()
         service.pid_file.unlink(missing_ok=True)
@@ -922,6 +947,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="PID files, logs and etcd data (default ./.run; env SGLMESH_RUN_DIR)",
     )
     common.add_argument(
+        "--namespace",
+        metavar="NAME",
+        help="the mesh namespace whose etcd keys the role users may use (default sglmesh; "
+        "env SGLMESH_NAMESPACE)",
+    )
+    common.add_argument(
         "--timeout",
         type=float,
         metavar="SECONDS",
@@ -969,7 +1000,13 @@ def _settings(args: argparse.Namespace) -> _Settings:
             raise InfraError(f"SGLMESH_INFRA_TIMEOUT={text!r} is not a number") from exc
     if timeout <= 0:
         raise InfraError("the timeout must be positive")
-    return _Settings(nats_port, etcd_port, peer_port, run_dir, timeout)
+    namespace = (
+        getattr(args, "namespace", None)
+        or os.environ.get("SGLMESH_NAMESPACE", "").strip()
+        or os.environ.get("DYN_NAMESPACE", "").strip()
+        or "sglmesh"
+    )
+    return _Settings(nats_port, etcd_port, peer_port, run_dir, timeout, namespace)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import aetcd
 
 from shared.runtime import metrics
-from shared.runtime.etcd_client import EtcdAuth, EtcdClient
+from shared.runtime.etcd_client import EtcdAuth, EtcdClient, auth_enabled
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,19 @@ class EtcdSession:
         await client.connect()
         await client.status()  # connect() is lazy; this proves the server answers
         self._client = client
-        if self._auth.user is None and not self._warned:
-            self._warned = True
-            log.warning(
-                "no etcd credentials (--etcd-user): if this etcd accepts anonymous clients, "
-                "anyone who reaches it can read and change discovery",
-                extra={"etcd": f"{host}:{port}"},
-            )
+        if self._auth.user is None:
+            if await auth_enabled(client):
+                raise PermissionError(
+                    "etcd requires authentication: give --etcd-user and --etcd-password "
+                    "(or --credentials FILE)"
+                )
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "etcd accepts anonymous clients: anyone who reaches it can read and "
+                    "change discovery",
+                    extra={"etcd": f"{host}:{port}"},
+                )
 
     def _rotate_endpoint(self) -> None:
         self._endpoint_index = (self._endpoint_index + 1) % len(self._hostports)

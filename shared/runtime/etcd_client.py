@@ -27,7 +27,7 @@ import aetcd
 import grpc
 from aetcd import rpc, watcher
 
-__all__ = ["EtcdAuth", "EtcdClient", "auth_is_disabled"]
+__all__ = ["EtcdAuth", "EtcdClient", "auth_enabled", "auth_is_disabled"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,16 @@ class EtcdAuth:
             private_key=read(self.key),
             certificate_chain=read(self.cert),
         )
+
+
+async def auth_enabled(client: aetcd.Client) -> bool:
+    """Whether the etcd behind ``client`` refuses anonymous reads (authentication is on)."""
+    try:
+        await rpc.KVStub(client.channel).Range(rpc.RangeRequest(key=b"\0", limit=1), timeout=5)
+    except grpc.aio.AioRpcError as exc:
+        details = exc.details() or ""
+        return "user name is empty" in details or "permission denied" in details
+    return False
 
 
 def auth_is_disabled(exc: BaseException) -> bool:
