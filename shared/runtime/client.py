@@ -345,7 +345,14 @@ class Client:
         self.streams.add(stream)
         data = rt.encoder.encode(RequestEnvelope(request_id, body, window))
         try:
-            await rt.publish(subject, data, reply=f"{rt.inbox}.{stream_id}")
+            local = rt.served_here(self.eid) if instance_id == rt.instance_id else None
+            if local is not None:
+                # A process calling itself (a worker's health canary): the request is handed
+                # over here, so no credential needs the right to call workers; the answer
+                # still comes back over NATS.
+                await local.deliver(data, f"{rt.inbox}.{stream_id}")
+            else:
+                await rt.publish(subject, data, reply=f"{rt.inbox}.{stream_id}")
         except Exception as exc:
             stream._finish()
             failed = TransportError(f"cannot publish to {subject}: {exc}")

@@ -6,7 +6,7 @@ channel: it always dials ``grpc.aio.insecure_channel``, and it authenticates onc
 and sends that token forever, while etcd forgets simple tokens on restart (and after their
 TTL of idleness). Both gaps close below its API: :class:`EtcdClient` overrides ``connect`` to
 build the channel itself (TLS credentials when asked) and to put an :class:`_AuthInterceptor`
-on it. The interceptor adds the current token to every call, and when etcd answers a unary
+on it. The interceptors add the current token to every call; when etcd answers a unary
 call with "invalid auth token" it authenticates again and retries that call once; a stream
 (watch, keep-alive) opened with a stale token fails and is reopened by its owner, which
 then gets the new token. aetcd never sees a token (its ``metadata`` stays ``None``).
@@ -83,17 +83,14 @@ def _is_token_error(exc: grpc.aio.AioRpcError) -> bool:
     return any(text in details for text in _TOKEN_ERRORS)
 
 
-class _AuthInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _Auth:
+    """The login state a channel's interceptors share: the current token, renewed on demand."""
+
     def __init__(self, user: str, password: str, timeout: float | None) -> None:
         self._user = user
         self._password = password
         self._timeout = timeout
-        self._token: str | None = None
+        self.token: str | None = None
         self._stub: Any = None
         self._lock = asyncio.Lock()
         self.disabled = False
@@ -103,7 +100,7 @@ class _AuthInterceptor(
 
     async def authenticate(self, stale: str | None = None) -> None:
         async with self._lock:
-            if self._token != stale or self.disabled:
+            if self.token != stale or self.disabled:
                 return  # another call renewed it meanwhile
             try:
                 resp = await self._stub.Authenticate(
@@ -119,13 +116,13 @@ class _AuthInterceptor(
                     )
                     return
                 raise
-            self._token = resp.token
+            self.token = resp.token
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        if self._token is None or details.method == _AUTHENTICATE:
+    def details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        if self.token is None or details.method == _AUTHENTICATE:
             return details
         metadata = list(details.metadata or ())
-        metadata.append(("token", self._token))
+        metadata.append(("token", self.token))
         return grpc.aio.ClientCallDetails(
             details.method,
             details.timeout,
@@ -134,9 +131,17 @@ class _AuthInterceptor(
             details.wait_for_ready,
         )
 
+
+# grpc.aio files an interceptor under the first kind it is an instance of, so each kind of
+# call gets its own small class around the shared state.
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, auth: _Auth) -> None:
+        self._auth = auth
+
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        used = self._token
-        call = await continuation(self._details(details), request)
+        auth = self._auth
+        used = auth.token
+        call = await continuation(auth.details(details), request)
         if details.method == _AUTHENTICATE:
             return call
         try:
@@ -144,18 +149,33 @@ class _AuthInterceptor(
         except grpc.aio.AioRpcError as exc:
             if not _is_token_error(exc):
                 raise
-            await self.authenticate(stale=used)
-            return await continuation(self._details(details), request)
+            await auth.authenticate(stale=used)
+            return await continuation(auth.details(details), request)
         return call
 
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, auth: _Auth) -> None:
+        self._auth = auth
+
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(self._auth.details(details), request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, auth: _Auth) -> None:
+        self._auth = auth
 
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(self._details(details), requests)
+        return await continuation(self._auth.details(details), requests)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, auth: _Auth) -> None:
+        self._auth = auth
 
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await continuation(self._details(details), requests)
+        return await continuation(self._auth.details(details), requests)
 
 
 class EtcdClient(aetcd.Client):  # type: ignore[misc]
@@ -173,12 +193,12 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]
         # aetcd's own username/password handling stays off: the interceptor does it.
         super().__init__(host=host, port=port, timeout=timeout, options=options)
         self._auth = auth
-        self._interceptor: _AuthInterceptor | None = None
+        self._login: _Auth | None = None
 
     @property
     def auth_disabled(self) -> bool:
         """True when credentials were given but the server runs without authentication."""
-        return self._interceptor is not None and self._interceptor.disabled
+        return self._login is not None and self._login.disabled
 
     async def connect(self) -> None:
         if self._connected.is_set():
@@ -192,8 +212,13 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]
             interceptors: Sequence[Any] = ()
             auth = self._auth
             if auth.user is not None and auth.password is not None:
-                self._interceptor = _AuthInterceptor(auth.user, auth.password, self._timeout)
-                interceptors = (self._interceptor,)
+                login = self._login = _Auth(auth.user, auth.password, self._timeout)
+                interceptors = (
+                    _UnaryUnary(login),
+                    _UnaryStream(login),
+                    _StreamUnary(login),
+                    _StreamStream(login),
+                )
             options = list(self._options.items())
             credentials = auth.channel_credentials()
             if credentials is None:
@@ -204,9 +229,9 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]
                 self.channel = grpc.aio.secure_channel(
                     target, credentials, options=options, interceptors=interceptors
                 )
-            if self._interceptor is not None:
-                self._interceptor.bind(self.channel)
-                await self._interceptor.authenticate()
+            if self._login is not None:
+                self._login.bind(self.channel)
+                await self._login.authenticate()
             self.kvstub = rpc.KVStub(self.channel)
             self.clusterstub = rpc.ClusterStub(self.channel)
             self.leasestub = rpc.LeaseStub(self.channel)

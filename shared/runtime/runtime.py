@@ -190,6 +190,13 @@ class DistributedRuntime:
         self.served.append(served)
         await served.start(register=register)
 
+    def served_here(self, eid: EndpointId) -> ServedEndpoint | None:
+        """The endpoint ``eid`` if this process serves it."""
+        for served in self.served:
+            if served.eid == eid:
+                return served
+        return None
+
     def add_drain_hook(self, hook: Callable[[float], Awaitable[None]]) -> None:
         """``await hook(grace)`` during shutdown, beside the endpoints' drain: for work that
         is not an endpoint (an HTTP server's requests) but needs the mesh to finish."""

@@ -173,8 +173,9 @@ async def test_mesh_serves_with_role_credentials_across_an_etcd_restart(
             yield {"i": i}
 
     try:
-        await worker.endpoint("backend", "generate").serve(handler)
+        # The client first: the instance must arrive through the (authenticated) watch.
         client = await processor.client("backend", "generate")
+        await worker.endpoint("backend", "generate").serve(handler)
         await client.wait_for_instances(1, timeout=5)
         assert [c["i"] async for c in await client.generate({"n": 3})] == [0, 1, 2]
 
