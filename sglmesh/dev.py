@@ -63,7 +63,7 @@ import msgspec
 from shared import infra
 from shared.config import MeshConfig
 from shared.engine.registry import engine_kind
-from shared.flags import Flag, FlagError, add_flags, flag_values, float_converter
+from shared.flags import Flag, FlagError, OneLineParser, add_flags, flag_values, float_converter
 from shared.infra_auth import ensure_credentials
 from shared.model import DEFAULT_MODEL_NAME, ModelPrepareError, prepare_default_model
 
@@ -193,7 +193,7 @@ _STOP_FLAGS: tuple[Flag, ...] = (
 def _parse(
     prog: str, description: str, flags: Sequence[Flag], argv: Sequence[str], *, mode: bool
 ) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    parser = OneLineParser(prog=prog, description=description, allow_abbrev=False)
     if mode:
         parser.add_argument(
             "mode",

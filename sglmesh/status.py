@@ -8,7 +8,6 @@ prints the same data for scripts; ``--watch`` redraws every few seconds.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -23,7 +22,7 @@ import uvloop
 from proto.discovery import InstanceRecord, ModelCard, models_prefix
 from proto.status import EngineStatus, PublisherStatusRequest
 from shared.config import MeshConfig, add_mesh_args, mesh_config_from_namespace
-from shared.flags import Flag, FlagError, add_flags, flag_values, float_converter
+from shared.flags import Flag, FlagError, OneLineParser, add_flags, flag_values, float_converter
 from shared.logging import configure_logging
 from shared.runtime import DistributedRuntime, MeshError
 
@@ -203,7 +202,7 @@ async def _run(config: MeshConfig, watch: float | None, as_json: bool, timeout: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sglmesh status", description="Show the live mesh: instances, models and load."
     )
     add_mesh_args(parser)

@@ -34,5 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(
         "services.prefill.main" if role == PREFILL else "services.decode.main"
     )
-    code: int = module.main(args)
+    # Usage and errors name what the user typed.
+    code: int = module.main(args, prog="sglmesh worker")
     return code

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from shared.flags import (
     Flag,
     FlagError,
+    OneLineParser,
     add_flags,
     float_converter,
     int_converter,
@@ -688,7 +689,7 @@ def parse_mesh_args(
     parser should see ``--help``. Invalid values exit with status 2 and a message naming
     the flag (and the env var the value came from).
     """
-    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, add_help=add_help)
+    parser = OneLineParser(prog=prog, allow_abbrev=False, add_help=add_help)
     add_mesh_args(parser)
     ns, rest = parser.parse_known_args(None if argv is None else list(argv))
     return mesh_config_from_namespace(ns, env, parser=parser), rest

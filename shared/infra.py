@@ -34,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self, TypeAlias
 
+from shared.flags import OneLineParser
 from shared.infra_auth import ROLES, enable_etcd_auth, ensure_credentials
 
 __all__ = [
@@ -921,7 +922,7 @@ def _env_port(var: str, default: int) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = OneLineParser(add_help=False)
     common.add_argument(
         "--nats-port",
         type=_port_arg,
@@ -959,7 +960,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="how long to wait for a server to start or stop (default 10; env "
         "SGLMESH_INFRA_TIMEOUT)",
     )
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sglmesh infra",
         description="Run a local nats-server and etcd on 127.0.0.1 for development (no root).",
     )

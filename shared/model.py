@@ -31,7 +31,6 @@ for fast tests that need a real ``tokenizers`` tokenizer and chat template.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import importlib.util
@@ -47,6 +46,8 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from shared.flags import OneLineParser
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -590,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``sglmesh model prepare [--cache-dir DIR] [--force]`` builds the default model and
     prints its directory; ``sglmesh model path [--cache-dir DIR]`` prints the directory
     (building it first if needed)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sglmesh model", description="The default model (SmolLM2-135M-Instruct)."
     )
     sub = parser.add_subparsers(dest="action", required=True, metavar="{prepare,path}")

@@ -13,8 +13,8 @@ from shared.worker.args import PREFILL, parse_worker_args
 from shared.worker.runner import worker_main
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_worker_args(argv, prog="sglmesh decode")
+def main(argv: list[str] | None = None, *, prog: str = "sglmesh decode") -> int:
+    config = parse_worker_args(argv, prog=prog)
     if config.role == PREFILL:
         print(
             "sglmesh decode: error: --disaggregation-mode prefill is the prefill service "

@@ -11,5 +11,5 @@ from shared.worker.args import PREFILL, parse_worker_args
 from shared.worker.runner import worker_main
 
 
-def main(argv: list[str] | None = None) -> int:
-    return worker_main(parse_worker_args(argv, prog="sglmesh prefill", role=PREFILL))
+def main(argv: list[str] | None = None, *, prog: str = "sglmesh prefill") -> int:
+    return worker_main(parse_worker_args(argv, prog=prog, role=PREFILL))

@@ -7,7 +7,6 @@ accepted as second twins.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import sys
@@ -18,6 +17,7 @@ from shared.config import MeshConfig, add_mesh_args, mesh_config_from_namespace
 from shared.flags import (
     Flag,
     FlagError,
+    OneLineParser,
     add_flags,
     flag_values,
     float_converter,
@@ -195,7 +195,7 @@ def parse_processor_args(
 ) -> ProcessorConfig:
     """Parse the whole command line; bad input exits 2 with one line naming the flag."""
     environ: Mapping[str, str] = os.environ if env is None else env
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog,
         allow_abbrev=False,
         description="The OpenAI-compatible HTTP ingress: templates and tokenizes requests, "

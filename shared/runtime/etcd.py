@@ -151,6 +151,8 @@ class EtcdSession:
                 )
                 if reply is None or reply.TTL <= 0:
                     await self._regrant()
+                else:
+                    await self._restore_missing()
                 if failing_since is not None:
                     log.info("etcd reachable again", extra={"lease_id": self._lease_id})
                 failing_since = None
@@ -184,6 +186,20 @@ class EtcdSession:
                 listener(self._lease_id)
             for k, v in self._registered.items():
                 await self.client.put(k, v, lease=self._lease_id)
+
+    async def _restore_missing(self) -> None:
+        """Write again any registered key that vanished while the lease lives (someone
+        deleted it): a live process must not drop out of discovery for good."""
+        async with self._lock:
+            for k, v in list(self._registered.items()):
+                current = await self.client.get(k)
+                if current is None or current.value != v or current.lease != self._lease_id:
+                    log.warning(
+                        "registration missing or changed in etcd; writing it again",
+                        extra={"key": k.decode(errors="replace")},
+                    )
+                    metrics.reregistrations_total.inc()
+                    await self.client.put(k, v, lease=self._lease_id)
 
     def remember(self, key: str, value: bytes) -> None:
         """Change the value a registered key gets on the next re-registration."""

@@ -52,3 +52,7 @@ lease_regrants_total = Counter(
     "sglmesh_etcd_lease_regrants_total", "Times the process lost its etcd lease and re-granted it"
 )
 nats_reconnects_total = Counter("sglmesh_nats_reconnects_total", "NATS reconnections")
+reregistrations_total = Counter(
+    "sglmesh_etcd_reregistrations_total",
+    "Times a registered key was found missing or changed while the lease lived, and rewritten",
+)

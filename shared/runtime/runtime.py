@@ -74,6 +74,8 @@ class DistributedRuntime:
         self._ticker: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._nats_warned = False
+        self._connecting = False
+        self._last_nats_error: Exception | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, *, connect_timeout: float = 10.0) -> None:
@@ -96,6 +98,15 @@ class DistributedRuntime:
 
     async def _connect_nats(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        # Until the first connection, failed attempts are summed up in one line at the end,
+        # not logged one by one.
+        self._connecting = True
+        try:
+            await self._first_connect(deadline)
+        finally:
+            self._connecting = False
+
+    async def _first_connect(self, deadline: float) -> None:
         while True:
             try:
                 # nats-py retries an unreachable server forever when reconnects are unlimited;
@@ -106,7 +117,10 @@ class DistributedRuntime:
                 if time.monotonic() >= deadline:
                     with contextlib.suppress(Exception):
                         await self.nats.close()
-                    reason = str(exc) or type(exc).__name__
+                    cause = self._last_nats_error or exc
+                    reason = str(cause) or type(cause).__name__
+                    if isinstance(cause, ConnectionRefusedError):
+                        reason = "connection refused; is it running? (`sglmesh infra up`)"
                     raise ConnectionError(
                         f"cannot reach NATS at {self.config.nats_url}: {reason}"
                     ) from exc
@@ -328,7 +342,7 @@ class DistributedRuntime:
                     )
 
     async def _on_disconnected(self) -> None:
-        if self.shutting_down:
+        if self.shutting_down or self._connecting:
             return
         log.warning("NATS disconnected; failing in-flight streams")
         for stream in list(self.client_streams.values()):
@@ -342,6 +356,9 @@ class DistributedRuntime:
         log.info("NATS reconnected", extra={"url": str(self.nats.connected_url)})
 
     async def _on_nats_error(self, exc: Exception) -> None:
+        if self._connecting:
+            self._last_nats_error = exc
+            return
         if isinstance(exc, nats.errors.SlowConsumerError):
             log.warning("NATS slow consumer", extra={"subject": exc.subject})
         else:
