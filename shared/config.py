@@ -269,7 +269,7 @@ class MeshConfig:
     system_port: int | None = None
     admin_token: str | None = field(default=None, repr=False)
     graceful_shutdown_grace_period: float = 5.0
-    heartbeat_interval: float = 1.0
+    heartbeat_interval: float = 0.5
     stream_timeout: float = 5.0
     engine_request_limit: int = 0
     log_level: str = "info"

@@ -24,7 +24,7 @@ from aiohttp.web_protocol import RequestHandler
 __all__ = ["GuardedSite", "server_ssl_context"]
 
 
-class _HeaderDeadlineHandler(RequestHandler):  # type: ignore[misc]
+class _HeaderDeadlineHandler(RequestHandler):
     """Closes a connection that does not deliver a request head within the deadline."""
 
     header_timeout = 10.0

@@ -53,6 +53,8 @@ def start_processor(config: ProcessorConfig) -> ServiceMain:
             migration_limit=flags.migration_limit,
             busy_threshold=flags.active_decode_blocks_threshold,
             kv_router=router,
+            runtime=runtime,
+            migration_budget=flags.migration_budget,
         )
         app = ProcessorApp(flags, runtime, registry, dispatcher)
         try:

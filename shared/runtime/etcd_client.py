@@ -134,7 +134,7 @@ class _Auth:
 
 # grpc.aio files an interceptor under the first kind it is an instance of, so each kind of
 # call gets its own small class around the shared state.
-class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     def __init__(self, auth: _Auth) -> None:
         self._auth = auth
 
@@ -154,7 +154,7 @@ class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
         return call
 
 
-class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
     def __init__(self, auth: _Auth) -> None:
         self._auth = auth
 
@@ -162,7 +162,7 @@ class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._auth.details(details), request)
 
 
-class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
     def __init__(self, auth: _Auth) -> None:
         self._auth = auth
 
@@ -170,7 +170,7 @@ class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
         return await continuation(self._auth.details(details), requests)
 
 
-class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
     def __init__(self, auth: _Auth) -> None:
         self._auth = auth
 
@@ -203,7 +203,7 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]
     async def connect(self) -> None:
         if self._connected.is_set():
             return
-        if self._is_connecting:
+        if self._is_connecting:  # type: ignore[has-type]
             await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
             return
         try:

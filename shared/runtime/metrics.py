@@ -56,3 +56,8 @@ reregistrations_total = Counter(
     "sglmesh_etcd_reregistrations_total",
     "Times a registered key was found missing or changed while the lease lived, and rewritten",
 )
+client_quarantines_total = Counter(
+    "sglmesh_client_quarantines_total",
+    "Instances taken out of routing because they were found dead while their lease lived",
+    ["endpoint"],
+)
