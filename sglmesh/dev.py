@@ -14,6 +14,12 @@ Design choices:
   it and killing its process group leaves no stray children), with stdout and stderr in
   ``<run dir>/<name>.log`` and its pid in ``<run dir>/<name>.pid``. The demo therefore
   exercises the real command lines, and ``ps`` shows what runs.
+- **Supervised.** Each service runs under ``python -m sglmesh.supervise NAME -- ...``, which
+  restarts it with backoff when it crashes (kill -9, OOM) and logs each restart in its log;
+  the recorded pid is the supervisor's, and ``stop`` signals its whole process group.
+- **Authenticated.** NATS and etcd get per-role users with least privilege and each service
+  its role's credentials (``--credentials <run dir>/credentials/<role>.env``; see
+  ``shared/infra_auth.py``); the processor listens on loopback only, so it needs no API key.
 - **One state file** (``<run dir>/mesh.json``, written atomically after each start) records
   what this run started: each process's pid and full argv, and which of NATS and etcd it
   started. ``stop`` stops only that: NATS or etcd that were already running (``make infra-up``,
@@ -453,7 +459,11 @@ def _plan(
     )  # fmt: skip
     # Relays the workers' KV events and load to NATS, for the processor's KV-aware router.
     publisher = _Proc(name="publisher", argv=[*python, "publisher", *mesh, *login("publisher")])
-    return [processor, publisher, *workers]
+    services = [processor, publisher, *workers]
+    # Each under its own supervisor (sglmesh/supervise.py): a crash is restarted, logged.
+    for spec in services:
+        spec.argv = [sys.executable, "-m", "sglmesh.supervise", spec.name, "--", *spec.argv]
+    return services
 
 
 def _launch(spec: _Proc, run_dir: Path, env: dict[str, str]) -> _Launched:
