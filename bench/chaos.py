@@ -419,7 +419,7 @@ async def disagg_scenarios(mesh: Mesh, args: argparse.Namespace) -> list[Row]:
             _kill(mesh, "prefill-1"),
             args,
             heal=lambda: mesh.restart("prefill-1"),
-        )  # fmt: skip
+        )
     ]
     if args.short:
         return rows

@@ -7,8 +7,8 @@ child: a child that dies of a signal or exits non-zero is started again after a 
 (0.5 s, doubling to 30 s, back to 0.5 s once a run lasted 30 s), each restart logged as one
 line in the service's log (this process's stdout). A child that exits 0 (stopped on purpose)
 or 2 (a bad command line, which no restart fixes) ends the supervisor with its code. SIGTERM
-or SIGINT to the supervisor (``sglmesh stop`` signals the whole process group) is passed on, the child gets ``--stop-timeout`` seconds to drain, and
-nothing is restarted.
+or SIGINT to the supervisor (``sglmesh stop`` signals the whole process group) is passed on,
+the child gets ``--stop-timeout`` seconds to drain, and nothing is restarted.
 """
 
 from __future__ import annotations
