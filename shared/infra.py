@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import ClassVar, Self, TypeAlias
 
 from shared.flags import OneLineParser
-from shared.infra_auth import ROLES, enable_etcd_auth, ensure_credentials
+from shared.infra_auth import ROLES, enable_etcd_auth, ensure_credentials, load_credentials
 
 __all__ = [
     "LOOPBACK",
@@ -901,6 +901,34 @@ def _port_taken(port: int) -> bool:
         return False  # e.g. a privileged port: status reports, it does not judge
 
 
+def _credentials(settings: _Settings) -> int:
+    creds = ensure_credentials(settings.run_dir)
+    print(f"credentials in {creds.directory} (nats.conf, <role>.env for {', '.join(ROLES)})")
+    return _EXIT_OK
+
+
+def _secure_remote_etcd(args: argparse.Namespace, settings: _Settings) -> int:
+    host, _, port_text = str(args.etcd_endpoint).rpartition(":")
+    port = _port_arg(port_text)
+    directory: Path | None = args.credentials_dir
+    creds = (
+        load_credentials(directory)
+        if directory is not None
+        else ensure_credentials(settings.run_dir)
+    )
+    deadline = time.monotonic() + settings.timeout
+    while True:
+        try:
+            asyncio.run(enable_etcd_auth(host or LOOPBACK, port, creds, settings.namespace))
+            break
+        except Exception as exc:
+            if time.monotonic() >= deadline:
+                raise InfraError(f"cannot secure etcd at {args.etcd_endpoint}: {exc}") from exc
+            time.sleep(0.5)
+    print(f"etcd at {args.etcd_endpoint}: per-role users ready, authentication on")
+    return _EXIT_OK
+
+
 def _port_arg(text: str) -> int:
     try:
         port = int(text)
@@ -972,6 +1000,29 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "status", parents=[common], help="show both servers; exit 0 if both run, 3 otherwise"
     )
+    creds = commands.add_parser(
+        "credentials",
+        parents=[common],
+        help="write the mesh's per-role credentials and NATS config (for compose and k8s)",
+    )
+    del creds
+    secure = commands.add_parser(
+        "secure-etcd",
+        parents=[common],
+        help="create the per-role etcd users and turn authentication on (idempotent)",
+    )
+    secure.add_argument(
+        "--etcd-endpoint",
+        metavar="HOST:PORT",
+        required=True,
+        help="the etcd to secure (e.g. etcd:2379)",
+    )
+    secure.add_argument(
+        "--credentials-dir",
+        type=Path,
+        metavar="DIR",
+        help="read the credentials from DIR (a mounted Secret) instead of <run dir>/credentials",
+    )
     return parser
 
 
@@ -1018,7 +1069,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         # --help and usage errors: argparse already printed; hand back its code, not raise.
         return exc.code if isinstance(exc.code, int) else _EXIT_ERROR
+    if args.command == "secure-etcd":
+        try:
+            return _secure_remote_etcd(args, _settings(args))
+        except InfraError as exc:
+            print(f"sglmesh infra secure-etcd: {exc}", file=sys.stderr)
+            return _EXIT_ERROR
     commands: dict[str, Callable[[_Settings], int]] = {
+        "credentials": _credentials,
         "up": _up,
         "down": _down,
         "status": _status,

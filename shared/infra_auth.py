@@ -36,6 +36,7 @@ __all__ = [
     "Credentials",
     "enable_etcd_auth",
     "ensure_credentials",
+    "load_credentials",
     "nats_config",
 ]
 
@@ -144,6 +145,20 @@ def ensure_credentials(run_dir: Path) -> Credentials:
         _write_private(creds.env_file(role), "\n".join(lines) + "\n")
     _write_private(creds.nats_config, nats_config(passwords))
     return creds
+
+
+def load_credentials(directory: Path) -> Credentials:
+    """Credentials made elsewhere (a mounted Kubernetes Secret): read, never written."""
+    try:
+        stored = json.loads((directory / "secrets.json").read_text())
+        return Credentials(
+            directory,
+            {role: str(stored[role]) for role in ROLES},
+            str(stored["etcd_root"]),
+            str(stored["admin_token"]),
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"no usable credentials in {directory}: {exc}") from exc
 
 
 def _quote(text: str) -> str:
