@@ -324,6 +324,8 @@ class Row:
     failed: int = 0
     lost: int = 0
     recovery_s: float | None = None
+    # How long a failed request took to fail (the slowest): clear errors must also be fast.
+    slowest_failure_s: float | None = None
     promise: str = "0 failed, 0 lost"
     notes: list[str] = field(default_factory=list)
 
@@ -360,6 +362,9 @@ async def run_scenario(
         setattr(row, o.kind, getattr(row, o.kind) + 1)
         if o.kind != "ok" and len(row.notes) < 3:
             row.notes.append(f"{o.kind}: {o.detail}")
+    failures = [o.ended - o.started for o in load.outcomes if o.kind == "failed"]
+    if failures:
+        row.slowest_failure_s = round(max(failures), 2)
     after = [o for o in load.outcomes if o.started >= fault_at and o.kind == "ok"]
     if after:
         row.recovery_s = round(min(o.ended for o in after) - fault_at, 2)
@@ -605,16 +610,20 @@ async def forged_rows(mesh: Mesh) -> list[dict[str, Any]]:
 
 
 def _format_row(row: Row) -> str:
-    rec = "-" if row.recovery_s is None else f"{row.recovery_s:.2f}"
+    rec = "-" if row.recovery_s is None else f"{row.recovery_s:.2f} s"
+    slow = "-" if row.slowest_failure_s is None else f"{row.slowest_failure_s:.2f} s"
     mark = "" if row.kept else "   <-- promise broken"
     return (
         f"  {row.scenario:<40} {row.sent:>5} {row.ok:>5} {row.failed:>6} {row.lost:>5} "
-        f"{rec:>9}{mark}"
+        f"{rec:>9} {slow:>13}{mark}"
     )
 
 
 def _header() -> str:
-    return f"  {'scenario':<40} {'sent':>5} {'ok':>5} {'failed':>6} {'lost':>5} {'recovery':>9}"
+    return (
+        f"  {'scenario':<40} {'sent':>5} {'ok':>5} {'failed':>6} {'lost':>5} {'recovery':>9} "
+        f"{'slowest error':>13}"
+    )
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
