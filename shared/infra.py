@@ -22,6 +22,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -171,11 +172,22 @@ async def _probe_nats_async(host: str, port: int, within: float) -> bool:
     return _is_nats_info(line)
 
 
-def probe_etcd(host: str, port: int, timeout: float = 1.0) -> bool:
-    """Whether etcd on host:port reports itself healthy (it has a leader and no alarms)."""
-    url = f"http://{_url_host(host)}:{port}/health"
+def probe_etcd(
+    host: str, port: int, timeout: float = 1.0, *, tls_ca: Path | None = None
+) -> bool:
+    """Whether etcd on host:port reports itself healthy (it has a leader and no alarms);
+    over HTTPS, verified against ``tls_ca``, when it is given."""
+    scheme = "https" if tls_ca is not None else "http"
+    url = f"{scheme}://{_url_host(host)}:{port}/health"
     try:
-        with _NO_PROXY_OPENER.open(url, timeout=timeout) as response:
+        if tls_ca is not None:
+            context = ssl.create_default_context(cafile=str(tls_ca))
+            opener = urllib.request.build_opener(
+                urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+            )
+        else:
+            opener = _NO_PROXY_OPENER
+        with opener.open(url, timeout=timeout) as response:
             body = json.loads(response.read())
     # URLError and HTTPError (503 while there is no leader) are OSErrors.
     except (OSError, ValueError):
@@ -531,7 +543,10 @@ class EtcdServer(_ManagedServer):
         log_file: Path | None = None,
         host: str = LOOPBACK,
         name: str = "sglmesh",
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
+        # (certificate, key, CA): clients then reach it over https:// only.
+        self._tls = tls
         if data_dir is None:
             data_dir = _scratch_dir(self, "sglmesh-etcd-") / "data"
             log_file = log_file or data_dir.with_name("etcd.log")
@@ -551,7 +566,8 @@ class EtcdServer(_ManagedServer):
 
     @property
     def endpoint(self) -> str:
-        return f"http://{_url_host(self._host)}:{self._port}"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://{_url_host(self._host)}:{self._port}"
 
     @property
     def peer_port(self) -> int:
@@ -591,6 +607,9 @@ class EtcdServer(_ManagedServer):
             # 3.4 from switching to journald once the CLI exits and the server's parent is pid 1.
             "--logger", "zap",
             "--log-outputs", "stderr",
+            *([] if self._tls is None else [
+                "--cert-file", str(self._tls[0]), "--key-file", str(self._tls[1]),
+            ]),
         ]  # fmt: skip
 
     def _ports(self) -> list[tuple[int, str]]:
@@ -615,7 +634,8 @@ class EtcdServer(_ManagedServer):
         self._data_dir.mkdir(mode=0o700, exist_ok=True)
 
     def _probe(self, timeout: float) -> bool:
-        return probe_etcd(self._host, self._port, timeout)
+        ca = None if self._tls is None else self._tls[2]
+        return probe_etcd(self._host, self._port, timeout, tls_ca=ca)
 
 
 def _scratch_dir(owner: object, prefix: str) -> Path:
