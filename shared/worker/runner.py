@@ -17,6 +17,7 @@ from shared.config import EndpointId
 from shared.engine.protocol import Engine
 from shared.engine.registry import create_engine, engine_kind
 from shared.runtime import DistributedRuntime
+from shared.runtime.endpoint import ServedEndpoint
 from shared.runtime.service import Cleanup, StartupError, run_service
 from shared.runtime.system_server import SystemServer
 from shared.worker.args import PREFILL, WorkerConfig
@@ -84,6 +85,24 @@ def worker_main(config: WorkerConfig) -> int:
 
         handler = _handler(engine, config, metrics)
         eid = config.endpoint
+        served: ServedEndpoint | None = None
+        canary: Canary | None = None
+
+        async def leave() -> None:
+            if canary is not None:
+                canary.suspend()
+            if served is not None:
+                await served.unregister()
+
+        async def rejoin() -> None:
+            if served is not None:
+                await served.register()
+            if canary is not None:
+                canary.resume()
+
+        # Before the endpoint is served: once /health says ready, the routes answer too.
+        if system is not None:
+            register_engine_routes(system, engine, leave=leave, rejoin=rejoin)
         try:
             served = await runtime.endpoint(eid).serve(
                 handler.generate,  # type: ignore[attr-defined]
@@ -100,7 +119,6 @@ def worker_main(config: WorkerConfig) -> int:
             await engine.shutdown()
             raise StartupError(f"registration failed: {exc}") from exc
 
-        canary: Canary | None = None
         if config.worker.health_check:
             canary = Canary(
                 runtime,
@@ -115,18 +133,6 @@ def worker_main(config: WorkerConfig) -> int:
             )
             canary.start()
 
-        async def leave() -> None:
-            if canary is not None:
-                canary.suspend()
-            await served.unregister()
-
-        async def rejoin() -> None:
-            await served.register()
-            if canary is not None:
-                canary.resume()
-
-        if system is not None:
-            register_engine_routes(system, engine, leave=leave, rejoin=rejoin)
         log.info(
             "worker serving",
             extra={"role": config.role, "endpoint": str(eid), "model": model,
