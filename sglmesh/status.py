@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -209,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     add_flags(parser.add_argument_group("status"), _FLAGS)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ns = parser.parse_args(argv)
+    # An operator's view of the mesh `sglmesh run` started here: its admin credentials,
+    # unless credentials were given some other way.
+    local = Path(os.environ.get("SGLMESH_RUN_DIR") or ".run") / "credentials" / "admin.env"
+    given = ns.credentials or any(
+        os.environ.get(v) for v in ("SGLMESH_CREDENTIALS", "SGLMESH_NATS_USER", "SGLMESH_ETCD_USER")
+    )
+    if not given and local.is_file():
+        ns.credentials = str(local)
     config = mesh_config_from_namespace(ns, parser=parser)
     try:
         values = flag_values(_FLAGS, ns)
