@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -434,75 +434,62 @@ class ProcessorApp:
         except BusyError as exc:
             metrics.rejected.labels("busy").inc()
             raise _Failure(503, str(exc), retry_after=self.flags.retry_after) from None
-        n = req.n or 1
-        cost = len(preqs) * n
+        with self._admitted(len(preqs) * (req.n or 1)):
+            n = req.n or 1
+            streams = _fan_out(preqs, n)
+            tracker.prompt_tokens = sum(len(p.token_ids) for p in preqs)
+            assembler = OutputAssembler(
+                pre,
+                [p.token_ids for p in streams],
+                prompt_tokens=tracker.prompt_tokens,
+                stop=req.stop_list(),
+                logprobs=logprobs,
+                keep_text=not req.stream,
+                cache_owners=range(0, len(streams), n),
+            )
+            prefix = "chatcmpl-" if chat else "cmpl-"
+            rid = prefix + uuid.uuid4().hex
+            created = int(time.time())
+            name = req.model
+            run = self.dispatcher.run
+            outputs = (
+                run(model, streams[0])
+                if len(streams) == 1
+                else _merge([run(model, p, i) for i, p in enumerate(streams)])
+            )
+            async with contextlib.aclosing(outputs):
+                # Errors before the first output propagate to `_serve`: a real HTTP status.
+                first = await anext(outputs, None)
+                if not req.stream:
+                    return await self._unary(
+                        outputs, first, assembler, tracker, rid, created, name, chat, logprobs
+                    )
+                return await self._stream(
+                    request,
+                    outputs,
+                    first,
+                    assembler,
+                    tracker,
+                    rid,
+                    created,
+                    name,
+                    chat,
+                    logprobs,
+                    include_usage=req.include_usage(),
+                )
+
+    @contextlib.contextmanager
+    def _admitted(self, cost: int) -> Iterator[None]:
+        """Count a request's engine requests (prompts x n) against --max-inflight."""
         self._check_cost(cost)
         limit = self.flags.max_inflight
         if limit and self.engine_inflight + cost > limit:
             raise self._busy()
         self.engine_inflight += cost
         try:
-            return await self._generate_admitted(
-                request, tracker, model, req, preqs, chat=chat, logprobs=logprobs
-            )
+            yield
         finally:
             self.engine_inflight -= cost
-
-    async def _generate_admitted(
-        self,
-        request: web.Request,
-        tracker: _Tracker,
-        model: ServedModel,
-        req: ChatCompletionRequest | CompletionRequest,
-        preqs: list[PreprocessedRequest],
-        *,
-        chat: bool,
-        logprobs: bool,
-    ) -> web.StreamResponse:
-        pre = model.preprocessor
-        assert pre is not None
-        n = req.n or 1
-        streams = _fan_out(preqs, n)
-        tracker.prompt_tokens = sum(len(p.token_ids) for p in preqs)
-        assembler = OutputAssembler(
-            pre,
-            [p.token_ids for p in streams],
-            prompt_tokens=tracker.prompt_tokens,
-            stop=req.stop_list(),
-            logprobs=logprobs,
-            keep_text=not req.stream,
-            cache_owners=range(0, len(streams), n),
-        )
-        prefix = "chatcmpl-" if chat else "cmpl-"
-        rid = prefix + uuid.uuid4().hex
-        created = int(time.time())
-        name = req.model
-        run = self.dispatcher.run
-        outputs = (
-            run(model, streams[0])
-            if len(streams) == 1
-            else _merge([run(model, p, i) for i, p in enumerate(streams)])
-        )
-        async with contextlib.aclosing(outputs):
-            # Errors before the first output propagate to `_serve`: a real HTTP status.
-            first = await anext(outputs, None)
-            if not req.stream:
-                return await self._unary(
-                    outputs, first, assembler, tracker, rid, created, name, chat, logprobs
-                )
-            return await self._stream(
-                request,
-                outputs,
-                first,
-                assembler,
-                tracker,
-                rid,
-                created,
-                name,
-                chat,
-                logprobs,
-                include_usage=req.include_usage(),
-            )
 
     def _failure(self, exc: BaseException) -> _Failure:
         if isinstance(exc, _Failure):
