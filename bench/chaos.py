@@ -326,6 +326,9 @@ class Row:
     recovery_s: float | None = None
     # How long a failed request took to fail (the slowest): clear errors must also be fast.
     slowest_failure_s: float | None = None
+    # Worker streams the processor resent elsewhere during the scenario, by reason: the
+    # evidence that requests were caught mid-flight and rescued, not merely never hit.
+    migrations: dict[str, int] = field(default_factory=dict)
     promise: str = "0 failed, 0 lost"
     notes: list[str] = field(default_factory=list)
 
@@ -347,6 +350,7 @@ async def run_scenario(
     promise: str = "0 failed, 0 lost",
     heal: Callable[[], Awaitable[None]] | None = None,
 ) -> Row:
+    before = await _migrations(mesh)
     load = Load(mesh.url, args.concurrency, args.max_tokens, args.request_timeout)
     load.start()
     await asyncio.sleep(args.before)
@@ -357,6 +361,10 @@ async def run_scenario(
     if heal is not None:
         await heal()
     row = Row(name, promise=promise)
+    after_counts = await _migrations(mesh)
+    row.migrations = {
+        k: int(v - before.get(k, 0)) for k, v in after_counts.items() if v > before.get(k, 0)
+    }
     for o in load.outcomes:
         row.sent += 1
         setattr(row, o.kind, getattr(row, o.kind) + 1)
@@ -374,6 +382,22 @@ async def run_scenario(
 
 # --------------------------------------------------------------------------------------------
 # Scenarios
+
+
+async def _migrations(mesh: Mesh) -> dict[str, float]:
+    """The processor's ``sglmesh_processor_migrations_total`` by reason ({} if unreachable)."""
+    out: dict[str, float] = {}
+    url = f"http://127.0.0.1:{mesh.http_port}/metrics"
+    try:
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            text = await resp.text()
+    except (aiohttp.ClientError, OSError):
+        return out
+    for line in text.splitlines():
+        if line.startswith("sglmesh_processor_migrations_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] = out.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def _kill(mesh: Mesh, name: str, sig: signal.Signals = signal.SIGKILL) -> Callable[[], Any]:
@@ -613,16 +637,17 @@ def _format_row(row: Row) -> str:
     rec = "-" if row.recovery_s is None else f"{row.recovery_s:.2f} s"
     slow = "-" if row.slowest_failure_s is None else f"{row.slowest_failure_s:.2f} s"
     mark = "" if row.kept else "   <-- promise broken"
+    moved = ", ".join(f"{k} {v}" for k, v in sorted(row.migrations.items())) or "-"
     return (
         f"  {row.scenario:<40} {row.sent:>5} {row.ok:>5} {row.failed:>6} {row.lost:>5} "
-        f"{rec:>9} {slow:>13}{mark}"
+        f"{rec:>9} {slow:>13}  {moved}{mark}"
     )
 
 
 def _header() -> str:
     return (
         f"  {'scenario':<40} {'sent':>5} {'ok':>5} {'failed':>6} {'lost':>5} {'recovery':>9} "
-        f"{'slowest error':>13}"
+        f"{'slowest error':>13}  migrations"
     )
 
 
