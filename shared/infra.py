@@ -172,9 +172,7 @@ async def _probe_nats_async(host: str, port: int, within: float) -> bool:
     return _is_nats_info(line)
 
 
-def probe_etcd(
-    host: str, port: int, timeout: float = 1.0, *, tls_ca: Path | None = None
-) -> bool:
+def probe_etcd(host: str, port: int, timeout: float = 1.0, *, tls_ca: Path | None = None) -> bool:
     """Whether etcd on host:port reports itself healthy (it has a leader and no alarms);
     over HTTPS, verified against ``tls_ca``, when it is given."""
     scheme = "https" if tls_ca is not None else "http"

@@ -33,6 +33,7 @@ def make_config(nats: NatsServer, etcd: EtcdServer, **overrides: Any) -> MeshCon
         heartbeat_interval=0.2,
         stream_timeout=1.0,
         graceful_shutdown_grace_period=5.0,
+        admin_token=ADMIN_TOKEN,
     )
     return dataclasses.replace(base, **overrides)
 
