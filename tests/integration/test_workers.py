@@ -357,6 +357,19 @@ async def test_paused_worker_is_not_ready_and_out_of_discovery(
     assert len(token_ids(await collect(client, request([5, 6, 7], 3)))) == 3
 
 
+def test_nats_down_at_start_is_one_line_with_a_hint(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sglmesh", "worker", "--engine", "sim",
+         "--model-path", str(tmp_path), "--nats-url", "nats://127.0.0.1:1", "--log-format",
+         "text"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) <= 3, lines  # it was 40 JSON lines over 10 s
+    assert "cannot reach NATS" in lines[-1] and "sglmesh infra up" in lines[-1], lines
+
+
 def test_bad_flags_fail_at_once_with_one_clear_line(tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -370,6 +383,9 @@ def test_bad_flags_fail_at_once_with_one_clear_line(tmp_path: Path) -> None:
     bad = run("--engine", "sim", "--model-path", str(tmp_path), "--page-size", "0")
     assert bad.returncode == 2 and "--page-size" in bad.stderr
     assert "Traceback" not in bad.stderr
+    # One line, no usage block, and it names the command the user typed.
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert bad.stderr.startswith("sglmesh worker: error:"), bad.stderr
     unknown = run("--engine", "sim", "--model-path", str(tmp_path), "--no-such-flag", "1")
     assert unknown.returncode == 2 and "--no-such-flag" in unknown.stderr
     encode = run("--embedding-worker")
