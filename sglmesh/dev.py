@@ -517,6 +517,14 @@ def _listed_model(url: str) -> str | None:
     return None
 
 
+def _healthy(port: int) -> bool:
+    try:
+        with _NO_PROXY_OPENER.open(f"http://{_HOST}:{port}/health", timeout=2.0) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 def _wait_ready(launched: list[_Launched], url: str, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while True:
@@ -530,16 +538,24 @@ def _wait_ready(launched: list[_Launched], url: str, timeout: float) -> str:
                 print(_log_tail(item.log), file=sys.stderr)
                 raise DevError(f"{item.spec.name} exited with code {code} before the mesh was up")
         model = _listed_model(url)
-        if model is not None:
+        # Up means every worker is ready too, not just the first one the processor saw.
+        waiting = [
+            item.spec.name
+            for item in launched
+            if item.spec.system_port is not None and not _healthy(item.spec.system_port)
+        ]
+        if model is not None and not waiting:
             return model
         if time.monotonic() >= deadline:
             for item in launched:
                 print(f"last lines of {item.log}:", file=sys.stderr)
                 print(_log_tail(item.log, 5), file=sys.stderr)
-            raise DevError(
-                f"the processor listed no model at {url} within {timeout:g}s "
-                f"(raise --timeout, or see the logs above)"
+            what = (
+                f"the processor listed no model at {url}"
+                if model is None
+                else f"{', '.join(waiting)} not ready"
             )
+            raise DevError(f"{what} within {timeout:g}s (raise --timeout, or see the logs above)")
         time.sleep(_POLL_INTERVAL)
 
 
