@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SGL_VENV := .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install test test-fast test-conformance lint fmt bench bench-sim bench-torch bench-serve bench-kv bench-router bench-embed model infra-up infra-down infra-status run-agg run-disagg stop clean
+.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-kv bench-router bench-embed model infra-up infra-down infra-status run-agg run-disagg stop clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,12 @@ lint: $(STAMP)
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Faults under load (kill -9 / SIGTERM of every role, NATS and etcd restarts, publisher
+# restart), bad input and forged messages against real processes; prints sent / ok / failed /
+# lost / recovery per scenario (bench/results/chaos.json). `make test` runs the short version.
+chaos: $(STAMP)
+	$(BIN)/python bench/chaos.py --output bench/results/chaos.json
 
 bench: $(STAMP)
 	$(BIN)/python bench/request_plane.py

@@ -47,8 +47,14 @@ __all__ = [
     "error_type_for_status",
 ]
 
-# Limits. OpenAI allows 4 stop sequences; we are more generous.
+# Limits: every list and string a request can make the processor work through is bounded,
+# so no single request costs more than a bounded amount of memory and CPU. OpenAI allows 4
+# stop sequences; we are more generous.
 MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 1024  # characters per stop string
+MAX_STOP_TOKEN_IDS = 1024
+MAX_MESSAGES = 4096
+MAX_PROMPTS = 1024  # prompts in one /v1/completions request
 MAX_N = 128
 MAX_CHAT_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
@@ -67,7 +73,9 @@ MinP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0)]
 N = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
-StopList = Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)]
+StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_LENGTH)]
+StopList = Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)]
+StopTokenIds = Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)]
 ChatTopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_CHAT_TOP_LOGPROBS)]
 CompletionLogprobsCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_COMPLETION_LOGPROBS)]
 
@@ -206,8 +214,8 @@ class _SamplingRequest(msgspec.Struct, kw_only=True):
     repetition_penalty: RepetitionPenalty | None = None
     seed: Seed | None = None
     n: N | None = None
-    stop: str | StopList | None = None
-    stop_token_ids: list[TokenId] | None = None
+    stop: StopString | StopList | None = None
+    stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool | None = None
     min_tokens: NonNegativeInt | None = None
     stream: bool = False
@@ -238,7 +246,7 @@ class _SamplingRequest(msgspec.Struct, kw_only=True):
 
 
 class ChatCompletionRequest(_SamplingRequest, kw_only=True):
-    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: ChatTopLogprobs | None = None
@@ -287,6 +295,11 @@ class CompletionRequest(_SamplingRequest, kw_only=True):
             return [prompt]
         if not prompt:
             raise RequestError("'prompt' must not be empty", param="prompt")
+        if len(prompt) > MAX_PROMPTS and not _is_token_id(prompt[0]):
+            raise RequestError(
+                f"'prompt' holds {len(prompt)} prompts; at most {MAX_PROMPTS} are allowed",
+                param="prompt",
+            )
         first = prompt[0]
         if isinstance(first, str):
             if not all(isinstance(p, str) for p in prompt):

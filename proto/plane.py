@@ -93,6 +93,9 @@ class Frame(msgspec.Struct, array_like=True):
 class ControlKind(enum.IntEnum):
     CANCEL = 0
     CREDIT = 1
+    # Liveness probe: sent as a NATS request; the instance answers with an empty reply. NATS
+    # answers "no responders" at once for an instance whose connection is gone.
+    PING = 2
 
 
 class Control(msgspec.Struct, array_like=True):

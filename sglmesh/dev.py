@@ -16,6 +16,12 @@ Design choices:
   it and killing its process group leaves no stray children), with stdout and stderr in
   ``<run dir>/<name>.log`` and its pid in ``<run dir>/<name>.pid``. The demo therefore
   exercises the real command lines, and ``ps`` shows what runs.
+- **Supervised.** Each service runs under ``python -m sglmesh.supervise NAME -- ...``, which
+  restarts it with backoff when it crashes (kill -9, OOM) and logs each restart in its log;
+  the recorded pid is the supervisor's, and ``stop`` signals its whole process group.
+- **Authenticated.** NATS and etcd get per-role users with least privilege and each service
+  its role's credentials (``--credentials <run dir>/credentials/<role>.env``; see
+  ``shared/infra_auth.py``); the processor listens on loopback only, so it needs no API key.
 - **One state file** (``<run dir>/mesh.json``, written atomically after each start) records
   what this run started: each process's pid and full argv, and which of NATS and etcd it
   started. ``stop`` stops only that: NATS or etcd that were already running (``make infra-up``,
@@ -67,7 +73,8 @@ from shared import infra
 from shared.config import MeshConfig
 from shared.embedding_model import EMBEDDING_MODEL_NAME, prepare_embedding_model
 from shared.engine.registry import engine_kind
-from shared.flags import Flag, FlagError, add_flags, flag_values, float_converter
+from shared.flags import Flag, FlagError, OneLineParser, add_flags, flag_values, float_converter
+from shared.infra_auth import ensure_credentials
 from shared.model import DEFAULT_MODEL_NAME, ModelPrepareError, prepare_default_model
 
 __all__ = ["run_main", "stop_main"]
@@ -196,7 +203,7 @@ _STOP_FLAGS: tuple[Flag, ...] = (
 def _parse(
     prog: str, description: str, flags: Sequence[Flag], argv: Sequence[str], *, mode: bool
 ) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    parser = OneLineParser(prog=prog, description=description, allow_abbrev=False)
     if mode:
         parser.add_argument(
             "mode",
@@ -299,7 +306,12 @@ class _Launched:
 
 
 def _infra_settings(
-    run_dir: Path, nats_port: int, etcd_port: int, peer_port: int | None, timeout: float
+    run_dir: Path,
+    nats_port: int,
+    etcd_port: int,
+    peer_port: int | None,
+    timeout: float,
+    namespace: str | None = None,
 ) -> infra._Settings:
     ns = argparse.Namespace(
         nats_port=nats_port,
@@ -307,6 +319,7 @@ def _infra_settings(
         etcd_peer_port=peer_port,
         run_dir=run_dir,
         timeout=timeout,
+        namespace=namespace,
     )
     return infra._settings(ns)  # same defaults and port checks as `sglmesh infra`
 
@@ -408,6 +421,12 @@ def _plan(
         "--etcd-endpoints", f"http://{_HOST}:{settings.etcd_port}",
         "--log-format", "text",
     ]  # fmt: skip
+    creds = ensure_credentials(settings.run_dir)
+
+    def login(role: str) -> list[str]:
+        # A path on the command line; the secrets stay in the 0600 file.
+        return ["--credentials", str(creds.env_file(role))]
+
     python = [sys.executable, "-m", "sglmesh"]
     engine = _workers_engine(opts["engine"])
     if engine == "sim":
@@ -419,7 +438,7 @@ def _plan(
 
     def worker(name: str, port: int, *role: str) -> _Proc:
         argv = [
-            *python, "worker", *mesh,
+            *python, "worker", *mesh, *login("worker"),
             "--system-host", _HOST, "--system-port", str(port),
             "--engine", engine, *engine_flags,
             "--model-path", str(model),
@@ -447,7 +466,7 @@ def _plan(
     encoder = _Proc(
         name="encoder",
         argv=[
-            *python, "worker", "--embedding-worker", *mesh,
+            *python, "worker", "--embedding-worker", *mesh, *login("worker"),
             "--system-host", _HOST, "--system-port", str(system_ports[2]),
             "--model-path", str(embedding_model),
             "--served-model-name", EMBEDDING_MODEL_NAME,
@@ -459,13 +478,17 @@ def _plan(
     processor = _Proc(
         name="processor",
         argv=[
-            *python, "processor", *mesh,
+            *python, "processor", *mesh, *login("processor"),
             "--http-host", _HOST, "--http-port", str(opts["http_port"]),
         ],
     )  # fmt: skip
     # Relays the workers' KV events and load to NATS, for the processor's KV-aware router.
-    publisher = _Proc(name="publisher", argv=[*python, "publisher", *mesh])
-    return [processor, publisher, *workers, encoder]
+    publisher = _Proc(name="publisher", argv=[*python, "publisher", *mesh, *login("publisher")])
+    services = [processor, publisher, *workers, encoder]
+    # Each under its own supervisor (sglmesh/supervise.py): a crash is restarted, logged.
+    for spec in services:
+        spec.argv = [sys.executable, "-m", "sglmesh.supervise", spec.name, "--", *spec.argv]
+    return services
 
 
 def _launch(spec: _Proc, run_dir: Path, env: dict[str, str]) -> _Launched:
@@ -521,6 +544,14 @@ def _listed_models(url: str) -> set[str]:
     }
 
 
+def _healthy(port: int) -> bool:
+    try:
+        with _NO_PROXY_OPENER.open(f"http://{_HOST}:{port}/health", timeout=2.0) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 def _wait_ready(launched: list[_Launched], url: str, timeout: float, models: set[str]) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -534,16 +565,24 @@ def _wait_ready(launched: list[_Launched], url: str, timeout: float, models: set
                 print(_log_tail(item.log), file=sys.stderr)
                 raise DevError(f"{item.spec.name} exited with code {code} before the mesh was up")
         missing = models - _listed_models(url)
-        if not missing:
+        # Up means every worker is ready too, not just the first one the processor saw.
+        waiting = [
+            item.spec.name
+            for item in launched
+            if item.spec.system_port is not None and not _healthy(item.spec.system_port)
+        ]
+        if not missing and not waiting:
             return
         if time.monotonic() >= deadline:
             for item in launched:
                 print(f"last lines of {item.log}:", file=sys.stderr)
                 print(_log_tail(item.log, 5), file=sys.stderr)
-            raise DevError(
-                f"the processor did not list {', '.join(sorted(missing))} at {url} within "
-                f"{timeout:g}s (raise --timeout, or see the logs above)"
+            what = (
+                f"the processor did not list {', '.join(sorted(missing))} at {url}"
+                if missing
+                else f"{', '.join(waiting)} not ready"
             )
+            raise DevError(f"{what} within {timeout:g}s (raise --timeout, or see the logs above)")
         time.sleep(_POLL_INTERVAL)
 
 
@@ -582,7 +621,12 @@ def _run(opts: dict[str, Any]) -> int:
     timeout: float = opts["run_timeout"]
     try:
         settings = _infra_settings(
-            run_dir, opts["nats_port"], opts["etcd_port"], opts["etcd_peer_port"], timeout
+            run_dir,
+            opts["nats_port"],
+            opts["etcd_port"],
+            opts["etcd_peer_port"],
+            timeout,
+            opts["namespace"],
         )
     except infra.InfraError as exc:
         raise _UsageError(str(exc)) from None

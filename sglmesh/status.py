@@ -8,13 +8,14 @@ prints the same data for scripts; ``--watch`` redraws every few seconds.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -23,7 +24,7 @@ import uvloop
 from proto.discovery import InstanceRecord, ModelCard, models_prefix
 from proto.status import EngineStatus, PublisherStatusRequest
 from shared.config import MeshConfig, add_mesh_args, mesh_config_from_namespace
-from shared.flags import Flag, FlagError, add_flags, flag_values, float_converter
+from shared.flags import Flag, FlagError, OneLineParser, add_flags, flag_values, float_converter
 from shared.logging import configure_logging
 from shared.runtime import DistributedRuntime, MeshError
 
@@ -205,13 +206,21 @@ async def _run(config: MeshConfig, watch: float | None, as_json: bool, timeout: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sglmesh status", description="Show the live mesh: instances, models and load."
     )
     add_mesh_args(parser)
     add_flags(parser.add_argument_group("status"), _FLAGS)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ns = parser.parse_args(argv)
+    # An operator's view of the mesh `sglmesh run` started here: its admin credentials,
+    # unless credentials were given some other way.
+    local = Path(os.environ.get("SGLMESH_RUN_DIR") or ".run") / "credentials" / "admin.env"
+    given = ns.credentials or any(
+        os.environ.get(v) for v in ("SGLMESH_CREDENTIALS", "SGLMESH_NATS_USER", "SGLMESH_ETCD_USER")
+    )
+    if not given and local.is_file():
+        ns.credentials = str(local)
     config = mesh_config_from_namespace(ns, parser=parser)
     try:
         values = flag_values(_FLAGS, ns)

@@ -24,5 +24,6 @@ def main(argv: list[str] | None = None) -> int:
         role = "decode"
     services = {PREFILL: "services.prefill.main", ENCODE: "services.encode.main"}
     module = importlib.import_module(services.get(role, "services.decode.main"))
-    code: int = module.main(args)
+    # Usage and errors name what the user typed.
+    code: int = module.main(args, prog="sglmesh worker")
     return code

@@ -29,14 +29,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from shared.flags import (
     Flag,
     FlagError,
+    OneLineParser,
     add_flags,
     float_converter,
     int_converter,
@@ -262,14 +265,29 @@ class MeshConfig:
     etcd_endpoints: list[str] = field(default_factory=_default_etcd_endpoints)
     endpoint: EndpointId | None = None
     lease_ttl: int = 10
-    system_host: str = "0.0.0.0"
+    system_host: str = "127.0.0.1"
     system_port: int | None = None
+    admin_token: str | None = field(default=None, repr=False)
     graceful_shutdown_grace_period: float = 5.0
-    heartbeat_interval: float = 1.0
+    heartbeat_interval: float = 0.5
     stream_timeout: float = 5.0
     engine_request_limit: int = 0
     log_level: str = "info"
     log_format: str = "json"
+    # Credentials for the planes (see shared/planes_auth.py). Secrets never appear in repr().
+    nats_user: str | None = None
+    nats_password: str | None = field(default=None, repr=False)
+    nats_token: str | None = field(default=None, repr=False)
+    nats_nkey_seed: str | None = None
+    nats_creds: str | None = None
+    nats_tls_ca: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
+    etcd_user: str | None = None
+    etcd_password: str | None = field(default=None, repr=False)
+    etcd_tls_ca: str | None = None
+    etcd_tls_cert: str | None = None
+    etcd_tls_key: str | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -328,6 +346,22 @@ class MeshConfig:
             )
         put("log_level", _check_log_level(self.log_level))
         put("log_format", _check_log_format(self.log_format))
+        if (self.nats_user is None) != (self.nats_password is None):
+            raise ValueError("nats_user and nats_password go together")
+        if (self.etcd_user is None) != (self.etcd_password is None):
+            raise ValueError("etcd_user and etcd_password go together")
+        for plane in ("nats", "etcd"):
+            if (getattr(self, f"{plane}_tls_cert") is None) != (
+                getattr(self, f"{plane}_tls_key") is None
+            ):
+                raise ValueError(f"{plane}_tls_cert and {plane}_tls_key go together")
+
+    @property
+    def etcd_tls(self) -> bool:
+        """Whether etcd is reached over TLS (an https:// endpoint or a CA given)."""
+        return self.etcd_tls_ca is not None or any(
+            e.strip().lower().startswith("https://") for e in self.etcd_endpoints
+        )
 
     def endpoint_or(self, component: str, endpoint: str = "generate") -> EndpointId:
         """``endpoint`` if one was configured, else the role's default in this namespace."""
@@ -388,6 +422,13 @@ def _conv_dyn_log(text: str) -> str:
     if len(bare) != 1:
         raise ValueError(f"expected a log level such as info or debug, got {text!r}")
     return _check_log_level(bare[0])
+
+
+def _file(text: str) -> str:
+    path = os.path.expanduser(text.strip())
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file {path!r}")
+    return path
 
 
 _DEFAULT = MeshConfig()
@@ -451,6 +492,14 @@ _OPTIONS: tuple[Flag, ...] = (
         default_text="off",
     ),
     Flag(
+        "admin_token",
+        non_empty("a token"),
+        None,
+        "TOKEN",
+        "token the system server's /engine/* routes require ('Authorization: Bearer TOKEN'); "
+        "unset: those routes are refused (pass it by environment, not on the command line)",
+    ),
+    Flag(
         "graceful_shutdown_grace_period",
         _conv_grace,
         _DEFAULT.graceful_shutdown_grace_period,
@@ -496,6 +545,31 @@ _OPTIONS: tuple[Flag, ...] = (
         "FORMAT",
         "log format: json (one object per line) or text",
     ),
+    Flag("nats_user", non_empty("a user name"), None, "USER", "NATS user (with --nats-password)"),
+    Flag(
+        "nats_password",
+        non_empty("a password"),
+        None,
+        "PASSWORD",
+        "NATS password (pass it by environment or --credentials, not on the command line)",
+    ),
+    Flag("nats_token", non_empty("a token"), None, "TOKEN", "NATS token authentication"),
+    Flag("nats_nkey_seed", _file, None, "FILE", "NATS nkey seed file (nkey authentication)"),
+    Flag("nats_creds", _file, None, "FILE", "NATS credentials file (JWT + nkey seed)"),
+    Flag("nats_tls_ca", _file, None, "FILE", "CA bundle that signs the NATS server's cert"),
+    Flag("nats_tls_cert", _file, None, "FILE", "client certificate for NATS (mutual TLS)"),
+    Flag("nats_tls_key", _file, None, "FILE", "private key of --nats-tls-cert"),
+    Flag("etcd_user", non_empty("a user name"), None, "USER", "etcd user (with --etcd-password)"),
+    Flag(
+        "etcd_password",
+        non_empty("a password"),
+        None,
+        "PASSWORD",
+        "etcd password (pass it by environment or --credentials, not on the command line)",
+    ),
+    Flag("etcd_tls_ca", _file, None, "FILE", "CA bundle that signs etcd's cert (implies TLS)"),
+    Flag("etcd_tls_cert", _file, None, "FILE", "client certificate for etcd (mutual TLS)"),
+    Flag("etcd_tls_key", _file, None, "FILE", "private key of --etcd-tls-cert"),
 )
 
 # The table must cover the dataclass exactly; a new field without a flag is a bug.
@@ -514,6 +588,48 @@ def add_mesh_args(parser: argparse.ArgumentParser) -> None:
         "mesh", "How this process joins the mesh. Precedence: flag > SGLMESH_* > reference env."
     )
     add_flags(group, _OPTIONS)
+    group.add_argument(
+        "--credentials",
+        dest="credentials",
+        metavar="FILE",
+        default=None,
+        help="a file of SGLMESH_*=value lines (e.g. the role files `sglmesh infra up` writes "
+        "under .run/credentials); its values count as environment variables, below the real "
+        "ones (env: SGLMESH_CREDENTIALS; default: none)",
+    )
+
+
+def read_credentials_file(path: str) -> dict[str, str]:
+    """``KEY=value`` lines (``export`` and quotes allowed, ``#`` comments); only SGLMESH_*
+    keys, so a credentials file cannot reconfigure anything else."""
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise MeshConfigError(f"--credentials {path}: {exc.strerror or exc}") from None
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.startswith("SGLMESH_"):
+            raise MeshConfigError(
+                f"--credentials {path}, line {number}: expected SGLMESH_NAME=value"
+            )
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def _with_credentials(ns: argparse.Namespace, env: Mapping[str, str]) -> Mapping[str, str]:
+    path = getattr(ns, "credentials", None) or env.get("SGLMESH_CREDENTIALS", "").strip()
+    if not path:
+        return env
+    return {**read_credentials_file(path), **env}
 
 
 def mesh_config_from_namespace(
@@ -530,7 +646,9 @@ def mesh_config_from_namespace(
     """
     try:
         try:
-            settings = resolve_flags(_OPTIONS, ns, env)
+            settings = resolve_flags(
+                _OPTIONS, ns, _with_credentials(ns, os.environ if env is None else env)
+            )
         except FlagError as exc:
             raise MeshConfigError(str(exc)) from None
 
@@ -571,7 +689,7 @@ def parse_mesh_args(
     parser should see ``--help``. Invalid values exit with status 2 and a message naming
     the flag (and the env var the value came from).
     """
-    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, add_help=add_help)
+    parser = OneLineParser(prog=prog, allow_abbrev=False, add_help=add_help)
     add_mesh_args(parser)
     ns, rest = parser.parse_known_args(None if argv is None else list(argv))
     return mesh_config_from_namespace(ns, env, parser=parser), rest

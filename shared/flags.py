@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     "FALSE_WORDS",
@@ -31,6 +31,7 @@ __all__ = [
     "Converter",
     "Flag",
     "FlagError",
+    "OneLineParser",
     "Setting",
     "add_flags",
     "flag_values",
@@ -219,3 +220,12 @@ def non_empty(what: str) -> Callable[[str], str]:
         return text.strip()
 
     return convert
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line naming the problem (and the flag),
+    ``prog: error: ... (see 'prog --help')``, instead of a usage block of dozens of lines
+    above the one line that matters. ``--help`` still prints everything."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

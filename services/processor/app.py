@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -41,6 +41,7 @@ from proto.request import PreprocessedRequest
 from proto.response import EngineOutput
 from services.processor import metrics
 from services.processor.args import ProcessorFlags
+from services.processor.connections import GuardedSite, server_ssl_context
 from services.processor.dispatch import Dispatcher
 from services.processor.embeddings import (
     EmbeddingDispatcher,
@@ -48,6 +49,7 @@ from services.processor.embeddings import (
     tokenize_inputs,
 )
 from services.processor.models import ModelRegistry, ServedModel
+from services.processor.offload import OffloadBusy, Offloader
 from services.processor.openapi import openapi_document
 from services.processor.respond import (
     EngineFailure,
@@ -58,6 +60,7 @@ from services.processor.respond import (
     completion_chunk,
     completion_response,
 )
+from shared.http_auth import bearer_token, token_matches
 from shared.router import BusyError
 from shared.runtime import DistributedRuntime, MeshError
 
@@ -72,6 +75,8 @@ _SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 _DONE = b"data: [DONE]\n\n"
+# Bodies larger than this are decoded, templated and tokenized on the preprocessing threads.
+_OFFLOAD_BYTES = 64 * 1024
 _encode = msgspec.json.Encoder().encode
 
 # Request-plane failures as HTTP statuses: the client's fault, a busy or absent worker
@@ -98,11 +103,14 @@ class _Failure(Exception):
         param: str | None = None,
         type_: str | None = None,
         retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.body = error_body(status, message, param=param, type_=type_)
-        self.headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+        self.headers = dict(headers or {})
+        if retry_after is not None:
+            self.headers["Retry-After"] = str(retry_after)
 
     def response(self) -> web.Response:
         return web.Response(
@@ -125,6 +133,10 @@ class ProcessorApp:
         self.dispatcher = dispatcher
         self.embedder = embedder or EmbeddingDispatcher(migration_limit=flags.migration_limit)
         self.inflight = 0
+        # Engine requests of the HTTP requests in flight (prompts x n each): what
+        # --max-inflight bounds.
+        self.engine_inflight = 0
+        self.offload = Offloader(flags.preprocess_threads, flags.preprocess_queue)
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -150,14 +162,40 @@ class ProcessorApp:
     async def start(self) -> None:
         # handler_cancellation: a client that disconnects cancels its handler, which cancels
         # the worker streams it reads.
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        flags = self.flags
+        ssl_context = (
+            server_ssl_context(flags.tls_cert, flags.tls_key)
+            if flags.tls_cert is not None and flags.tls_key is not None
+            else None
+        )
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=flags.idle_timeout,
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.flags.http_host, self.flags.http_port, backlog=4096)
+        site = GuardedSite(
+            self._runner,
+            flags.http_host,
+            flags.http_port,
+            header_timeout=flags.header_timeout,
+            ssl_context=ssl_context,
+            backlog=4096,
+        )
         await site.start()
-        server = site._server
-        if server is not None and server.sockets:  # type: ignore[attr-defined]
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        log.info("HTTP server listening", extra={"host": self.flags.http_host, "port": self.port})
+        self.port = site.port
+        log.info(
+            "HTTP server listening",
+            extra={
+                "host": flags.http_host,
+                "port": self.port,
+                "tls": ssl_context is not None,
+                "api_keys": len(flags.api_key),
+            },
+        )
+        if not flags.api_key:
+            log.warning("no --api-key: /v1/* answers anyone who can reach this port")
 
     async def drain(self, grace: float) -> None:
         """Refuse new requests (503, /health not ready), let in-flight ones finish."""
@@ -171,10 +209,26 @@ class ProcessorApp:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self.offload.close()
+
+    def _authorize(self, request: web.Request) -> None:
+        """401 unless the request carries one of the API keys (when any are set)."""
+        keys = self.flags.api_key
+        if keys and not token_matches(bearer_token(request.headers.get("Authorization")), keys):
+            metrics.rejected.labels("unauthorized").inc()
+            raise _Failure(
+                401,
+                "Missing or invalid API key: send 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     # -- small endpoints -----------------------------------------------------------------------
 
     async def list_models(self, request: web.Request) -> web.Response:
+        try:
+            self._authorize(request)
+        except _Failure as exc:
+            return exc.response()
         data = [
             ModelObject(id=name, created=model.created)
             for name, model in self.registry.served_names()
@@ -184,8 +238,9 @@ class ProcessorApp:
     async def get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
         try:
+            self._authorize(request)
             model = self.registry.lookup(name)
-        except RequestError as exc:
+        except (RequestError, _Failure) as exc:
             return self._failure(exc).response()
         body = _encode(ModelObject(id=name, created=model.created))
         return web.Response(body=body, content_type=_JSON)
@@ -202,6 +257,7 @@ class ProcessorApp:
             "status": "healthy" if ready else "unhealthy",  # "draining" below
             "models": models,
             "inflight": self.inflight,
+            "engine_inflight": self.engine_inflight,
             "nats": "connected" if self.runtime.nats.is_connected else "disconnected",
             "etcd": "healthy" if self.runtime.etcd.healthy else "unreachable",
         }
@@ -252,28 +308,26 @@ class ProcessorApp:
     ) -> web.StreamResponse:
         tracker = _Tracker(endpoint)
         try:
+            self._authorize(request)
             if self.draining or self.runtime.shutting_down:
                 metrics.rejected.labels("shutting_down").inc()
                 raise _Failure(
                     503, "The server is shutting down", retry_after=self.flags.retry_after
                 )
-            limit = self.flags.max_inflight
-            if limit and self.inflight >= limit:
-                metrics.rejected.labels("max_inflight").inc()
+            if request.content_type != _JSON:
+                # A browser may send a cross-site "simple" POST as text/plain without asking
+                # first: only a JSON content type (which needs a CORS preflight) is taken.
                 raise _Failure(
-                    503,
-                    f"The server is busy ({self.inflight} requests in flight); retry later",
-                    retry_after=self.flags.retry_after,
+                    415,
+                    f"Content-Type must be {_JSON}, got {request.content_type or 'none'!r}",
                 )
+            limit = self.flags.max_inflight
+            if limit and self.engine_inflight >= limit:
+                raise self._busy()
             self.inflight += 1
             self._idle.clear()
             try:
-                try:
-                    body = await request.read()
-                except web.HTTPRequestEntityTooLarge:
-                    raise _Failure(
-                        413, f"Request body is larger than {self.flags.max_body_bytes} bytes"
-                    ) from None
+                body = await self._read_body(request)
                 response = await run(request, body, tracker)
             finally:
                 self.inflight -= 1
@@ -298,14 +352,48 @@ class ProcessorApp:
         finally:
             tracker.finish()
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        flags = self.flags
+        try:
+            async with asyncio.timeout(flags.body_timeout):
+                return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _Failure(
+                413, f"Request body is larger than {flags.max_body_bytes} bytes"
+            ) from None
+        except TimeoutError:
+            metrics.rejected.labels("body_timeout").inc()
+            raise _Failure(
+                408, f"The request body did not arrive within {flags.body_timeout:g} s"
+            ) from None
+
+    def _busy(self) -> _Failure:
+        metrics.rejected.labels("max_inflight").inc()
+        return _Failure(
+            503,
+            f"The server is busy ({self.engine_inflight} engine requests in flight); retry later",
+            retry_after=self.flags.retry_after,
+        )
+
+    async def _prepare(self, large: bool, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` here, or on a preprocessing thread when the input is large."""
+        if not large:
+            return fn(*args)
+        try:
+            return await self.offload.run(fn, *args)
+        except OffloadBusy as exc:
+            metrics.rejected.labels("preprocess_queue").inc()
+            raise _Failure(503, str(exc), retry_after=self.flags.retry_after) from None
+
     async def _chat(
         self, request: web.Request, body: bytes, tracker: _Tracker
     ) -> web.StreamResponse:
-        req = decode_request(body, ChatCompletionRequest)
+        large = len(body) > _OFFLOAD_BYTES
+        req = await self._prepare(large, decode_request, body, ChatCompletionRequest)
         model = self._model(req.model, tracker)
         pre = model.preprocessor
         assert pre is not None
-        preq = pre.preprocess_chat(req)
+        preq = await self._prepare(large, pre.preprocess_chat, req)
         return await self._generate(
             request, tracker, model, req, [preq], chat=True, logprobs=req.logprobs
         )
@@ -313,11 +401,13 @@ class ProcessorApp:
     async def _completion(
         self, request: web.Request, body: bytes, tracker: _Tracker
     ) -> web.StreamResponse:
-        req = decode_request(body, CompletionRequest)
+        large = len(body) > _OFFLOAD_BYTES
+        req = await self._prepare(large, decode_request, body, CompletionRequest)
         model = self._model(req.model, tracker)
         pre = model.preprocessor
         assert pre is not None
-        preqs = pre.preprocess_completion(req)
+        self._check_cost(len(req.prompts()) * (req.n or 1))
+        preqs = await self._prepare(large, pre.preprocess_completion, req)
         return await self._generate(
             request, tracker, model, req, preqs, chat=False, logprobs=req.logprobs is not None
         )
@@ -335,6 +425,17 @@ class ProcessorApp:
         vectors = await self.embedder.embed(model, batches, req.dimensions)
         reply = embedding_response(req, req.model, vectors, tracker.prompt_tokens)
         return web.Response(body=_encode(reply), content_type=_JSON)
+
+    def _check_cost(self, cost: int) -> None:
+        """Refuse a request whose engine requests (prompts x n) can never be admitted."""
+        limit = self.flags.max_inflight
+        if limit and cost > limit:
+            raise _Failure(
+                400,
+                f"This request needs {cost} engine requests (prompts x n), more than this "
+                f"server runs at once ({limit}); split it",
+                param="n",
+            )
 
     def _model(self, name: str, tracker: _Tracker, *, embedding: bool = False) -> ServedModel:
         model = self.registry.lookup(name)
@@ -368,48 +469,62 @@ class ProcessorApp:
         except BusyError as exc:
             metrics.rejected.labels("busy").inc()
             raise _Failure(503, str(exc), retry_after=self.flags.retry_after) from None
-        n = req.n or 1
-        streams = _fan_out(preqs, n)
-        tracker.prompt_tokens = sum(len(p.token_ids) for p in preqs)
-        assembler = OutputAssembler(
-            pre,
-            [p.token_ids for p in streams],
-            prompt_tokens=tracker.prompt_tokens,
-            stop=req.stop_list(),
-            logprobs=logprobs,
-            keep_text=not req.stream,
-            cache_owners=range(0, len(streams), n),
-        )
-        prefix = "chatcmpl-" if chat else "cmpl-"
-        rid = prefix + uuid.uuid4().hex
-        created = int(time.time())
-        name = req.model
-        run = self.dispatcher.run
-        outputs = (
-            run(model, streams[0])
-            if len(streams) == 1
-            else _merge([run(model, p, i) for i, p in enumerate(streams)])
-        )
-        async with contextlib.aclosing(outputs):
-            # Errors before the first output propagate to `_serve`: a real HTTP status.
-            first = await anext(outputs, None)
-            if not req.stream:
-                return await self._unary(
-                    outputs, first, assembler, tracker, rid, created, name, chat, logprobs
-                )
-            return await self._stream(
-                request,
-                outputs,
-                first,
-                assembler,
-                tracker,
-                rid,
-                created,
-                name,
-                chat,
-                logprobs,
-                include_usage=req.include_usage(),
+        with self._admitted(len(preqs) * (req.n or 1)):
+            n = req.n or 1
+            streams = _fan_out(preqs, n)
+            tracker.prompt_tokens = sum(len(p.token_ids) for p in preqs)
+            assembler = OutputAssembler(
+                pre,
+                [p.token_ids for p in streams],
+                prompt_tokens=tracker.prompt_tokens,
+                stop=req.stop_list(),
+                logprobs=logprobs,
+                keep_text=not req.stream,
+                cache_owners=range(0, len(streams), n),
             )
+            prefix = "chatcmpl-" if chat else "cmpl-"
+            rid = prefix + uuid.uuid4().hex
+            created = int(time.time())
+            name = req.model
+            run = self.dispatcher.run
+            outputs = (
+                run(model, streams[0])
+                if len(streams) == 1
+                else _merge([run(model, p, i) for i, p in enumerate(streams)])
+            )
+            async with contextlib.aclosing(outputs):
+                # Errors before the first output propagate to `_serve`: a real HTTP status.
+                first = await anext(outputs, None)
+                if not req.stream:
+                    return await self._unary(
+                        outputs, first, assembler, tracker, rid, created, name, chat, logprobs
+                    )
+                return await self._stream(
+                    request,
+                    outputs,
+                    first,
+                    assembler,
+                    tracker,
+                    rid,
+                    created,
+                    name,
+                    chat,
+                    logprobs,
+                    include_usage=req.include_usage(),
+                )
+
+    @contextlib.contextmanager
+    def _admitted(self, cost: int) -> Iterator[None]:
+        """Count a request's engine requests (prompts x n) against --max-inflight."""
+        self._check_cost(cost)
+        limit = self.flags.max_inflight
+        if limit and self.engine_inflight + cost > limit:
+            raise self._busy()
+        self.engine_inflight += cost
+        try:
+            yield
+        finally:
+            self.engine_inflight -= cost
 
     def _failure(self, exc: BaseException) -> _Failure:
         if isinstance(exc, _Failure):

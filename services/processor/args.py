@@ -7,28 +7,48 @@ accepted as second twins.
 
 from __future__ import annotations
 
-import argparse
+import ipaddress
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from shared.config import MeshConfig, add_mesh_args, mesh_config_from_namespace
-from shared.flags import Flag, FlagError, add_flags, flag_values, float_converter, int_converter
+from shared.flags import (
+    Flag,
+    FlagError,
+    OneLineParser,
+    add_flags,
+    flag_values,
+    float_converter,
+    int_converter,
+    parse_bool,
+)
 from shared.router import KV_ROUTER_FLAGS, KvRouterConfig, RouterMode, kv_router_config
 
-__all__ = ["ProcessorConfig", "parse_processor_args"]
+__all__ = ["ProcessorConfig", "is_loopback", "parse_processor_args"]
 
 
 @dataclass(frozen=True)
 class ProcessorFlags:
-    http_host: str = "0.0.0.0"
+    http_host: str = "127.0.0.1"
     http_port: int = 8000
+    api_key: tuple[str, ...] = ()
+    allow_unauthenticated: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
     router_mode: RouterMode = RouterMode.KV
     max_inflight: int = 1024
     active_decode_blocks_threshold: float | None = None
     migration_limit: int = 3
+    migration_budget: float = 10.0
     max_body_bytes: int = 16 * 1024 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    preprocess_threads: int = 2
+    preprocess_queue: int = 64
+    model_root: tuple[str, ...] = ()
     custom_jinja_template: str | None = None
     retry_after: int = 1
 
@@ -38,6 +58,16 @@ class ProcessorConfig:
     mesh: MeshConfig
     flags: ProcessorFlags
     kv_router: KvRouterConfig
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (a loopback address or ``localhost``)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _port(text: str) -> int:
@@ -69,6 +99,32 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _api_keys(text: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not keys:
+        raise ValueError("expected one or more API keys, comma-separated")
+    short = [k for k in keys if len(k) < 16]
+    if short:
+        raise ValueError("an API key must have at least 16 characters")
+    return keys
+
+
+def _readable_file(text: str) -> str:
+    path = os.path.expanduser(text.strip())
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file {path!r}")
+    return path
+
+
+def _directories(text: str) -> tuple[str, ...]:
+    dirs = tuple(
+        os.path.realpath(os.path.expanduser(d.strip())) for d in text.split(",") if d.strip()
+    )
+    if not dirs:
+        raise ValueError("expected one or more directories, comma-separated")
+    return dirs
+
+
 def _template_file(text: str) -> str:
     path = os.path.expandvars(os.path.expanduser(text.strip()))
     if not os.path.isfile(path):
@@ -82,6 +138,16 @@ _FLAGS: tuple[Flag, ...] = (
          ("DYN_HTTP_HOST",)),
     Flag("http_port", _port, _D.http_port, "PORT", "HTTP port (0 picks a free one)",
          ("DYN_HTTP_PORT",)),
+    Flag("api_key", _api_keys, (), "KEY[,KEY...]",
+         "API keys clients must send as 'Authorization: Bearer KEY' on /v1/* (several "
+         "allowed, comma-separated; /health, /live, /metrics and /openapi.json stay open); "
+         "required unless --http-host is a loopback address or --allow-unauthenticated",
+         default_text="none"),
+    Flag("allow_unauthenticated", parse_bool, False, None,
+         "serve /v1/* without API keys on a non-loopback --http-host"),
+    Flag("tls_cert", _readable_file, None, "FILE",
+         "PEM certificate (chain) for HTTPS; needs --tls-key"),
+    Flag("tls_key", _readable_file, None, "FILE", "PEM private key of --tls-cert"),
     Flag("router_mode", _router_mode, _D.router_mode, "MODE",
          "how workers are chosen: kv (prefix cache and load), round-robin, random or "
          "least-loaded", ("DYN_ROUTER_MODE",)),
@@ -94,8 +160,25 @@ _FLAGS: tuple[Flag, ...] = (
     Flag("migration_limit", int_converter(0), _D.migration_limit, "N",
          "times a failed worker stream is resent to another worker (0: never)",
          ("DYN_MIGRATION_LIMIT",)),
+    Flag("migration_budget", float_converter(0.0), _D.migration_budget, "SECONDS",
+         "how long a request may wait, in all, for a worker or the transport to come back "
+         "(NATS restarting, no live worker) before it fails"),
     Flag("max_body_bytes", int_converter(1), _D.max_body_bytes, "BYTES",
          "largest request body accepted; larger ones get 413"),
+    Flag("header_timeout", float_converter(0.0, strict=True), _D.header_timeout, "SECONDS",
+         "a connection must send a request's headers within this time, or it is closed"),
+    Flag("body_timeout", float_converter(0.0, strict=True), _D.body_timeout, "SECONDS",
+         "a request's body must arrive within this time, or it gets 408"),
+    Flag("idle_timeout", float_converter(0.0, strict=True), _D.idle_timeout, "SECONDS",
+         "a keep-alive connection idle this long is closed"),
+    Flag("preprocess_threads", int_converter(1), _D.preprocess_threads, "N",
+         "threads that decode, template and tokenize large requests off the event loop"),
+    Flag("preprocess_queue", int_converter(1), _D.preprocess_queue, "N",
+         "large requests waiting for a preprocessing thread before new ones get 503"),
+    Flag("model_root", _directories, (), "DIR[,DIR...]",
+         "directories the processor may read model files (tokenizer, chat template) from; "
+         "a model card pointing elsewhere is refused",
+         default_text="the default model cache"),
     Flag("custom_jinja_template", _template_file, None, "FILE",
          "a chat template file used for every model instead of the model's own",
          ("DYN_CUSTOM_JINJA_TEMPLATE",)),
@@ -112,7 +195,7 @@ def parse_processor_args(
 ) -> ProcessorConfig:
     """Parse the whole command line; bad input exits 2 with one line naming the flag."""
     environ: Mapping[str, str] = os.environ if env is None else env
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog,
         allow_abbrev=False,
         description="The OpenAI-compatible HTTP ingress: templates and tokenizes requests, "
@@ -128,4 +211,11 @@ def parse_processor_args(
         kv = kv_router_config(flag_values(KV_ROUTER_FLAGS, ns, environ))
     except (FlagError, ValueError) as exc:
         parser.error(str(exc))
+    if (flags.tls_cert is None) != (flags.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together: give both or neither")
+    if not flags.api_key and not flags.allow_unauthenticated and not is_loopback(flags.http_host):
+        parser.error(
+            f"--http-host {flags.http_host} listens beyond this machine: give --api-key "
+            "(or SGLMESH_API_KEY), or say --allow-unauthenticated"
+        )
     return ProcessorConfig(mesh=mesh, flags=flags, kv_router=kv)

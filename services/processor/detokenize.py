@@ -168,6 +168,12 @@ class StopStringMatcher:
     right before the stop string (or right after it with ``include_stop``), everything after
     is discarded, and the matcher is done: later `feed` calls return ``("", None)`` and
     `flush` returns ``""``. `matched` keeps the stop string.
+
+    Cost: each stop runs a Knuth-Morris-Pratt automaton over the new text only (its failure
+    table is built once, linear in the stop's length), and while no prefix of a stop is
+    pending the scan jumps between occurrences of its first character with ``str.find``. So
+    memory is O(total stop length) and each chunk costs O(chunk + stop length) per stop,
+    whatever the stops are (a set of every prefix would be quadratic in a stop's length).
     """
 
     def __init__(self, stops: Sequence[str], *, include_stop: bool = False) -> None:
@@ -177,9 +183,9 @@ class StopStringMatcher:
             raise ValueError("stop strings must be non-empty")
         self._stops: tuple[str, ...] = tuple(dict.fromkeys(stops))
         self._include_stop = include_stop
-        self._max_hold = max((len(stop) for stop in self._stops), default=1) - 1
-        # Every proper, non-empty prefix of a stop: a held-back suffix must be one of these.
-        self._prefixes = frozenset(stop[:k] for stop in self._stops for k in range(1, len(stop)))
+        self._failure = [_failure_table(stop) for stop in self._stops]
+        # Per stop: how many of its leading characters the text so far ends with.
+        self._states = [0] * len(self._stops)
         self._held = ""
         self._matched: str | None = None
         self._done = False
@@ -201,11 +207,15 @@ class StopStringMatcher:
         if not self._stops:
             return text, None
         buf = self._held + text
-        best: tuple[int, int, str] | None = None  # (end, start, stop)
-        for stop in self._stops:
-            start = buf.find(stop)
-            if start >= 0:
-                candidate = (start + len(stop), start, stop)
+        offset = len(self._held)
+        best: tuple[int, int, str] | None = None  # (end, start, stop) in buf
+        states = self._states
+        for i, stop in enumerate(self._stops):
+            state, end = _advance(stop, self._failure[i], states[i], text)
+            states[i] = state
+            if end >= 0:
+                end += offset
+                candidate = (end, end - len(stop), stop)
                 if best is None or candidate[:2] < best[:2]:
                     best = candidate
         if best is not None:
@@ -214,11 +224,7 @@ class StopStringMatcher:
             self._matched = stop
             self._done = True
             return buf[: end if self._include_stop else start], stop
-        hold = 0
-        for k in range(min(self._max_hold, len(buf)), 0, -1):
-            if buf[-k:] in self._prefixes:
-                hold = k
-                break
+        hold = min(max(states), len(buf))
         self._held = buf[len(buf) - hold :]
         return buf[: len(buf) - hold], None
 
@@ -229,3 +235,41 @@ class StopStringMatcher:
         self._done = True
         held, self._held = self._held, ""
         return held
+
+
+def _failure_table(stop: str) -> list[int]:
+    """KMP's prefix function: ``table[i]`` is the length of the longest proper prefix of
+    ``stop[: i + 1]`` that is also its suffix."""
+    table = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        c = stop[i]
+        while k and stop[k] != c:
+            k = table[k - 1]
+        if stop[k] == c:
+            k += 1
+        table[i] = k
+    return table
+
+
+def _advance(stop: str, table: list[int], state: int, text: str) -> tuple[int, int]:
+    """Run ``stop``'s automaton from ``state`` over ``text``: ``(new state, end)`` where
+    ``end`` is the index just past the first full match in ``text``, or -1 (the state is
+    then the length of the longest prefix of ``stop`` that the text ends with)."""
+    first = stop[0]
+    length = len(stop)
+    i, n = 0, len(text)
+    while i < n:
+        if state == 0:
+            i = text.find(first, i)
+            if i < 0:
+                return 0, -1
+        c = text[i]
+        while state and stop[state] != c:
+            state = table[state - 1]
+        if stop[state] == c:
+            state += 1
+            if state == length:
+                return state, i + 1
+        i += 1
+    return state, -1

@@ -15,8 +15,20 @@ times out.
 
 Migration: when an attempt fails with a retryable error (the worker died, left, stopped, was
 overloaded, or NATS dropped the stream), the request is sent again to another worker with the
-tokens generated so far appended to the prompt and the token budget reduced by as many, up to
-``migration_limit`` times. The reader sees one uninterrupted stream. A request carries one
+tokens generated so far appended to the prompt and the token budget reduced by as many. The
+reader sees one uninterrupted stream. Two kinds of failure are told apart:
+
+- a worker that took the request and then failed it (died, drained, overloaded) costs one of
+  ``migration_limit`` attempts: a request that kills every worker it reaches must stop;
+- a blip of the transport (NATS down or just back, nobody on a subject yet, every instance
+  briefly out of routing after a reconnect) costs no attempt: the request waits, with backoff,
+  for the transport to come back, within ``migration_budget`` seconds from the first failure.
+  So a NATS restart of a few seconds fails nothing, while a mesh with no worker for the role
+  (the only prefill killed) still answers 503 at once.
+
+A disaggregated request whose prefill worker dies during the prefill or the KV transfer (the
+decode engine then aborts, waiting for KV that never comes) is re-run on another prefill
+worker, as long as no token reached the client. A request carries one
 choice (the processor fans ``n > 1`` out into single-choice requests): several choices could
 not be resumed as one prompt.
 """
@@ -26,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -34,7 +47,7 @@ import msgspec
 from proto.discovery import WorkerType
 from proto.plane import ErrorBody, ErrorCode
 from proto.request import BootstrapInfo, PreprocessedRequest, RoutingHints
-from proto.response import EngineOutput, KvCacheHit, PromptTokensDetails
+from proto.response import EngineOutput, FinishReason, KvCacheHit, PromptTokensDetails
 from services.processor import metrics
 from services.processor.models import ServedModel, WorkerPool
 from shared.router import (
@@ -47,8 +60,14 @@ from shared.router import (
 )
 from shared.router.bootstrap import choose_bootstrap_room
 from shared.router.hashing import block_hashes
-from shared.runtime import InvalidRequestError, MeshError, NoInstancesError, ResponseStream
-from shared.runtime.errors import RemoteError
+from shared.runtime import (
+    DistributedRuntime,
+    InvalidRequestError,
+    MeshError,
+    NoInstancesError,
+    ResponseStream,
+)
+from shared.runtime.errors import RemoteError, ResponderDeadError
 
 __all__ = ["RETRY_PAUSE", "Dispatcher", "NoWorkersError", "exhausted"]
 
@@ -56,6 +75,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 16
 RETRY_PAUSE = 0.05
+_BLIP_BACKOFF_MAX = 1.0
+# Failures that say nothing about the worker, only about the transport or discovery.
+_BLIP_CODES = (ErrorCode.TRANSPORT, ErrorCode.NO_RESPONDERS)
+_ABORTED = (FinishReason.CANCELLED, FinishReason.ERROR)
 
 
 class NoWorkersError(NoInstancesError):
@@ -79,7 +102,11 @@ class Dispatcher:
         busy_threshold: float | None = None,
         tracker: LoadTracker | None = None,
         kv_router: KvRouter | None = None,
+        runtime: DistributedRuntime | None = None,
+        migration_budget: float = 10.0,
     ) -> None:
+        self.runtime = runtime
+        self.migration_budget = migration_budget
         self.tracker = kv_router.tracker if kv_router is not None else (tracker or LoadTracker())
         # KV-aware placement of aggregated requests and prefill legs; decode legs and every
         # other mode go through the load-only selectors.
@@ -124,6 +151,8 @@ class Dispatcher:
         limit = self.migration_limit
         progress = _Progress()
         attempt = 0
+        first_failure: float | None = None
+        backoff = RETRY_PAUSE
         # Chosen once: a retry after the decode pool vanished must say so, not fall back to
         # an aggregated pool the model never had.
         disaggregated = model.disaggregated
@@ -141,6 +170,21 @@ class Dispatcher:
                     yield index, batch
                 return
             except MeshError as exc:
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                if self._is_blip(exc):
+                    remaining = self.migration_budget - (now - first_failure)
+                    if remaining <= 0 or (limit == 0 and not progress.generated and attempt):
+                        raise exhausted(exc, attempt, waited=now - first_failure) from exc
+                    metrics.migrations.labels(model.name, exc.code.value).inc()
+                    log.info(
+                        "waiting for the transport",
+                        extra={"model": model.name, "error": exc.code.value,
+                               "reason": exc.message, "remaining_s": round(remaining, 2)},
+                    )  # fmt: skip
+                    await self._wait_transport(min(backoff, remaining))
+                    backoff = min(backoff * 2, _BLIP_BACKOFF_MAX)
+                    continue
                 if not exc.retryable or attempt >= limit or isinstance(exc, NoWorkersError):
                     if attempt and exc.retryable:
                         raise exhausted(exc, attempt) from exc
@@ -159,6 +203,25 @@ class Dispatcher:
                         "generated": len(progress.generated),
                     },
                 )
+
+    def _is_blip(self, exc: MeshError) -> bool:
+        """A failure of the transport or discovery, not of a worker (see the module doc)."""
+        runtime = self.runtime
+        if runtime is None:
+            return False
+        if isinstance(exc, NoWorkersError):
+            # No live worker: a blip only while NATS is down or just back (instances are
+            # resubscribing); otherwise the role has no worker and the answer is a fast 503.
+            return runtime.reconnected_within(self.migration_budget)
+        return exc.code in _BLIP_CODES
+
+    async def _wait_transport(self, pause: float) -> None:
+        """Wait for NATS to be connected (up to ``pause``), or ``pause`` when it is."""
+        runtime = self.runtime
+        if runtime is not None and not runtime.nats.is_connected:
+            await runtime.wait_connected(pause)
+            return
+        await asyncio.sleep(pause)
 
     # -- aggregated ----------------------------------------------------------------------------
 
@@ -271,15 +334,21 @@ class Dispatcher:
             prefill_task = asyncio.create_task(
                 _read_prefill(prefill_stream, on_prefill_failure, prefill_active.finish)
             )
+            yielded = False
             try:
                 async for first in decode_stream:
                     rest = decode_stream.ready()
                     batch = [first, *rest] if rest else [first]
+                    if not yielded and any(o.finish_reason in _ABORTED for o in batch):
+                        # The decode engine gave up before the first token: if the prefill
+                        # died meanwhile, the request runs again on another prefill worker.
+                        await self._check_prefill(prefill.instance_id, prefill_task, progress)
                     decode_active.add_tokens(sum(len(o.token_ids) for o in batch))
                     if prefill_task.done() and not prefill_task.cancelled():
                         hit = prefill_task.result()
                         if hit is not None:
                             _set_cached(batch, hit.reused_tokens)
+                    yielded = True
                     yield batch
             except MeshError as exc:
                 if failed is None or exc is not failed:
@@ -295,6 +364,30 @@ class Dispatcher:
             for stream in (decode_stream, prefill_stream):
                 if stream is not None:
                     await stream.aclose()
+
+    async def _check_prefill(
+        self,
+        prefill_id: int,
+        prefill_task: asyncio.Task[KvCacheHit | None],
+        progress: _Progress,
+    ) -> None:
+        """Raise a retryable error if the prefill leg failed or its worker is dead."""
+        with contextlib.suppress(TimeoutError, Exception):
+            await asyncio.wait_for(asyncio.shield(prefill_task), 0.5)
+        failed = (
+            prefill_task.done()
+            and not prefill_task.cancelled()
+            and (prefill_task.exception() is not None or prefill_id in progress.excluded)
+        )
+        if not failed and self.runtime is not None:
+            failed = await self.runtime.probe(prefill_id) is False
+            if failed:
+                self.runtime.declare_dead(prefill_id, "prefill worker gone during the transfer")
+        if failed:
+            progress.excluded.add(prefill_id)
+            raise ResponderDeadError(
+                f"prefill worker {prefill_id:x} died during the prefill or the KV transfer"
+            )
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -418,7 +511,10 @@ def _handler_error(message: str) -> MeshError:
     return MeshError(message, code=ErrorCode.HANDLER_ERROR)
 
 
-def exhausted(exc: MeshError, attempts: int) -> MeshError:
+def exhausted(exc: MeshError, attempts: int, *, waited: float | None = None) -> MeshError:
     """The last retryable failure, made final: the caller must not retry it again."""
-    message = f"request failed after {attempts} migration attempt(s): {exc.message}"
+    if waited is not None:
+        message = f"request failed after waiting {waited:.1f} s for the mesh: {exc.message}"
+    else:
+        message = f"request failed after {attempts} migration attempt(s): {exc.message}"
     return RemoteError(ErrorBody(code=exc.code, message=message, retryable=False))

@@ -22,7 +22,11 @@ per ``(worker_id, dp_rank)`` and:
   not close the gap (no publisher knows the worker, or the batches are gone everywhere), the
   held batches are applied as they are (best effort, logged, ``stats.accepted_gaps``);
 - takes ``seq`` -1 (a publisher's reset marker: the engine restarted and numbers from 0
-  again) as "apply, then expect seq 0".
+  again) as "apply, then expect seq 0";
+- never adopts an absurd sequence number: a batch more than ``max_seq_jump`` past the last
+  one applied (a forged or corrupt message: engines number their batches one by one) is
+  dropped and the worker is re-synced from a snapshot, so one bad message cannot make the
+  feed discard the real events as duplicates ever after.
 
 With no publisher running, the feed still follows live events. Call :meth:`forget` when a
 worker leaves and you drop it from your index: if it comes back (a paused worker rejoining
@@ -75,6 +79,7 @@ class FeedStats:
     resyncs: int = 0  # snapshot requests made (the first included)
     resets: int = 0  # reset markers (engine restarts)
     accepted_gaps: int = 0  # gaps no snapshot could fill, applied anyway
+    absurd: int = 0  # batches dropped for an impossible jump in sequence
     loads: int = 0
     undecodable: int = 0
     callback_errors: int = 0
@@ -101,6 +106,7 @@ class KvEventsFeed:
         snapshot_timeout: float = 5.0,
         resync_interval: float = 1.0,
         max_held: int = 100_000,
+        max_seq_jump: int = 1_000_000,
     ) -> None:
         self.runtime = runtime
         self.on_events = on_events
@@ -110,6 +116,7 @@ class KvEventsFeed:
         self.snapshot_timeout = snapshot_timeout
         self.resync_interval = resync_interval
         self.max_held = max_held
+        self.max_seq_jump = max_seq_jump
         self.stats = FeedStats()
         self._kv_subject = f"{ns}.events.kv.*"
         self._load_subject = f"{ns}.events.load.*"
@@ -240,6 +247,9 @@ class KvEventsFeed:
             self.stats.duplicates += 1
             return
         expected = 0 if last is None else last + 1
+        if last is not None and seq - expected > self.max_seq_jump:
+            self._drop_absurd(message, expected)
+            return
         if seq > expected:
             self.stats.gaps += 1
             log.info(
@@ -257,6 +267,19 @@ class KvEventsFeed:
         self._apply(message)
         self._last[key] = seq
         self.stats.applied += 1
+
+    def _drop_absurd(self, message: KvEventsMessage, expected: int) -> None:
+        self.stats.absurd += 1
+        log.warning(
+            "kv events with an impossible sequence number dropped; re-syncing the worker",
+            extra={
+                "worker_id": f"{message.worker_id:x}",
+                "dp_rank": message.dp_rank,
+                "expected": expected,
+                "seq": message.seq,
+            },
+        )
+        self._schedule_resync(message.worker_id)
 
     def _apply(self, message: KvEventsMessage) -> None:
         try:
@@ -330,6 +353,14 @@ class KvEventsFeed:
                 continue
             first = min(m.seq for m in held)
             last = self._last.get(key)
+            if last is not None and first - last - 1 > self.max_seq_jump:
+                # Nothing known bridges it: drop what is absurdly far ahead, keep the rest.
+                kept = [m for m in held if m.seq - last - 1 <= self.max_seq_jump]
+                self.stats.absurd += len(held) - len(kept)
+                held[:] = kept
+                if not kept:
+                    continue
+                first = min(m.seq for m in kept)
             if first >= 0 and (last is None or first > last + 1):
                 self.stats.accepted_gaps += 1
                 log.warning(

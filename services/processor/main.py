@@ -14,6 +14,7 @@ from services.processor.dispatch import Dispatcher
 from services.processor.embeddings import EmbeddingDispatcher
 from services.processor.kv_events_feed import KvEventsFeed
 from services.processor.models import ModelRegistry
+from shared.model import default_cache_dir
 from shared.router import KvRouter, RouterMode
 from shared.runtime import DistributedRuntime
 from shared.runtime.service import Cleanup, ServiceMain, StartupError, run_service
@@ -45,7 +46,10 @@ def start_processor(config: ProcessorConfig) -> ServiceMain:
                 feed.forget(instance_id)
 
         registry = ModelRegistry(
-            runtime, custom_template=flags.custom_jinja_template, on_worker_left=worker_left
+            runtime,
+            custom_template=flags.custom_jinja_template,
+            model_roots=flags.model_root or (str(default_cache_dir()),),
+            on_worker_left=worker_left,
         )
         await registry.start()
         dispatcher = Dispatcher(
@@ -53,6 +57,8 @@ def start_processor(config: ProcessorConfig) -> ServiceMain:
             migration_limit=flags.migration_limit,
             busy_threshold=flags.active_decode_blocks_threshold,
             kv_router=router,
+            runtime=runtime,
+            migration_budget=flags.migration_budget,
         )
         app = ProcessorApp(flags, runtime, registry, dispatcher, embedder)
         try:

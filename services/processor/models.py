@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = ["ModelRegistry", "ServedModel", "WorkerPool"]
 
 log = logging.getLogger(__name__)
 
+_LOAD_FAILED = "its tokenizer or chat template could not be loaded (see the processor's log)"
 _SERVING_TYPES = (
     WorkerType.AGGREGATED,
     WorkerType.DECODE,
@@ -137,9 +138,11 @@ class ModelRegistry:
         runtime: DistributedRuntime,
         *,
         custom_template: str | None = None,
+        model_roots: Sequence[str] | None = None,
         on_worker_left: Callable[[int], None] | None = None,
     ) -> None:
         self._on_worker_left = on_worker_left
+        self._model_roots = model_roots
         self._runtime = runtime
         self._custom_template = custom_template
         self._watcher: PrefixWatcher[ModelCard] = PrefixWatcher(
@@ -189,7 +192,6 @@ class ModelRegistry:
                 f"The model {name!r} does not exist",
                 status=404,
                 param="model",
-                type_="NotFoundError",
             )
         model = self.models.get(canonical)
         if model is None:
@@ -253,11 +255,12 @@ class ModelRegistry:
             async with self._lock:
                 await self._load(model, pool, card)
         except PreprocessorLoadError as exc:
-            model.load_error = str(exc)
+            # The detail (file paths) goes to the log; clients get a reason without it.
+            model.load_error = _LOAD_FAILED
             log.error("cannot load model", extra={"model": model.name, "error": str(exc)})
-        except Exception as exc:
+        except Exception:
             log.exception("preparing model failed", extra={"model": model.name})
-            model.load_error = f"{type(exc).__name__}: {exc}"
+            model.load_error = _LOAD_FAILED
         self._changed.set()
 
     async def _load(self, model: ServedModel, pool: WorkerPool, card: ModelCard) -> None:
@@ -265,7 +268,10 @@ class ModelRegistry:
             pool.client = await self._client(card.endpoint or pool.endpoint)
         if model.preprocessor is None and model.load_error is None:
             model.preprocessor = await asyncio.to_thread(
-                ModelPreprocessor.from_card, card, custom_template=self._template_text()
+                ModelPreprocessor.from_card,
+                card,
+                custom_template=self._template_text(),
+                roots=self._model_roots,
             )
             log.info(
                 "model servable" if model.servable else "model loaded",

@@ -138,6 +138,21 @@ def _read_template_file(path: Path) -> str:
     return text
 
 
+def _confined(path_str: str, roots: Sequence[str] | None) -> Path:
+    path = Path(path_str).expanduser()
+    if roots is None:
+        return path
+    real = path.resolve()
+    for root in roots:
+        base = Path(root).resolve()
+        if real == base or base in real.parents:
+            return real
+    raise PreprocessorLoadError(
+        f"the model card names {path_str!r}, outside the allowed model roots "
+        f"({', '.join(roots)}; see --model-root)"
+    )
+
+
 def _eos_ids_from(config: Mapping[str, Any]) -> list[int]:
     value = config.get("eos_token_id")
     if isinstance(value, int):
@@ -179,6 +194,11 @@ class ModelPreprocessor:
         self.eos_token_ids = list(eos_token_ids)
         self.context_length = context_length
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        # The most characters one token stands for: a text longer than the context length
+        # times this cannot fit, and is refused before tokenizing it costs anything.
+        self.max_token_chars = max(
+            (len(t) for t in tokenizer.get_vocab(with_added_tokens=True)), default=1
+        )
         self._template_vars: dict[str, Any] = dict(special_tokens or {})
         self._template_vars.setdefault("bos_token", bos_token or "")
         self._template_vars.setdefault("eos_token", eos_token or "")
@@ -192,11 +212,20 @@ class ModelPreprocessor:
                 ) from exc
 
     @classmethod
-    def from_card(cls, card: ModelCard, *, custom_template: str | None = None) -> ModelPreprocessor:
+    def from_card(
+        cls,
+        card: ModelCard,
+        *,
+        custom_template: str | None = None,
+        roots: Sequence[str] | None = None,
+    ) -> ModelPreprocessor:
         """Load from the card's tokenizer directory (``tokenizer_path`` or ``model_path``).
 
-        ``custom_template`` is template *text*; it overrides every other source."""
-        directory = Path(card.tokenizer_path or card.model_path).expanduser()
+        ``custom_template`` is template *text*; it overrides every other source. A card comes
+        from the mesh, so every path in it must lie under one of ``roots`` (resolved, links
+        followed); anything else is a :class:`PreprocessorLoadError`, never read. ``None``
+        trusts every path (tests and tools that build cards themselves)."""
+        directory = _confined(card.tokenizer_path or card.model_path, roots)
         tokenizer_file = directory / "tokenizer.json"
         try:
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -212,7 +241,7 @@ class ModelPreprocessor:
         if template is None:
             for path_str in (card.custom_template_path, card.chat_template_path):
                 if path_str:
-                    template = _read_template_file(Path(path_str).expanduser())
+                    template = _read_template_file(_confined(path_str, roots))
                     break
         if template is None and (directory / _TEMPLATE_FILE).is_file():
             template = _read_template_file(directory / _TEMPLATE_FILE)
@@ -292,6 +321,16 @@ class ModelPreprocessor:
                 f"Chat template failed on these messages: {exc}", param="messages"
             ) from None
 
+    def check_length(self, text: str, param: str) -> None:
+        """Refuse, before tokenizing, a text too long to fit the context whatever it says."""
+        limit = self.context_length
+        if limit is not None and len(text) > limit * self.max_token_chars:
+            raise RequestError(
+                f"This model's maximum context length is {limit} tokens; your prompt has "
+                f"{len(text)} characters, far more than that many tokens can hold",
+                param=param,
+            )
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``. With special tokens, a BOS that ``text`` already starts
         with is not added a second time."""
@@ -312,7 +351,11 @@ class ModelPreprocessor:
     # -- requests -----------------------------------------------------------------------------
 
     def preprocess_chat(self, req: ChatCompletionRequest) -> PreprocessedRequest:
+        for message in req.messages:
+            if isinstance(message.content, str):
+                self.check_length(message.content, "messages")
         prompt = self.render_chat(req.messages, True, **(req.chat_template_kwargs or {}))
+        self.check_length(prompt, "messages")
         token_ids = self.encode(prompt, add_special_tokens=False)
         if not token_ids:
             raise RequestError("The prompt is empty", param="messages")
@@ -326,6 +369,7 @@ class ModelPreprocessor:
         for i, prompt in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             if isinstance(prompt, str):
+                self.check_length(prompt, param)
                 token_ids = self.encode(prompt, add_special_tokens=True) if prompt else []
             else:
                 token_ids = prompt

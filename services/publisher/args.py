@@ -20,6 +20,7 @@ from shared.config import MeshConfig, add_mesh_args, mesh_config_from_namespace
 from shared.flags import (
     Flag,
     FlagError,
+    OneLineParser,
     add_flags,
     flag_values,
     float_converter,
@@ -100,7 +101,7 @@ def parse_publisher_args(
 ) -> PublisherConfig:
     """Parse the whole command line; bad input exits 2 with one line naming the flag."""
     environ: Mapping[str, str] = os.environ if env is None else env
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog,
         allow_abbrev=False,
         description="Relays every engine on this node: KV events (gaps filled from the "

@@ -51,6 +51,7 @@ from shared.flags import (
     FALSE_WORDS,
     TRUE_WORDS,
     Flag,
+    OneLineParser,
     add_flags,
     flag_values,
     float_converter,
@@ -514,7 +515,7 @@ def _add_builtin_sglang_args(parser: argparse.ArgumentParser) -> None:
         group.add_argument(*names, **kwargs)
 
 
-class _BuiltinParser(argparse.ArgumentParser):
+class _BuiltinParser(OneLineParser):
     """Rewords "unrecognized arguments" so the user learns why the flag is unknown."""
 
     def error(self, message: str) -> NoReturn:
@@ -927,18 +928,18 @@ def parse_engine_args(
         raise EngineSelectionError("sglang.srt.server_args cannot be imported")
 
     # Our flags first, from their own parser, so SGLang's parser sees only its own flags.
-    mesh_parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, add_help=False)
+    mesh_parser = OneLineParser(prog=prog, allow_abbrev=False, add_help=False)
     add_engine_args(mesh_parser)
     engine_parser: argparse.ArgumentParser
     if server_args_cls is not None:
-        engine_parser = argparse.ArgumentParser(prog=prog, allow_abbrev=True, add_help=False)
+        engine_parser = OneLineParser(prog=prog, allow_abbrev=True, add_help=False)
         server_args_cls.add_cli_args(engine_parser)
     else:
         engine_parser = _BuiltinParser(prog=prog, allow_abbrev=False, add_help=False)
         _add_builtin_sglang_args(engine_parser)
 
     if "-h" in argv or "--help" in argv:
-        help_parser = argparse.ArgumentParser(
+        help_parser = OneLineParser(
             prog=prog,
             allow_abbrev=False,
             parents=[mesh_parser, engine_parser],

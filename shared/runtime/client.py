@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 128
+_REPROBE_INTERVAL = 0.5
 
 
 class RouterMode(enum.StrEnum):
@@ -196,6 +197,9 @@ class ResponseStream:
     async def _send_control(self, kind: ControlKind, value: int = 0) -> None:
         if self.instance_id is None:
             return
+        if self.instance_id == self._runtime.instance_id:
+            await self._runtime.handle_control(Control(self.request_id, kind, value))
+            return
         data = self._runtime.encoder.encode(Control(self.request_id, kind, value))
         with contextlib.suppress(Exception):
             await self._runtime.publish(control_subject(self.instance_id), data)
@@ -249,17 +253,59 @@ class Client:
         self._m_requests = metrics.client_requests_total.labels(self.name)
         self._ids: list[int] = []
         self._records: dict[int, InstanceRecord] = {}
+        # Instances found dead (no responders, silent) while their lease lives on: out of
+        # routing at once, back when a probe answers.
+        self._quarantined: dict[int, str] = {}
+        self._reprobe_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self._watcher.start()
 
     async def close(self) -> None:
+        if self._reprobe_task is not None:
+            self._reprobe_task.cancel()
         await self._watcher.close()
 
     # -- discovery ---------------------------------------------------------------------------
     def instances(self) -> list[InstanceRecord]:
-        """Instances that take new requests (draining ones excluded)."""
-        return [r for r in self._watcher.items.values() if r.instance_id not in self._draining]
+        """Instances that take new requests (draining and quarantined ones excluded)."""
+        return [
+            r
+            for r in self._watcher.items.values()
+            if r.instance_id not in self._draining and r.instance_id not in self._quarantined
+        ]
+
+    def quarantine(self, instance_id: int, why: str) -> None:
+        """Take an instance out of routing now (it died: no responders, or silent); a
+        background probe brings it back if it answers again."""
+        if instance_id in self._quarantined or not any(
+            r.instance_id == instance_id for r in self._watcher.items.values()
+        ):
+            return
+        self._quarantined[instance_id] = why
+        log.warning(
+            "instance out of routing",
+            extra={"endpoint": self.name, "instance_id": f"{instance_id:x}", "reason": why},
+        )
+        metrics.client_quarantines_total.labels(self.name).inc()
+        self._refresh_ids()
+        if self._reprobe_task is None or self._reprobe_task.done():
+            self._reprobe_task = asyncio.get_running_loop().create_task(self._reprobe())
+
+    async def _reprobe(self) -> None:
+        while self._quarantined:
+            await asyncio.sleep(_REPROBE_INTERVAL)
+            known = {r.instance_id for r in self._watcher.items.values()}
+            for iid in list(self._quarantined):
+                if iid not in known:
+                    del self._quarantined[iid]  # its lease expired: nothing to bring back
+                elif await self.runtime.probe(iid) is True:
+                    del self._quarantined[iid]
+                    log.info(
+                        "instance back in routing",
+                        extra={"endpoint": self.name, "instance_id": f"{iid:x}"},
+                    )
+                    self._refresh_ids()
 
     def instance_ids(self) -> list[int]:
         return list(self._ids)
@@ -342,7 +388,14 @@ class Client:
         self.streams.add(stream)
         data = rt.encoder.encode(RequestEnvelope(request_id, body, window))
         try:
-            await rt.publish(subject, data, reply=f"{rt.inbox}.{stream_id}")
+            local = rt.served_here(self.eid) if instance_id == rt.instance_id else None
+            if local is not None:
+                # A process calling itself (a worker's health canary): the request is handed
+                # over here, so no credential needs the right to call workers; the answer
+                # still comes back over NATS.
+                await local.deliver(data, f"{rt.inbox}.{stream_id}")
+            else:
+                await rt.publish(subject, data, reply=f"{rt.inbox}.{stream_id}")
         except Exception as exc:
             stream._finish()
             failed = TransportError(f"cannot publish to {subject}: {exc}")

@@ -248,6 +248,13 @@ class ServedEndpoint:
         with contextlib.suppress(Exception):
             await self.runtime.publish(reply, self.runtime.encoder.encode(frame))
 
+    async def deliver(self, data: bytes, reply: str) -> None:
+        """Take a request that did not come over NATS (the process calling itself)."""
+        if not self.serving:
+            await self._reject(reply, ErrorCode.NO_RESPONDERS, f"{self.name} is not serving")
+            return
+        await self._on_request(_LocalMessage(data, reply))
+
     async def _on_request(self, msg: Any) -> None:
         reply: str = msg.reply
         try:
@@ -347,6 +354,14 @@ class ServedEndpoint:
                 stream.ctx._stop(StopReason.CALLER_GONE)
                 raise asyncio.CancelledError from None
         await stream.flush_data()
+
+
+class _LocalMessage:
+    __slots__ = ("data", "reply")
+
+    def __init__(self, data: bytes, reply: str) -> None:
+        self.data = data
+        self.reply = reply
 
 
 class Endpoint:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import aetcd
 
 from shared.runtime import metrics
+from shared.runtime.etcd_client import EtcdAuth, EtcdClient, auth_enabled
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,13 @@ class EtcdSession:
         lease_ttl: int,
         *,
         request_timeout: float = 5.0,
+        auth: EtcdAuth | None = None,
     ) -> None:
         if not hostports:
             raise ValueError("at least one etcd endpoint is required")
         self._hostports = hostports
+        self._auth = auth or EtcdAuth()
+        self._warned = False
         self._endpoint_index = 0
         self._ttl = lease_ttl
         self._timeout = request_timeout
@@ -97,10 +101,25 @@ class EtcdSession:
             with contextlib.suppress(Exception):
                 await self._client.close()
         host, port = self._hostports[self._endpoint_index]
-        client = aetcd.Client(host=host, port=port, timeout=self._timeout, options=_GRPC_OPTIONS)
+        client = EtcdClient(
+            host, port, auth=self._auth, timeout=self._timeout, options=_GRPC_OPTIONS
+        )
         await client.connect()
         await client.status()  # connect() is lazy; this proves the server answers
         self._client = client
+        if self._auth.user is None:
+            if await auth_enabled(client):
+                raise PermissionError(
+                    "etcd requires authentication: give --etcd-user and --etcd-password "
+                    "(or --credentials FILE)"
+                )
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "etcd accepts anonymous clients: anyone who reaches it can read and "
+                    "change discovery",
+                    extra={"etcd": f"{host}:{port}"},
+                )
 
     def _rotate_endpoint(self) -> None:
         self._endpoint_index = (self._endpoint_index + 1) % len(self._hostports)
@@ -132,6 +151,8 @@ class EtcdSession:
                 )
                 if reply is None or reply.TTL <= 0:
                     await self._regrant()
+                else:
+                    await self._restore_missing()
                 if failing_since is not None:
                     log.info("etcd reachable again", extra={"lease_id": self._lease_id})
                 failing_since = None
@@ -165,6 +186,20 @@ class EtcdSession:
                 listener(self._lease_id)
             for k, v in self._registered.items():
                 await self.client.put(k, v, lease=self._lease_id)
+
+    async def _restore_missing(self) -> None:
+        """Write again any registered key that vanished while the lease lives (someone
+        deleted it): a live process must not drop out of discovery for good."""
+        async with self._lock:
+            for k, v in list(self._registered.items()):
+                current = await self.client.get(k)
+                if current is None or current.value != v or current.lease != self._lease_id:
+                    log.warning(
+                        "registration missing or changed in etcd; writing it again",
+                        extra={"key": k.decode(errors="replace")},
+                    )
+                    metrics.reregistrations_total.inc()
+                    await self.client.put(k, v, lease=self._lease_id)
 
     def remember(self, key: str, value: bytes) -> None:
         """Change the value a registered key gets on the next re-registration."""

@@ -52,3 +52,12 @@ lease_regrants_total = Counter(
     "sglmesh_etcd_lease_regrants_total", "Times the process lost its etcd lease and re-granted it"
 )
 nats_reconnects_total = Counter("sglmesh_nats_reconnects_total", "NATS reconnections")
+reregistrations_total = Counter(
+    "sglmesh_etcd_reregistrations_total",
+    "Times a registered key was found missing or changed while the lease lived, and rewritten",
+)
+client_quarantines_total = Counter(
+    "sglmesh_client_quarantines_total",
+    "Instances taken out of routing because they were found dead while their lease lived",
+    ["endpoint"],
+)

@@ -34,6 +34,7 @@ from shared.runtime.errors import (
     TransportError,
 )
 from shared.runtime.etcd import EtcdSession
+from shared.runtime.planes_auth import etcd_auth, nats_auth_options
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class DistributedRuntime:
         self.encoder = msgspec.msgpack.Encoder()
         self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
         self.nats = NATS()
-        self.etcd = EtcdSession(config.etcd_hostports(), config.lease_ttl)
+        self.etcd = EtcdSession(config.etcd_hostports(), config.lease_ttl, auth=etcd_auth(config))
         self.control_subject = control_subject(self.instance_id)
         self.inbox = ""
         self.server_streams: dict[str, ServerStream] = {}
@@ -72,11 +73,18 @@ class DistributedRuntime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._nats_warned = False
+        self._connecting = False
+        self._last_nats_error: Exception | None = None
+        self._probing: set[int] = set()
+        self._connected = asyncio.Event()
+        self._reconnected_at = -1e9
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, *, connect_timeout: float = 10.0) -> None:
         self.loop = asyncio.get_running_loop()
         await self._connect_nats(connect_timeout)
+        self._connected.set()
         self.inbox = self.nats.new_inbox()
         await self.nats.subscribe(f"{self.inbox}.*", cb=self._on_inbox)
         await self.nats.subscribe(self.control_subject, cb=self._on_control)
@@ -94,6 +102,15 @@ class DistributedRuntime:
 
     async def _connect_nats(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        # Until the first connection, failed attempts are summed up in one line at the end,
+        # not logged one by one.
+        self._connecting = True
+        try:
+            await self._first_connect(deadline)
+        finally:
+            self._connecting = False
+
+    async def _first_connect(self, deadline: float) -> None:
         while True:
             try:
                 # nats-py retries an unreachable server forever when reconnects are unlimited;
@@ -104,7 +121,10 @@ class DistributedRuntime:
                 if time.monotonic() >= deadline:
                     with contextlib.suppress(Exception):
                         await self.nats.close()
-                    reason = str(exc) or type(exc).__name__
+                    cause = self._last_nats_error or exc
+                    reason = str(cause) or type(cause).__name__
+                    if isinstance(cause, ConnectionRefusedError):
+                        reason = "connection refused; is it running? (`sglmesh infra up`)"
                     raise ConnectionError(
                         f"cannot reach NATS at {self.config.nats_url}: {reason}"
                     ) from exc
@@ -123,7 +143,15 @@ class DistributedRuntime:
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
             error_cb=self._on_nats_error,
+            **nats_auth_options(self.config),
         )
+        if not self._nats_warned and not self.nats._server_info.get("auth_required"):
+            self._nats_warned = True
+            log.warning(
+                "the NATS server accepts anonymous clients: anyone who reaches it can read "
+                "prompts and answers and call workers",
+                extra={"nats": str(self.nats.connected_url)},
+            )
 
     def request_shutdown(self) -> None:
         self.shutdown_event.set()
@@ -180,6 +208,13 @@ class DistributedRuntime:
         self.served.append(served)
         await served.start(register=register)
 
+    def served_here(self, eid: EndpointId) -> ServedEndpoint | None:
+        """The endpoint ``eid`` if this process serves it."""
+        for served in self.served:
+            if served.eid == eid:
+                return served
+        return None
+
     def add_drain_hook(self, hook: Callable[[float], Awaitable[None]]) -> None:
         """``await hook(grace)`` during shutdown, beside the endpoints' drain: for work that
         is not an endpoint (an HTTP server's requests) but needs the mesh to finish."""
@@ -231,6 +266,13 @@ class DistributedRuntime:
         loop = self.loop
         if loop is None or loop.is_closed() or self.nats.is_closed:
             return
+        if instance_id == self.instance_id:
+            ctl = Control(request_id, ControlKind.CANCEL)
+            if from_gc:
+                loop.call_soon_threadsafe(lambda: self.spawn(self.handle_control(ctl)))
+            else:
+                self.spawn(self.handle_control(ctl))
+            return
         data = self.encoder.encode(Control(request_id, ControlKind.CANCEL))
         subject = control_subject(instance_id)
         if from_gc:
@@ -251,6 +293,10 @@ class DistributedRuntime:
         if headers and headers.get("Status") == "503":
             if stream is not None:
                 stream._fail(NoRespondersError("no responders on the endpoint subject"))
+                if stream.instance_id is not None:
+                    # Nobody holds that instance's direct subject: it is gone (or, just
+                    # after a NATS restart, not back yet: the clients' re-probes tell).
+                    self.declare_dead(stream.instance_id, "no responders on its subject")
             return
         try:
             frame = _FRAME_DECODER.decode(msg.data)
@@ -272,6 +318,49 @@ class DistributedRuntime:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("undecodable control message", extra={"error": str(exc)})
             return
+        if ctl.kind is ControlKind.PING:
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await self.nats.publish(msg.reply, b"")
+            return
+        await self.handle_control(ctl)
+
+    async def probe(self, instance_id: int, timeout: float = 0.5) -> bool | None:
+        """Whether an instance is alive: True (it answered), False (NATS says nobody holds
+        its control subject: the process or its connection is gone), None (no answer in
+        time, or our own connection is down: unknown)."""
+        if instance_id == self.instance_id:
+            return True
+        if not self.nats.is_connected:
+            return None
+        data = self.encoder.encode(Control("", ControlKind.PING))
+        try:
+            await self.nats.request(control_subject(instance_id), data, timeout=timeout)
+        except nats.errors.NoRespondersError:
+            return False
+        except Exception:
+            return None
+        return True
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the NATS connection; True if it is up."""
+        if self.nats.is_connected:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        return self.nats.is_connected
+
+    def reconnected_within(self, seconds: float) -> bool:
+        """Whether the NATS connection came back less than ``seconds`` ago (instances may
+        still be resubscribing), or is down now."""
+        if not self.nats.is_connected:
+            return True
+        return time.monotonic() - self._reconnected_at < seconds
+
+    async def handle_control(self, ctl: Control) -> None:
+        """Apply a cancel or credit to one of this instance's streams. A process calling its
+        own endpoint (a worker's health canary) is served here without NATS, so its
+        credentials need no right to publish on control subjects."""
         stream = self.server_streams.get(ctl.request_id)
         if stream is None:
             return
@@ -284,6 +373,9 @@ class DistributedRuntime:
         hb = self.config.heartbeat_interval
         timeout = self.config.stream_timeout
         period = min(hb / 2, timeout / 4)
+        # A stream silent for two heartbeats gets its instance probed: a killed process is
+        # known dead (NATS: no responders) in about a second, not after --stream-timeout.
+        suspect_after = min(2 * hb, timeout)
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
@@ -291,15 +383,39 @@ class DistributedRuntime:
                 if now - stream.last_send >= hb:
                     with contextlib.suppress(Exception):
                         await stream.send(FrameKind.HEARTBEAT)
+            suspects: set[int] = set()
             for cstream in list(self.client_streams.values()):
-                if now - cstream.last_recv > timeout:
+                silent = now - cstream.last_recv
+                if silent > timeout:
                     cstream._fail(
                         ResponderDeadError(f"no frame from the responder for {timeout:g} s")
                     )
+                elif silent > suspect_after and cstream.instance_id is not None:
+                    suspects.add(cstream.instance_id)
+            for iid in suspects - self._probing:
+                self._probing.add(iid)
+                self.spawn(self._check_suspect(iid))
+
+    async def _check_suspect(self, instance_id: int) -> None:
+        try:
+            if await self.probe(instance_id) is False:
+                self.declare_dead(instance_id, "it is gone from NATS (no responders)")
+        finally:
+            self._probing.discard(instance_id)
+
+    def declare_dead(self, instance_id: int, why: str) -> None:
+        """Fail every stream served by ``instance_id`` (retryable) and take it out of every
+        client's routing set now, not when its lease expires."""
+        for stream in list(self.client_streams.values()):
+            if stream.instance_id == instance_id:
+                stream._fail(ResponderDeadError(f"instance {instance_id:x} died: {why}"))
+        for client in self.clients:
+            client.quarantine(instance_id, why)
 
     async def _on_disconnected(self) -> None:
-        if self.shutting_down:
+        if self.shutting_down or self._connecting:
             return
+        self._connected.clear()
         log.warning("NATS disconnected; failing in-flight streams")
         for stream in list(self.client_streams.values()):
             stream._fail(TransportError("NATS connection lost"))
@@ -308,10 +424,15 @@ class DistributedRuntime:
             served.stop_all(StopReason.TRANSPORT)
 
     async def _on_reconnected(self) -> None:
+        self._reconnected_at = time.monotonic()
+        self._connected.set()
         metrics.nats_reconnects_total.inc()
         log.info("NATS reconnected", extra={"url": str(self.nats.connected_url)})
 
     async def _on_nats_error(self, exc: Exception) -> None:
+        if self._connecting:
+            self._last_nats_error = exc
+            return
         if isinstance(exc, nats.errors.SlowConsumerError):
             log.warning("NATS slow consumer", extra={"subject": exc.subject})
         else:

@@ -4,6 +4,11 @@ Off unless ``--system-port`` is given, like the reference's ``DYN_SYSTEM_PORT``.
 ready only when every served endpoint is subscribed and registered and both NATS and etcd are
 reachable; ``/live`` fails only once the process is shutting down, so an orchestrator restarts
 a wedged process but not one that is merely waiting for etcd.
+
+``/health``, ``/live`` and ``/metrics`` are open (probes and scrapers); every route a service
+adds (``/engine/*``: control, and cache contents, which are other users' prompt tokens) needs
+``Authorization: Bearer <--admin-token>``, and is refused outright while no token is set. The
+server binds 127.0.0.1 unless ``--system-host`` says otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from shared.http_auth import bearer_token, token_matches
 from shared.runtime.runtime import DistributedRuntime
 
 RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -40,6 +46,18 @@ class SystemServer:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         handler = self._routes.get((request.method, request.path))
         if handler is not None:
+            token = self.runtime.config.admin_token
+            if token is None:
+                return web.json_response(
+                    {"status": "error", "message": f"{request.path} is disabled: no --admin-token"},
+                    status=403,
+                )
+            if not token_matches(bearer_token(request.headers.get("Authorization")), [token]):
+                return web.json_response(
+                    {"status": "error", "message": "missing or wrong admin token"},
+                    status=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
             return await handler(request)
         if any(path == request.path for _, path in self._routes):
             return web.json_response(

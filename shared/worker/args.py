@@ -25,7 +25,15 @@ from shared.engine.args import (
     parse_engine_args,
 )
 from shared.engine.registry import resolve
-from shared.flags import TRUE_WORDS, Flag, FlagError, add_flags, flag_values, float_converter
+from shared.flags import (
+    TRUE_WORDS,
+    Flag,
+    FlagError,
+    OneLineParser,
+    add_flags,
+    flag_values,
+    float_converter,
+)
 
 AGGREGATED = "aggregated"
 DECODE = "decode"
@@ -208,11 +216,11 @@ def parse_worker_args(
     """
     environ: Mapping[str, str] = os.environ if env is None else env
     args = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, add_help=False)
+    parser = OneLineParser(prog=prog, allow_abbrev=False, add_help=False)
     add_mesh_args(parser)
     add_worker_args(parser)
     if "-h" in args or "--help" in args:
-        helper = argparse.ArgumentParser(
+        helper = OneLineParser(
             prog=prog,
             parents=[parser],
             allow_abbrev=False,

@@ -27,7 +27,7 @@ from shared.engine.args import EngineArgs
 from shared.engine.protocol import Engine, EngineInfo
 from shared.engine.registry import create_engine
 from shared.runtime import DistributedRuntime
-from shared.runtime.endpoint import Context
+from shared.runtime.endpoint import Context, ServedEndpoint
 from shared.runtime.service import Cleanup, StartupError, run_service
 from shared.runtime.system_server import SystemServer
 from shared.worker.args import WorkerConfig
@@ -134,6 +134,24 @@ def worker_main(config: WorkerConfig, role: WorkerRole[E]) -> int:
 
         handler = role.handler(engine, config, metrics)
         eid = config.endpoint
+        served: ServedEndpoint | None = None
+        canary: Canary | None = None
+
+        async def leave() -> None:
+            if canary is not None:
+                canary.suspend()
+            if served is not None:
+                await served.unregister()
+
+        async def rejoin() -> None:
+            if served is not None:
+                await served.register()
+            if canary is not None:
+                canary.resume()
+
+        # Before the endpoint is served: once /health says ready, the routes answer too.
+        if system is not None and role.engine_routes:
+            register_engine_routes(system, cast(Engine, engine), leave=leave, rejoin=rejoin)
         try:
             served = await runtime.endpoint(eid).serve(
                 handler.generate,
@@ -151,7 +169,6 @@ def worker_main(config: WorkerConfig, role: WorkerRole[E]) -> int:
             await engine.shutdown()
             raise StartupError(f"registration failed: {exc}") from exc
 
-        canary: Canary | None = None
         if config.worker.health_check and role.canary is not None:
             canary = Canary(
                 runtime,
@@ -162,18 +179,6 @@ def worker_main(config: WorkerConfig, role: WorkerRole[E]) -> int:
             )
             canary.start()
 
-        async def leave() -> None:
-            if canary is not None:
-                canary.suspend()
-            await served.unregister()
-
-        async def rejoin() -> None:
-            await served.register()
-            if canary is not None:
-                canary.resume()
-
-        if system is not None and role.engine_routes:
-            register_engine_routes(system, cast(Engine, engine), leave=leave, rejoin=rejoin)
         log.info(
             "worker serving",
             extra={"role": config.role, "endpoint": str(eid), "model": model,

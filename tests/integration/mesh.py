@@ -19,6 +19,10 @@ from shared.runtime import DistributedRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# Every child process the tests start gets it (mesh_flags), so /engine/* routes answer them.
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
 
 def make_config(nats: NatsServer, etcd: EtcdServer, **overrides: Any) -> MeshConfig:
     base = MeshConfig(
@@ -29,6 +33,7 @@ def make_config(nats: NatsServer, etcd: EtcdServer, **overrides: Any) -> MeshCon
         heartbeat_interval=0.2,
         stream_timeout=1.0,
         graceful_shutdown_grace_period=5.0,
+        admin_token=ADMIN_TOKEN,
     )
     return dataclasses.replace(base, **overrides)
 
@@ -55,6 +60,7 @@ def mesh_flags(cfg: MeshConfig, *, grace: float | None = None) -> list[str]:
         "--heartbeat-interval", str(cfg.heartbeat_interval),
         "--graceful-shutdown-grace-period", str(period),
         "--log-format", "text",
+        "--admin-token", ADMIN_TOKEN,
     ]  # fmt: skip
 
 

@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ import aiohttp
 
 from shared.config import MeshConfig
 from shared.infra import EtcdServer, NatsServer, free_port
+from shared.model import default_cache_dir
 from tests.integration.mesh import ROOT, make_config, mesh_flags
 
 __all__ = [
@@ -223,6 +225,9 @@ class Processor(_Process):
             *mesh_flags(cfg),
             "--http-host", "127.0.0.1",
             "--http-port", str(self.http_port),
+            # Test models live in pytest's temp directories.
+            *([] if "--model-root" in flags else [
+                "--model-root", f"{tempfile.gettempdir()},{default_cache_dir()}"]),
             *flags,
         ]  # fmt: skip
         super().__init__(f"{name}-{self.http_port}", args, log_dir)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -191,11 +193,30 @@ def test_run_serves_chat_then_stop_leaves_nothing(dev: Dev, mode: str) -> None:
     )
     assert answer["choices"][0]["message"]["content"] == "The capital of France is Paris."
 
+    # Supervised: the processor killed with SIGKILL comes back by itself, and says so.
+    supervisor = next(p["pid"] for p in state["processes"] if p["name"] == "processor")
+    child = int(Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()[0])
+    os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if _post_json(url, {**body, "stream": False, "max_tokens": 2}):
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, (dev.run_dir / "processor.log").read_text()[-3000:]
+        time.sleep(0.2)
+    assert "was killed by SIGKILL" in (dev.run_dir / "processor.log").read_text()
+    # Credentials on every plane: anonymous NATS is refused.
+    with socket.create_connection(("127.0.0.1", dev.nats_port), timeout=5) as sock:
+        info = sock.recv(4096)
+    assert b'"auth_required":true' in info, info
+
     # Embeddings beside chat: the printed embeddings line, sent as printed.
     line = next(x for x in started.stdout.splitlines() if "/v1/embeddings" in x)
     words = shlex.split(line.strip())
-    url = next(w for w in words if w.startswith("http://"))
-    answer = json.loads(_post_json(url, json.loads(words[words.index("-d") + 1])))
+    embed_url = next(w for w in words if w.startswith("http://"))
+    answer = json.loads(_post_json(embed_url, json.loads(words[words.index("-d") + 1])))
     assert [len(d["embedding"]) for d in answer["data"]] == [384, 384]
 
     # A second run while this one is up refuses, starts nothing, and says what to do.

@@ -156,7 +156,9 @@ async def test_stream_equals_unary_and_ends_with_a_usage_chunk(
         extra_body=IGNORE_EOS,
     )
     chunks = [chunk async for chunk in stream]
-    assert len(chunks) >= 3
+    # At least one content chunk and the usage chunk: a fast simulated engine may deliver all
+    # 40 tokens before the first write, which then go out as one event.
+    assert len(chunks) >= 2
     assert chunks[0].choices[0].delta.role == "assistant"
     *content, last = chunks
     assert last.choices == [] and last.usage is not None  # the usage chunk comes last

@@ -39,22 +39,19 @@ from shared.model import make_test_tokenizer
 from shared.router.hashing import block_hashes
 from shared.router.kv_index import KvIndex
 from shared.runtime import Client, DistributedRuntime
-from tests.integration.mesh import ROOT, make_config, mesh_flags, runtime
+from tests.integration.mesh import ADMIN_HEADERS, ROOT, make_config, mesh_flags, runtime
 
 PAGE = 16
-
-
-def _log_path(name: str) -> Path:
-    return Path(os.environ.get("TMPDIR", "/tmp")) / f"{name}.log"
 
 
 class Proc:
     """A mesh process with its system server on a known port."""
 
     def __init__(self, name: str, argv: list[str]) -> None:
-        self.system_port = free_port()
+        self.system_port = _fresh_port()
         self.base = f"http://127.0.0.1:{self.system_port}"
-        self.log = open(_log_path(f"{name}-{self.system_port}"), "w+")  # noqa: SIM115
+        # Unnamed: the log is gone with the handle, nothing is left in the temp directory.
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in close()
         self.argv = [*argv, "--system-host", "127.0.0.1", "--system-port", str(self.system_port)]
         # Its own temp dir: the engine's metrics ipc socket lives there, not in /tmp.
         self.tmp = tempfile.mkdtemp(prefix="sglmesh-")
@@ -81,7 +78,10 @@ class Proc:
                 await asyncio.sleep(0.05)
 
     async def get(self, path: str) -> Any:
-        async with aiohttp.ClientSession() as http, http.get(f"{self.base}{path}") as resp:
+        async with (
+            aiohttp.ClientSession(headers=ADMIN_HEADERS) as http,
+            http.get(f"{self.base}{path}") as resp,
+        ):
             assert resp.status == 200, await resp.text()
             return await resp.json() if path != "/metrics" else await resp.text()
 
@@ -105,11 +105,24 @@ class Proc:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+# Ports handed out in this module: free_port() alone can return a port handed out a moment
+# ago that nobody has bound yet (a worker's system port landed on another's KV port).
+_TAKEN: set[int] = set()
+
+
+def _fresh_port() -> int:
+    while True:
+        port = free_port()
+        if port not in _TAKEN:
+            _TAKEN.add(port)
+            return port
+
+
 def _consecutive_ports(n: int) -> int:
     """A base port with ``n`` free ports from it (SGLang offsets the KV port by DP rank)."""
     for _ in range(100):
         base = free_port()
-        ok = True
+        ok = not _TAKEN.intersection(range(base, base + 2 * n))
         for port in range(base, base + 2 * n):
             with socket.socket() as sock:
                 try:
@@ -118,6 +131,7 @@ def _consecutive_ports(n: int) -> int:
                     ok = False
                     break
         if ok:
+            _TAKEN.update(range(base, base + 2 * n))
             return base
     raise RuntimeError("no run of free ports")
 

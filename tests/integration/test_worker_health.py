@@ -27,7 +27,7 @@ from shared.runtime import Client, Context, DistributedRuntime, ServedEndpoint
 from shared.runtime.system_server import SystemServer
 from shared.worker.engine_routes import ENGINE_ROUTES, register_engine_routes
 from shared.worker.health import Canary, canary_payload
-from tests.integration.mesh import make_config, runtime
+from tests.integration.mesh import ADMIN_HEADERS, make_config, runtime
 
 
 class Switchable:
@@ -326,7 +326,7 @@ async def test_engine_routes_drive_discovery_and_the_canary(
         canary.start()
         base = f"http://127.0.0.1:{system.port}/engine"
         try:
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(headers=ADMIN_HEADERS) as http:
 
                 async def post(path: str, data: Any = b"") -> tuple[int, dict[str, Any]]:
                     async with http.post(f"{base}/{path}", data=data) as resp:

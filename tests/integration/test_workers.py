@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,7 +24,7 @@ from shared.config import MeshConfig
 from shared.infra import EtcdServer, NatsServer, free_port
 from shared.model import make_test_tokenizer
 from shared.runtime import Client, DistributedRuntime, MeshError
-from tests.integration.mesh import ROOT, make_config, mesh_flags, runtime
+from tests.integration.mesh import ADMIN_HEADERS, ROOT, make_config, mesh_flags, runtime
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,8 @@ class Worker:
             "--system-port", str(self.system_port),
             *flags,
         ]  # fmt: skip
-        self.log = open(  # noqa: SIM115 - closed in stop()
-            Path(os.environ.get("TMPDIR", "/tmp")) / f"worker-{self.system_port}.log", "w+"
-        )
+        # Unnamed: the log is gone with the handle, nothing is left in the temp directory.
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self.log, stderr=self.log)
         self.base = f"http://127.0.0.1:{self.system_port}"
 
@@ -72,13 +71,16 @@ class Worker:
                 await asyncio.sleep(0.1)
 
     async def get(self, path: str) -> tuple[int, Any]:
-        async with aiohttp.ClientSession() as http, http.get(f"{self.base}{path}") as resp:
+        async with (
+            aiohttp.ClientSession(headers=ADMIN_HEADERS) as http,
+            http.get(f"{self.base}{path}") as resp,
+        ):
             body = await resp.json() if path != "/metrics" else await resp.text()
             return resp.status, body
 
     async def post(self, path: str, body: Any = None) -> tuple[int, Any]:
         async with (
-            aiohttp.ClientSession() as http,
+            aiohttp.ClientSession(headers=ADMIN_HEADERS) as http,
             http.post(f"{self.base}{path}", json=body or {}) as resp,
         ):
             return resp.status, await resp.json()
@@ -355,6 +357,19 @@ async def test_paused_worker_is_not_ready_and_out_of_discovery(
     assert len(token_ids(await collect(client, request([5, 6, 7], 3)))) == 3
 
 
+def test_nats_down_at_start_is_one_line_with_a_hint(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sglmesh", "worker", "--engine", "sim",
+         "--model-path", str(tmp_path), "--nats-url", "nats://127.0.0.1:1", "--log-format",
+         "text"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) <= 3, lines  # it was 40 JSON lines over 10 s
+    assert "cannot reach NATS" in lines[-1] and "sglmesh infra up" in lines[-1], lines
+
+
 def test_bad_flags_fail_at_once_with_one_clear_line(tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -368,6 +383,9 @@ def test_bad_flags_fail_at_once_with_one_clear_line(tmp_path: Path) -> None:
     bad = run("--engine", "sim", "--model-path", str(tmp_path), "--page-size", "0")
     assert bad.returncode == 2 and "--page-size" in bad.stderr
     assert "Traceback" not in bad.stderr
+    # One line, no usage block, and it names the command the user typed.
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert bad.stderr.startswith("sglmesh worker: error:"), bad.stderr
     unknown = run("--engine", "sim", "--model-path", str(tmp_path), "--no-such-flag", "1")
     assert unknown.returncode == 2 and "--no-such-flag" in unknown.stderr
     encode = run("--multimodal-encode-worker")

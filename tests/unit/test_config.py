@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -110,14 +111,28 @@ EXPECTED_FIELDS = {
     "etcd_endpoints": ["http://127.0.0.1:2379"],
     "endpoint": None,
     "lease_ttl": 10,
-    "system_host": "0.0.0.0",
+    "system_host": "127.0.0.1",
     "system_port": None,
+    "admin_token": None,
     "graceful_shutdown_grace_period": 5.0,
-    "heartbeat_interval": 1.0,
+    "heartbeat_interval": 0.5,
     "stream_timeout": 5.0,
     "engine_request_limit": 0,
     "log_level": "info",
     "log_format": "json",
+    "nats_user": None,
+    "nats_password": None,
+    "nats_token": None,
+    "nats_nkey_seed": None,
+    "nats_creds": None,
+    "nats_tls_ca": None,
+    "nats_tls_cert": None,
+    "nats_tls_key": None,
+    "etcd_user": None,
+    "etcd_password": None,
+    "etcd_tls_ca": None,
+    "etcd_tls_cert": None,
+    "etcd_tls_key": None,
 }
 
 
@@ -166,7 +181,7 @@ def test_mesh_config_normalises() -> None:
         ({"system_port": 70000}, "port"),
         ({"graceful_shutdown_grace_period": float("nan")}, "graceful"),
         ({"heartbeat_interval": 0}, "heartbeat_interval"),
-        ({"stream_timeout": 1.0}, "stream_timeout"),
+        ({"stream_timeout": 0.5}, "stream_timeout"),
         ({"heartbeat_interval": 6.0}, "stream_timeout"),
         ({"stream_timeout": float("inf")}, "stream_timeout"),
         ({"engine_request_limit": -1}, "engine_request_limit"),
@@ -510,7 +525,7 @@ BAD_VALUES: list[tuple[list[str], dict[str, str], list[str]]] = [
     (["--endpoint", "a.*.c"], {}, ["--endpoint", "'a.*.c'"]),
     (["--system-port", "70000"], {}, ["--system-port", "70000"]),
     (["--system-port", "http"], {}, ["--system-port", "'http'"]),
-    (["--stream-timeout", "1"], {}, ["--stream-timeout", "--heartbeat-interval"]),
+    (["--stream-timeout", "0.5"], {}, ["--stream-timeout", "--heartbeat-interval"]),
     (
         ["--heartbeat-interval", "2", "--stream-timeout", "1.5"],
         {},
@@ -593,7 +608,8 @@ def test_help_names_every_flag_env_var_and_default(capsys: pytest.CaptureFixture
         "DYN_LOG",
     ):
         assert var in out
-    assert flat.count("default:") == len(EXPECTED_FIELDS)
+    # One default per field, and one for --credentials.
+    assert flat.count("default:") == len(EXPECTED_FIELDS) + 1
     assert "default: nats://127.0.0.1:4222" in flat
 
 
@@ -766,3 +782,39 @@ def test_warnings_are_logged(capsys: pytest.CaptureFixture[str]) -> None:
 def test_configure_logging_rejects_unknown(level: str, fmt: str) -> None:
     with pytest.raises(ValueError):
         configure_logging(level, fmt)
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    cfg = MeshConfig(
+        nats_user="u", nats_password="nats-secret", etcd_user="e", etcd_password="etcd-secret",
+        nats_token="tok-secret", admin_token="admin-secret",
+    )  # fmt: skip
+    assert "secret" not in repr(cfg)
+
+
+def test_credentials_file_counts_as_environment(tmp_path: Path) -> None:
+    creds = tmp_path / "worker.env"
+    creds.write_text(
+        "# written by sglmesh infra up\n"
+        "export SGLMESH_NATS_USER=worker\n"
+        "SGLMESH_NATS_PASSWORD='p w'\n"
+        "SGLMESH_LEASE_TTL=7\n"
+    )
+    cfg, _ = parse_mesh_args(["--credentials", str(creds)], env={"SGLMESH_LEASE_TTL": "3"})
+    assert (cfg.nats_user, cfg.nats_password) == ("worker", "p w")
+    assert cfg.lease_ttl == 3  # the real environment wins over the file
+    cfg, _ = parse_mesh_args([], env={"SGLMESH_CREDENTIALS": str(creds)})
+    assert cfg.nats_user == "worker"
+
+
+def test_credentials_file_errors_name_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.env"
+    bad.write_text("PATH=/evil\n")
+    with pytest.raises(SystemExit):
+        parse_mesh_args(["--credentials", str(bad)], env={})
+    assert "--credentials" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_mesh_args(["--credentials", str(tmp_path / "missing")], env={})
+    assert "--credentials" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from sglmesh.cli import COMMANDS
 from sglmesh.cli import main as cli_main
 from shared.config import MeshConfig
 from shared.embedding_model import EMBEDDING_MODEL_NAME
+from shared.infra_auth import ensure_credentials
 from shared.model import DEFAULT_MODEL_NAME
 from shared.worker.args import PREFILL, parse_worker_args
 
@@ -358,10 +359,24 @@ def test_processor_service_targets_the_container_port() -> None:
 
 def test_compose_file_has_infrastructure_with_health_checks() -> None:
     services = _compose()["services"]
-    assert {"nats", "etcd"} <= services.keys()
+    assert {"nats", "etcd", "credentials", "etcd-auth"} <= services.keys()
     for name, service in services.items():
         assert "image" in service or "build" in service, name
+        if service.get("restart") == "no":
+            continue  # one-shot set-up steps: they run to completion, nothing to probe
         assert "healthcheck" in service, name
+        assert service.get("restart") == "unless-stopped", name
+
+
+def test_compose_nothing_is_anonymous() -> None:
+    services = _compose()["services"]
+    assert "/state/credentials/nats.conf" in services["nats"]["command"]
+    assert services["nats"]["depends_on"]["credentials"]["condition"] == (
+        "service_completed_successfully"
+    )
+    assert "secure-etcd" in services["etcd-auth"]["entrypoint"]
+    # The processor listens beyond loopback: compose refuses to start without a key.
+    assert services["processor"]["environment"]["SGLMESH_API_KEY"].startswith("${SGLMESH_API_KEY:?")
 
 
 def _duration(text: str) -> float:
@@ -378,8 +393,10 @@ def test_compose_sglmesh_service(name: str) -> None:
     service = _compose()["services"][name]
     dockerfile = COMPOSE.parent / service["build"]["context"] / service["build"]["dockerfile"]
     assert dockerfile.resolve() in {p.resolve() for p in DOCKERFILES.values()}
-    for infra in ("nats", "etcd"):
-        assert service["depends_on"][infra]["condition"] == "service_healthy"
+    assert service["depends_on"]["nats"]["condition"] == "service_healthy"
+    assert service["depends_on"]["etcd-auth"]["condition"] == "service_completed_successfully"
+    role = "processor" if name == "processor" else "worker"
+    assert _flag(service["command"], "--credentials") == f"/state/credentials/{role}.env"
     env = service["environment"]
     assert env["SGLMESH_NATS_URL"].startswith("nats://nats:")
     assert env["SGLMESH_ETCD_ENDPOINTS"].startswith("http://etcd:")
@@ -488,9 +505,19 @@ def test_command_line_is_a_real_command_with_real_flags(
     assert argv[0] == "sglmesh", source
     command, rest = argv[1], argv[2:]
     assert command in COMMANDS, f"{source}: no command {command!r}"
+    # The credentials files exist in the deployment (a volume, a Secret), not here: parse
+    # against ones made the same way.
+    made = ensure_credentials(tmp_path / "state").directory
+    rest = [
+        str(made / Path(arg).name) if arg.startswith(("/state/credentials/", "/credentials/"))
+        else arg
+        for arg in rest
+    ]  # fmt: skip
     try:
         if command == "processor":
-            parse_processor_args(rest, env={})
+            # Every shipped processor listens beyond loopback, with its key from the
+            # environment (compose: SGLMESH_API_KEY; k8s: the sglmesh-api-key Secret).
+            parse_processor_args(rest, env={"SGLMESH_API_KEY": "k" * 24})
         elif command in WORKER_COMMANDS:
             # The model directory is the contract between the images: the same path everywhere.
             model = _flag(rest, "--model-path")

@@ -11,7 +11,7 @@ from shared.router import RouterMode
 def test_defaults() -> None:
     cfg = parse_processor_args([], env={})
     f = cfg.flags
-    assert (f.http_host, f.http_port, f.router_mode) == ("0.0.0.0", 8000, RouterMode.KV)
+    assert (f.http_host, f.http_port, f.router_mode) == ("127.0.0.1", 8000, RouterMode.KV)
     assert (f.migration_limit, f.max_inflight, f.active_decode_blocks_threshold) == (3, 1024, None)
     assert cfg.mesh.namespace == "sglmesh"
 

@@ -147,3 +147,30 @@ async def test_resyncs_of_one_worker_are_spaced() -> None:
     # Neither snapshot (seq 0 each time) closed the gap: each gap was re-synced once, then
     # its batch applied as it was.
     assert h.seqs() == [0, 0, 2, 0, 9] and h.feed.stats.accepted_gaps == 2
+
+
+async def test_an_absurd_sequence_number_is_never_adopted() -> None:
+    # A forged batch numbered 3e15 once made the feed drop every real batch as a duplicate.
+    h = Harness({(W, 0): _Snapshot(2, snapshot_events(), True)})
+    await h.feed._sync(None)
+    h.feed._on_kv(msg(3))
+    h.snapshots[(W, 0)] = _Snapshot(3, snapshot_events(), True)  # the publisher's view now
+    h.feed._on_kv(msg(3 * 10**15))
+    await h.settle()
+    h.feed._on_kv(msg(4))
+    h.feed._on_kv(msg(5))
+    assert 3 * 10**15 not in h.seqs()
+    assert h.seqs()[-2:] == [4, 5] and h.feed.last_seq(W, 0) == 5
+    assert h.feed.stats.absurd == 1 and [W] in h.fetches  # and the worker was re-synced
+
+
+async def test_an_absurd_first_batch_is_dropped_after_the_snapshot() -> None:
+    # Unknown to the feed when it arrives: held, re-synced, then judged against the snapshot.
+    h = Harness({(W, 0): _Snapshot(7, snapshot_events(), True)})
+    h.feed._syncing_all = True
+    h.feed._on_kv(msg(3 * 10**15))
+    await h.feed._sync(None)
+    h.feed._syncing_all = False
+    h.feed._release(None)
+    h.feed._on_kv(msg(8))
+    assert h.seqs() == [7, 8] and h.feed.stats.absurd == 1

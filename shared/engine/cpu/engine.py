@@ -37,6 +37,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import AsyncIterator
@@ -202,10 +203,13 @@ class CpuEngine:
             else None
         )
         self.metrics_endpoint = config.metrics_endpoint
+        # The load-metrics socket lives in a private directory (0700: no other local user
+        # can read the engine's load), removed again on shutdown.
+        self._socket_dir: str | None = None
         if self.metrics_endpoint is None and config.enable_metrics:
+            self._socket_dir = tempfile.mkdtemp(prefix=f"sglmesh-{self.kind}-")
             self.metrics_endpoint = "ipc://" + os.path.join(
-                tempfile.gettempdir(),
-                f"sglmesh-{self.kind}-metrics-{os.getpid()}-{next(_instance_ids)}",
+                self._socket_dir, f"metrics-{os.getpid()}-{next(_instance_ids)}"
             )
         self.eos_token_ids: tuple[int, ...] = ()
         self.vocab_size: int | None = None
@@ -358,6 +362,8 @@ class CpuEngine:
             await publisher.close()
         for pusher in self.pushers:
             pusher.close()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     # ----- generation -----
 
