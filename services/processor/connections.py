@@ -44,9 +44,9 @@ class _HeaderDeadlineHandler(RequestHandler):
     def _expire(self, count_then: int) -> None:
         self._deadline = None
         if self._request_count == count_then and self.transport is not None:
-            # Nothing parsed since the deadline was set: the head never came.
+            # Nothing parsed since the deadline was set: the head never came. (force_close
+            # closes the transport and forgets it.)
             self.force_close()
-            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         before = self._request_count

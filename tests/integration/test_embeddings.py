@@ -27,6 +27,7 @@ import aiohttp
 import numpy as np
 import openai
 import pytest
+import pytest_asyncio
 
 from shared.embedding_model import prepare_embedding_model
 from shared.infra import EtcdServer, NatsServer
@@ -65,6 +66,11 @@ SENTENCES = [
     "A very short one.",
 ]  # fmt: skip
 assert len(SENTENCES) == 50
+
+# The module's own event loop, closed with it: its meshes' leftovers (killed and drained
+# workers, open client pools) stay out of the session loop that later modules' timing tests
+# run on.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +122,7 @@ def reference(minilm: Path) -> Reference:
     return Reference(minilm, [*SENTENCES, LONG_TEXT])
 
 
-@pytest.fixture(scope="module")
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def emb(
     nats_server: NatsServer,
     etcd_server: EtcdServer,
@@ -445,7 +451,13 @@ async def test_sigterm_drains_an_embedding_worker_and_it_leaves(
         asyncio.create_task(client.embeddings.create(model=MRL, input=SENTENCES[i : i + 8]))
         for i in range(0, 40, 8)
     ]
-    await asyncio.sleep(0.05)
+    # SIGTERM once the worker holds some of them (a fixed pause misses them on a busy machine).
+    deadline = asyncio.get_running_loop().time() + 10
+    while not any(t.done() for t in inflight):
+        if await worker.metric("sglmesh_worker_inflight_requests") > 0:
+            break
+        assert asyncio.get_running_loop().time() < deadline, "no request reached the worker"
+        await asyncio.sleep(0.01)
     worker.signal(signal.SIGTERM)
     answers = await asyncio.gather(*inflight, return_exceptions=True)
     done = [a for a in answers if not isinstance(a, BaseException)]
