@@ -18,7 +18,7 @@ _CLOSE = frozenset("}]")
 class JsonEndScanner:
     """The end of the JSON object or array starting at ``start`` in a growing text."""
 
-    __slots__ = ("_depth", "_escape", "_in_string", "_pos", "_start")
+    __slots__ = ("_depth", "_end", "_escape", "_in_string", "_pos", "_start")
 
     def __init__(self, start: int) -> None:
         self._start = start
@@ -26,11 +26,14 @@ class JsonEndScanner:
         self._depth = 0
         self._in_string = False
         self._escape = False
+        self._end: int | None = None
 
     def end(self, text: str) -> int | None:
         """The index just past the value's closing bracket, or ``None`` while it is open.
 
         ``text`` must extend the text of earlier calls (it only ever grows at the end)."""
+        if self._end is not None:
+            return self._end
         pos, depth = self._pos, self._depth
         in_string, escape = self._in_string, self._escape
         n = len(text)
@@ -51,8 +54,7 @@ class JsonEndScanner:
             elif ch in _CLOSE:
                 depth -= 1
                 if depth <= 0:
-                    self._pos, self._depth = pos, depth
-                    self._in_string, self._escape = in_string, escape
+                    self._end = pos
                     return pos
         self._pos, self._depth = pos, depth
         self._in_string, self._escape = in_string, escape

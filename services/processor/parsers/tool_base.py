@@ -9,7 +9,8 @@ rest, the same way for every format:
 
 - Text outside calls is content. It is emitted as it arrives, except a trailing piece that
   could be the start of a marker (so no marker fragment ever leaks into content) and
-  trailing whitespace (whitespace right before a call, and right after one, is dropped).
+  trailing whitespace: whitespace right before a call is dropped, and so is whitespace
+  right after one unless content came before it (it then separates two pieces of prose).
 - A call is emitted only once it is complete and valid, as two OpenAI deltas: ``index``,
   ``id``, ``type`` and ``function.name`` (with empty arguments), then the arguments. Holding
   a call back until it is whole costs a little latency but means a malformed or truncated
@@ -270,6 +271,10 @@ class ToolCallStreamer:
         self._region_ws = ""  # whitespace dropped before a region, restored if it is invalid
         self._next_index = 0
         self._finished = False
+        self._content_seen = False  # some content was emitted before this feed
+
+    def _has_content(self, content: list[str]) -> bool:
+        return self._content_seen or any(content)
 
     @property
     def calls_emitted(self) -> int:
@@ -298,6 +303,7 @@ class ToolCallStreamer:
         while self._step(final, content, out.tool_calls):
             pass
         out.content = "".join(content)
+        self._content_seen = self._content_seen or bool(out.content)
         return out
 
     def _step(self, final: bool, content: list[str], calls: list[ToolCallDelta]) -> bool:
@@ -331,7 +337,7 @@ class ToolCallStreamer:
             self._mode = _Mode.REGION
             self._region = self._fmt.region(None)
         else:
-            if self._after_call:
+            if self._after_call and not self._has_content(content):
                 self._buf = stripped
             self._mode = _Mode.CONTENT
         return True
