@@ -3,6 +3,7 @@ streamed in every chunking, malformed calls as content, the registry and the gra
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -351,7 +352,7 @@ def _check_delta_shape(deltas: list[ToolCallDelta]) -> None:
 
 def _chunks(text: str, cuts: list[int]) -> list[str]:
     points = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
-    return [text[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [text[a:b] for a, b in itertools.pairwise(points)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.parser}-{i}" for i, c in enumerate(CASES)])
@@ -393,6 +394,11 @@ def test_random_chunkings_reassemble_to_unary(case: Case, cuts: list[int]) -> No
 # Random outputs made of the formats' own pieces: whatever the model writes, streaming in any
 # chunking gives the unary result, and nothing raises.
 PIECES = [
+    '<tool_call>{"name": "f", "arguments": {"a": "}"}}</tool_call>',
+    '\n<tool_call>\n{"name": "g"}\n</tool_call>\n',
+    '[TOOL_CALLS]f[ARGS]{"x": [2]}',
+    '[TOOL_CALLS] [{"name": "f", "arguments": {}}]',
+    "<|python_start|>[f(a=1)]<|python_end|>",
     "<tool_call>",
     "</tool_call>",
     "<|python_tag|>",
@@ -486,7 +492,7 @@ def test_registry_has_the_reference_names() -> None:
         "qwen25",
     }
     assert list(tool_call_parser_names()) == sorted(tool_call_parser_names())
-    with pytest.raises(UnknownParserError, match="unknown tool-call parser 'nope'.*hermes"):
+    with pytest.raises(UnknownParserError, match=r"unknown tool-call parser 'nope'.*hermes"):
         tool_call_parser("nope")
 
 
