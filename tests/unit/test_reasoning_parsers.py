@@ -19,6 +19,7 @@ from services.processor.parsers import (
     reasoning_parser_names,
     tool_call_parser,
 )
+from shared.parser_names import REASONING_PARSER_NAMES, reasoning_parser_name
 
 # No example database: the run writes nothing into the working tree.
 HYPOTHESIS = settings(
@@ -241,3 +242,10 @@ def test_registry_has_the_reference_names() -> None:
     assert all(isinstance(f, ReasoningFormat) for f in REASONING_PARSERS.values())
     with pytest.raises(UnknownParserError, match=r"unknown reasoning parser 'r2'.*deepseek_r1"):
         reasoning_parser("r2")
+
+
+def test_worker_flag_names_are_the_registry() -> None:
+    assert reasoning_parser_names() == REASONING_PARSER_NAMES
+    assert reasoning_parser_name("qwen3") == "qwen3"
+    with pytest.raises(ValueError, match=r"^unknown reasoning parser 'r2'; choose one of: deep"):
+        reasoning_parser_name("r2")

@@ -25,6 +25,7 @@ from services.processor.parsers import (
     tool_call_parser_names,
     tool_call_schema,
 )
+from shared.parser_names import TOOL_CALL_PARSER_NAMES, tool_call_parser_name
 
 # No example database: the run writes nothing into the working tree.
 HYPOTHESIS = settings(
@@ -496,6 +497,14 @@ def test_registry_has_the_reference_names() -> None:
         tool_call_parser("nope")
 
 
+def test_worker_flag_names_are_the_registry() -> None:
+    """Workers check --dyn-tool-call-parser against shared/parser_names.py: the same set."""
+    assert tool_call_parser_names() == TOOL_CALL_PARSER_NAMES
+    assert tool_call_parser_name(" hermes ") == "hermes"
+    with pytest.raises(ValueError, match=r"^unknown tool-call parser 'x'; choose one of: hermes"):
+        tool_call_parser_name("x")
+
+
 # ---- tool_choice grammar
 
 TOOLS = [
@@ -522,7 +531,7 @@ def test_required_schema_is_one_of_the_functions_or_an_array_of_them() -> None:
     single = tool_call_schema(TOOLS, "required", parallel_tool_calls=False)
     assert single is not None
     weather, time = single["anyOf"]
-    assert weather["properties"]["name"] == {"type": "string", "const": "get_weather"}
+    assert weather["properties"]["name"] == {"type": "string", "enum": ["get_weather"]}
     assert weather["properties"]["parameters"] == TOOLS[0]["function"]["parameters"]  # type: ignore[index]
     assert weather["required"] == ["name", "parameters"]
     assert weather["additionalProperties"] is False
@@ -534,7 +543,7 @@ def test_required_schema_is_one_of_the_functions_or_an_array_of_them() -> None:
 def test_named_function_schema_forces_that_function() -> None:
     schema = tool_call_schema(TOOLS, {"type": "function", "function": {"name": "get_weather"}})
     assert schema is not None
-    assert schema["properties"]["name"]["const"] == "get_weather"
+    assert schema["properties"]["name"]["enum"] == ["get_weather"]
     assert tool_call_schema(TOOLS, "auto") is None
     assert tool_call_schema(TOOLS, "none") is None
     assert tool_call_schema(TOOLS, None) is None

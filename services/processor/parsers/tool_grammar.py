@@ -71,9 +71,11 @@ def function_names(tools: Sequence[Mapping[str, Any]]) -> frozenset[str]:
 
 
 def _call_schema(name: str, parameters: Mapping[str, Any]) -> dict[str, Any]:
+    # A one-value enum rather than const: every grammar backend (xgrammar, llguidance,
+    # outlines) supports enum.
     return {
         "type": "object",
-        "properties": {"name": {"type": "string", "const": name}, "parameters": dict(parameters)},
+        "properties": {"name": {"type": "string", "enum": [name]}, "parameters": dict(parameters)},
         "required": ["name", "parameters"],
         "additionalProperties": False,
     }
