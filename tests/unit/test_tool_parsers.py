@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import keyword
 from dataclasses import dataclass
 from typing import Any
 
@@ -619,3 +620,77 @@ def test_tool_call_wire_shape() -> None:
         },
         {"index": 0, "function": {"arguments": json.dumps(WEATHER_SF)}},
     ]
+
+
+# ---- random arguments: nested JSON, strings full of brackets, quotes and escapes
+
+_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs",)) | st.sampled_from(
+    list("{}[]\"'\\<>/:;,=()\n ")
+)
+_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**12), max_value=10**12)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(_CHARS, max_size=12),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.text(_CHARS, max_size=6), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+_IDENTIFIERS = st.from_regex(r"[a-z_][a-z0-9_]{0,7}", fullmatch=True).filter(
+    lambda s: not keyword.iskeyword(s)
+)
+_ARGS = st.dictionaries(_IDENTIFIERS, _VALUES, max_size=4)
+
+
+def _python_literal(value: Any) -> str:
+    if isinstance(value, dict):
+        items = ", ".join(f"{_python_literal(k)}: {_python_literal(v)}" for k, v in value.items())
+        return "{" + items + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_python_literal(v) for v in value) + "]"
+    return repr(value)
+
+
+def _render(parser: str, calls: list[tuple[str, dict[str, Any]]], ascii_only: bool) -> str:
+    def dumps(obj: Any) -> str:
+        return json.dumps(obj, ensure_ascii=ascii_only)
+
+    if parser in ("hermes", "qwen25"):
+        return "\n".join(
+            f"<tool_call>\n{dumps({'name': n, 'arguments': a})}\n</tool_call>" for n, a in calls
+        )
+    if parser == "llama3_json":
+        return "<|python_tag|>" + "; ".join(dumps({"name": n, "parameters": a}) for n, a in calls)
+    if parser == "mistral":
+        if ascii_only:
+            return "".join(f"[TOOL_CALLS]{n}[ARGS]{dumps(a)}" for n, a in calls)
+        return "[TOOL_CALLS] " + dumps([{"name": n, "arguments": a} for n, a in calls])
+    assert parser == "pythonic"
+    rendered = (
+        f"{n}(" + ", ".join(f"{k}={_python_literal(v)}" for k, v in a.items()) + ")"
+        for n, a in calls
+    )
+    return "[" + ", ".join(rendered) + "]"
+
+
+@HYPOTHESIS
+@given(
+    parser=st.sampled_from(sorted(TOOL_CALL_PARSERS)),
+    calls=st.lists(st.tuples(_IDENTIFIERS, _ARGS), min_size=1, max_size=3),
+    ascii_only=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0), max_size=25),
+)
+def test_any_arguments_come_back_exactly(
+    parser: str, calls: list[tuple[str, dict[str, Any]]], ascii_only: bool, cuts: list[int]
+) -> None:
+    fmt = tool_call_parser(parser)
+    text = _render(parser, calls, ascii_only)
+    unary = fmt.parse(text, make_id=ids)
+    assert unary.content == ""
+    got = [(c.function.name, json.loads(c.function.arguments)) for c in unary.tool_calls]
+    assert got == calls
+    content, deltas = _stream(fmt, _chunks(text, cuts))
+    assert content == "" and assemble_tool_calls(deltas) == unary.tool_calls
