@@ -624,7 +624,7 @@ def test_tool_call_wire_shape() -> None:
 
 # ---- random arguments: nested JSON, strings full of brackets, quotes and escapes
 
-_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs",)) | st.sampled_from(
+_CHARS = st.characters(codec="utf-8", exclude_categories=["Cs"]) | st.sampled_from(
     list("{}[]\"'\\<>/:;,=()\n ")
 )
 _VALUES = st.recursive(
