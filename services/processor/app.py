@@ -48,6 +48,7 @@ from services.processor.embeddings import (
     embedding_response,
     tokenize_inputs,
 )
+from services.processor.fields import decode_openai
 from services.processor.models import ModelRegistry, ServedModel
 from services.processor.offload import OffloadBusy, Offloader
 from services.processor.openapi import openapi_document
@@ -389,7 +390,8 @@ class ProcessorApp:
         self, request: web.Request, body: bytes, tracker: _Tracker
     ) -> web.StreamResponse:
         large = len(body) > _OFFLOAD_BYTES
-        req = await self._prepare(large, decode_request, body, ChatCompletionRequest)
+        req, ignored = await self._prepare(large, decode_openai, body, ChatCompletionRequest)
+        _report_ignored(ignored, tracker.endpoint)
         model = self._model(req.model, tracker)
         pre = model.preprocessor
         assert pre is not None
@@ -402,14 +404,30 @@ class ProcessorApp:
         self, request: web.Request, body: bytes, tracker: _Tracker
     ) -> web.StreamResponse:
         large = len(body) > _OFFLOAD_BYTES
-        req = await self._prepare(large, decode_request, body, CompletionRequest)
+        req, ignored = await self._prepare(large, decode_openai, body, CompletionRequest)
+        _report_ignored(ignored, tracker.endpoint)
         model = self._model(req.model, tracker)
         pre = model.preprocessor
         assert pre is not None
         self._check_cost(len(req.prompts()) * (req.n or 1))
         preqs = await self._prepare(large, pre.preprocess_completion, req)
+        echo = None
+        if req.echo:
+            n = req.n or 1
+            texts = [
+                p if isinstance(p, str) else pre.tokenizer.decode(p, req.skip_special_tokens)
+                for p in req.prompts()
+            ]
+            echo = [text for text in texts for _ in range(n)]
         return await self._generate(
-            request, tracker, model, req, preqs, chat=False, logprobs=req.logprobs is not None
+            request,
+            tracker,
+            model,
+            req,
+            preqs,
+            chat=False,
+            logprobs=req.logprobs is not None,
+            echo=echo,
         )
 
     async def _embeddings(
@@ -461,6 +479,7 @@ class ProcessorApp:
         *,
         chat: bool,
         logprobs: bool,
+        echo: list[str] | None = None,
     ) -> web.StreamResponse:
         pre = model.preprocessor
         assert pre is not None
@@ -481,6 +500,9 @@ class ProcessorApp:
                 logprobs=logprobs,
                 keep_text=not req.stream,
                 cache_owners=range(0, len(streams), n),
+                skip_special_tokens=req.skip_special_tokens,
+                include_stop=req.include_stop_str_in_output,
+                echo=echo,
             )
             prefix = "chatcmpl-" if chat else "cmpl-"
             rid = prefix + uuid.uuid4().hex
@@ -705,6 +727,29 @@ class _Tracker:
         metrics.request_duration.labels(self.model, self.endpoint).observe(
             time.perf_counter() - self.arrived
         )
+
+
+_IGNORED_LABELS: set[str] = set()
+_MAX_IGNORED_LABELS = 64  # client-chosen names: bound the metric's label values
+
+
+def _report_ignored(fields: list[str], endpoint: str) -> None:
+    """One warning per request naming the fields ignored, and the counter per field."""
+    if not fields:
+        return
+    log.warning(
+        "ignoring request fields no standard defines: %s",
+        ", ".join(repr(f[:64]) for f in fields[:16]) + (" ..." if len(fields) > 16 else ""),
+        extra={"endpoint": endpoint},
+    )
+    for field in fields:
+        name = field[:64]
+        if name not in _IGNORED_LABELS:
+            if len(_IGNORED_LABELS) >= _MAX_IGNORED_LABELS:
+                name = "other"
+            else:
+                _IGNORED_LABELS.add(name)
+        metrics.ignored_fields.labels(name).inc()
 
 
 def _fan_out(preqs: list[PreprocessedRequest], n: int) -> list[PreprocessedRequest]:
