@@ -71,7 +71,7 @@ CHAT_FIELDS: Mapping[str, Unserved] = {
     "functions": Unserved(_empty, _TOOLS),
     "function_call": Unserved(_one_of("none", "auto"), _TOOLS),
     # Only says whether several calls may come at once: nothing without tools.
-    "parallel_tool_calls": Unserved(_anything, _TOOLS),
+    "parallel_tool_calls": Unserved(_anything, ""),
     "audio": Unserved(_absent, "audio output is not supported"),
     "modalities": Unserved(_one_of(["text"]), "only the 'text' output modality is supported"),
     "prediction": Unserved(_absent, "predicted outputs are not supported"),

@@ -138,6 +138,40 @@ CASES: list[tuple[str, str, bytes | dict[str, Any], int, str | None]] = [
     ("unknown-model", "chat/completions", with_(CHAT, model="gpt-17"), 404, "model"),
     ("deeply-nested-unknown-field", "chat/completions",
      json.dumps(CHAT)[:-1].encode() + b', "junk": ' + _deep_json + b"}", 400, None),
+    # OpenAI fields we do not serve: refused by name, never dropped (services/processor/fields.py).
+    ("tools", "chat/completions",
+     with_(CHAT, tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    ("tool-choice-required", "chat/completions", with_(CHAT, tool_choice="required"), 400,
+     "tool_choice"),
+    ("functions", "chat/completions", with_(CHAT, functions=[{"name": "f"}]), 400, "functions"),
+    ("audio", "chat/completions", with_(CHAT, audio={"voice": "alloy"}), 400, "audio"),
+    ("modalities-audio", "chat/completions", with_(CHAT, modalities=["text", "audio"]), 400,
+     "modalities"),
+    ("prediction", "chat/completions",
+     with_(CHAT, prediction={"type": "content", "content": "x"}), 400, "prediction"),
+    ("web-search", "chat/completions", with_(CHAT, web_search_options={}), 400,
+     "web_search_options"),
+    ("store", "chat/completions", with_(CHAT, store=True), 400, "store"),
+    ("best-of", "completions", with_(COMPLETION, best_of=4), 400, "best_of"),
+    ("echo-with-logprobs", "completions", with_(COMPLETION, echo=True, logprobs=1), 400, "echo"),
+    # Structured output and logit_bias, checked before any worker sees them.
+    ("two-guides", "chat/completions",
+     with_(CHAT, response_format={"type": "json_object"}, regex="[a-z]+"), 400, "regex"),
+    ("schema-not-an-object", "chat/completions",
+     with_(CHAT, response_format={"type": "json_schema", "json_schema": {"name": "x",
+                                                                        "schema": "object"}}),
+     400, "response_format.json_schema.schema"),
+    ("response-format-unknown-type", "chat/completions",
+     with_(CHAT, response_format={"type": "yaml"}), 400, "response_format.type"),
+    ("logit-bias-not-a-token", "completions", with_(COMPLETION, logit_bias={"cat": 5}), 400,
+     "logit_bias"),
+    ("logit-bias-out-of-vocab", "chat/completions", with_(CHAT, logit_bias={"100000": 5}), 400,
+     "logit_bias"),
+    ("logit-bias-too-big", "chat/completions", with_(CHAT, logit_bias={"5": 100.5}), 400,
+     "logit_bias"),
+    ("spaces-between-kept-specials", "completions",
+     with_(COMPLETION, skip_special_tokens=False, spaces_between_special_tokens=True), 400,
+     "spaces_between_special_tokens"),
     ("deeply-nested-content", "chat/completions",
      b'{"model": "tiny", "messages": [{"role": "user", "content": ' + _deep_json + b"}]}",
      400, None),
@@ -204,6 +238,50 @@ async def test_unknown_routes_and_methods(
     assert error_detail(json.loads(payload))["code"] == status
 
 
+async def test_vendor_fields_are_ignored_with_a_warning_and_a_count(
+    processor: Processor, http: aiohttp.ClientSession
+) -> None:
+    field = "x_vendor_knob"
+    before = await processor.metric("sglmesh_processor_ignored_fields_total", field=field)
+    plain = with_(CHAT, seed=11, temperature=0.9)
+    answers = []
+    for body in (plain, with_(plain, x_vendor_knob={"turbo": True})):
+        status, _, payload = await send(http, f"{processor.v1}/chat/completions", body)
+        assert status == 200, payload[:300]
+        answers.append(json.loads(payload)["choices"][0]["message"]["content"])
+    assert answers[0] == answers[1]  # ignored means no effect on the result
+    after = await processor.metric("sglmesh_processor_ignored_fields_total", field=field)
+    assert after == before + 1
+    warnings = [
+        line for line in processor.output(tail=200_000).splitlines() if "'x_vendor_knob'" in line
+    ]
+    assert len(warnings) == 1 and "ignoring request fields" in warnings[0], warnings
+
+
+async def test_echo_puts_the_prompt_before_each_choice(
+    processor: Processor, http: aiohttp.ClientSession
+) -> None:
+    body = with_(COMPLETION, seed=5, n=2)
+    status, _, payload = await send(http, f"{processor.v1}/completions", body)
+    assert status == 200, payload[:300]
+    plain = [c["text"] for c in json.loads(payload)["choices"]]
+    status, _, payload = await send(http, f"{processor.v1}/completions", with_(body, echo=True))
+    assert status == 200, payload[:300]
+    echoed = [c["text"] for c in json.loads(payload)["choices"]]
+    assert echoed == [COMPLETION["prompt"] + text for text in plain]
+    # Streamed: the prompt comes first, once per choice.
+    status, _, payload = await send(
+        http, f"{processor.v1}/completions", with_(body, echo=True, stream=True)
+    )
+    assert status == 200, payload[:300]
+    texts = ["", ""]
+    for event in payload.decode().split("\n\n"):
+        if event.startswith("data: {"):
+            for choice in json.loads(event.removeprefix("data: "))["choices"]:
+                texts[choice["index"]] += choice["text"]
+    assert texts == echoed
+
+
 # -- fuzz --------------------------------------------------------------------------------------
 
 _JUNK: list[Any] = [
@@ -232,6 +310,23 @@ def _base_bodies() -> list[tuple[str, dict[str, Any]]]:
         {"logprobs": True, "top_logprobs": 2},
         {"max_completion_tokens": 4, "max_tokens": _DELETE},
         {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi there"}]}]},
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "properties": {"a": {"type": "integer"}}},
+                },
+            }
+        },
+        {
+            "logit_bias": {"5": 10},
+            "skip_special_tokens": False,
+            "stop": ["the"],
+            "include_stop_str_in_output": True,
+            "tool_choice": "none",
+            "metadata": {"a": "b"},
+        },
     ]
     completion_variants: list[dict[str, Any]] = [
         {},
@@ -241,6 +336,8 @@ def _base_bodies() -> list[tuple[str, dict[str, Any]]]:
         {"prompt": [[30, 31], [40, 41, 42]], "stream": True},
         {"logprobs": 2, "seed": 9},
         {"stop": "dog", "n": 2},
+        {"echo": True, "stream": True, "n": 2},
+        {"regex": "[a-z]+", "best_of": 1},
     ]
     return [("chat/completions", with_(CHAT, **v)) for v in chat_variants] + [
         ("completions", with_(COMPLETION, **v)) for v in completion_variants
