@@ -13,12 +13,16 @@ import copy
 import json
 import random
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from shared.infra import EtcdServer, NatsServer
 from shared.model import make_test_tokenizer
@@ -275,9 +279,9 @@ async def test_echo_puts_the_prompt_before_each_choice(
     )
     assert status == 200, payload[:300]
     texts = ["", ""]
-    for event in payload.decode().split("\n\n"):
-        if event.startswith("data: {"):
-            for choice in json.loads(event.removeprefix("data: "))["choices"]:
+    for part in payload.decode().split("\n\n"):
+        if part.startswith("data: {"):
+            for choice in json.loads(part.removeprefix("data: "))["choices"]:
                 texts[choice["index"]] += choice["text"]
     assert texts == echoed
 
@@ -498,3 +502,115 @@ async def test_fuzzed_bodies_never_get_a_500_or_a_hang(
     assert status == 200, payload
     async with http.get(f"{processor.base}/health") as resp:
         assert resp.status == 200
+
+
+# -- valid bodies with every field (hypothesis) ------------------------------------------------
+
+_TOKEN = st.integers(4, 40)
+_TEXT = st.text(alphabet="abcdefgh ", min_size=1, max_size=12)
+_SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+_FORMATS = st.sampled_from(
+    [
+        {"type": "text"},
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": _SCHEMA, "strict": True}},
+    ]
+)
+_SAMPLING: dict[str, Any] = {
+    "max_tokens": st.integers(1, 8),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(-1, 50),
+    "min_p": st.floats(0, 1),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2),
+    "seed": st.integers(-(2**63), 2**63 - 1),
+    "n": st.integers(1, 3),
+    "stop": st.one_of(_TEXT, st.lists(_TEXT, max_size=3)),
+    "stop_token_ids": st.lists(_TOKEN, max_size=3),
+    "ignore_eos": st.booleans(),
+    "min_tokens": st.integers(0, 4),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "user": _TEXT,
+    "logit_bias": st.dictionaries(_TOKEN.map(str), st.floats(-100, 100), max_size=3),
+    "skip_special_tokens": st.booleans(),
+    "spaces_between_special_tokens": st.booleans(),
+    "include_stop_str_in_output": st.booleans(),
+    "response_format": _FORMATS,  # a constraint with regex (completions) is a 400
+    "metadata": st.dictionaries(_TEXT, _TEXT, max_size=2),
+    "x_vendor_extra": st.integers(),
+}
+_CHAT_ONLY: dict[str, Any] = {
+    "max_completion_tokens": st.integers(1, 8),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(0, 5),
+    "tools": st.just([]),
+    "tool_choice": st.sampled_from(["none", "auto"]),
+    "parallel_tool_calls": st.booleans(),
+    "modalities": st.just(["text"]),
+    "store": st.just(False),
+    "service_tier": st.sampled_from(["auto", "default"]),
+    "prompt_cache_key": _TEXT,
+    "chat_template_kwargs": st.just({}),
+}
+_COMPLETION_ONLY: dict[str, Any] = {
+    "logprobs": st.integers(0, 5),
+    "echo": st.booleans(),
+    "best_of": st.just(1),
+    "regex": st.just("[a-z]+"),
+}
+_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant"]), "content": _TEXT}
+)
+_BODIES = st.one_of(
+    st.tuples(
+        st.just("chat/completions"),
+        st.fixed_dictionaries(
+            {"model": st.just(MODEL), "messages": st.lists(_MESSAGE, min_size=1, max_size=3)},
+            optional={**_SAMPLING, **_CHAT_ONLY},
+        ),
+    ),
+    st.tuples(
+        st.just("completions"),
+        st.fixed_dictionaries(
+            {
+                "model": st.just(MODEL),
+                "prompt": st.one_of(_TEXT, st.lists(_TOKEN, min_size=1, max_size=6)),
+            },
+            optional={**_SAMPLING, **_COMPLETION_ONLY},
+        ),
+    ),
+)
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=_BODIES)
+def test_valid_bodies_with_every_field_never_get_a_5xx(
+    processor: Processor, case: tuple[str, dict[str, Any]]
+) -> None:
+    path, body = case
+    request = urllib.request.Request(
+        f"{processor.v1}/{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            status, content_type, payload = (
+                resp.status,
+                resp.headers.get_content_type(),
+                resp.read(),
+            )
+    except urllib.error.HTTPError as err:
+        status, content_type, payload = err.code, err.headers.get_content_type(), err.read()
+    problem = _check_answer(status, content_type, payload)
+    assert problem is None, (problem, body)
+    event(f"status {status}")
+    if status != 200:
+        event(error_detail(json.loads(payload)).get("param") or "no param")
