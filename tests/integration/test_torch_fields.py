@@ -115,3 +115,36 @@ async def test_response_format_reaches_the_engine_as_json_schema(processor: Proc
     answer = json.loads(payload["choices"][0]["message"]["content"])
     assert answer["country"] in ("France", "Spain") and isinstance(answer["city"], str)
     assert set(answer) <= {"city", "country", "facts"}
+
+
+def token_id(text: str) -> int:
+    from tokenizers import Tokenizer
+
+    ids: list[int] = Tokenizer.from_file(str(model_dir() / "tokenizer.json")).encode(text).ids
+    assert len(ids) == 1, ids
+    return ids[0]
+
+
+async def test_stop_token_ids(processor: Processor) -> None:
+    paris = token_id(" Paris")
+    body = {
+        "messages": PROMPTS[0],
+        "max_tokens": 16,
+        "temperature": 0,
+        "stop_token_ids": [paris],
+    }
+    cut = await ok(processor, "chat/completions", body)
+    assert cut["choices"][0]["message"]["content"] == "The capital of France is"
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    kept = await ok(processor, "chat/completions", {**body, "include_stop_str_in_output": True})
+    assert kept["choices"][0]["message"]["content"] == "The capital of France is Paris"
+
+
+async def test_min_tokens_holds_eos_back(processor: Processor) -> None:
+    # A +100 bias on EOS ends the output at once, unless min_tokens holds it back.
+    body = {"prompt": "Hello", "max_tokens": 16, "temperature": 0, "logit_bias": {2: 100}}
+    at_once = await ok(processor, "completions", body)
+    assert at_once["usage"]["completion_tokens"] <= 1
+    held = await ok(processor, "completions", {**body, "min_tokens": 4})
+    assert 4 <= held["usage"]["completion_tokens"] <= 5
+    assert held["choices"][0]["finish_reason"] == "stop"
