@@ -99,6 +99,7 @@ _TABLES: dict[type[Any], Mapping[str, Unserved]] = {
 }
 
 _keys_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_declared: dict[type[Any], frozenset[str]] = {}
 
 
 def unknown_fields(body: bytes, type_: type[Any]) -> list[str]:
@@ -106,7 +107,9 @@ def unknown_fields(body: bytes, type_: type[Any]) -> list[str]:
 
     Raises :class:`RequestError` for a refused OpenAI field. ``body`` must already have
     decoded as ``type_`` (so it is a JSON object)."""
-    declared = frozenset(type_.__struct_encode_fields__)
+    declared = _declared.get(type_)
+    if declared is None:
+        declared = _declared[type_] = frozenset(type_.__struct_encode_fields__)
     table = _TABLES.get(type_, {})
     ignored: list[str] = []
     for key, raw in _keys_decoder.decode(body).items():
