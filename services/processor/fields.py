@@ -12,6 +12,10 @@ msgspec decodes those and skips all others. This module looks at the skipped one
 - any other field is nobody's standard (a vendor extra): it is ignored, with one warning per
   request naming the fields and the counter ``sglmesh_processor_ignored_fields_total{field}``.
 
+Chat messages get the same screen (``MESSAGE_FIELDS``; an unknown key is reported as
+``messages[].key``). Nested objects further down (content parts, ``stream_options``...) are
+not screened.
+
 The top-level keys are read once more from the body with ``msgspec.Raw`` values, which only
 delimits them; a refused field's value is decoded only to tell "asks for nothing" apart.
 """
@@ -24,11 +28,18 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from proto.openai import ChatCompletionRequest, CompletionRequest, RequestError, decode_request
+from proto.openai import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    RequestError,
+    decode_request,
+)
 
 __all__ = [
     "CHAT_FIELDS",
     "COMPLETION_FIELDS",
+    "MESSAGE_FIELDS",
     "Unserved",
     "decode_openai",
     "unknown_fields",
@@ -88,6 +99,13 @@ CHAT_FIELDS: Mapping[str, Unserved] = {
     "safety_identifier": Unserved(_anything, ""),
 }
 
+# Chat messages: OpenAI's message fields that ChatMessage does not declare.
+MESSAGE_FIELDS: Mapping[str, Unserved] = {
+    "refusal": Unserved(_absent, "a refusal in the conversation cannot be shown to the model"),
+    "audio": Unserved(_absent, "audio in the conversation is not supported"),
+    "function_call": Unserved(_absent, _TOOLS),
+}
+
 # Text completions (the legacy API): every OpenAI field is declared but for these.
 COMPLETION_FIELDS: Mapping[str, Unserved] = {
     "metadata": Unserved(_anything, ""),
@@ -100,6 +118,14 @@ _TABLES: dict[type[Any], Mapping[str, Unserved]] = {
 
 _keys_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _declared: dict[type[Any], frozenset[str]] = {}
+
+
+class _Messages(msgspec.Struct):
+    messages: list[dict[str, msgspec.Raw]]
+
+
+_messages_decoder = msgspec.json.Decoder(_Messages)
+_MESSAGE_DECLARED = frozenset(ChatMessage.__struct_encode_fields__)
 
 
 def unknown_fields(body: bytes, type_: type[Any]) -> list[str]:
@@ -124,7 +150,27 @@ def unknown_fields(body: bytes, type_: type[Any]) -> list[str]:
         value = msgspec.json.decode(raw)
         if not unserved.accepts(value):
             raise RequestError(f"'{key}' is not supported: {unserved.reason}", param=key)
+    if type_ is ChatCompletionRequest:
+        ignored.extend(_message_fields(body))
     return ignored
+
+
+def _message_fields(body: bytes) -> list[str]:
+    """The same screen over each chat message: unknown keys come back as ``messages[].key``."""
+    messages = _messages_decoder.decode(body).messages
+    ignored: dict[str, None] = {}
+    for i, message in enumerate(messages):
+        for key, raw in message.items():
+            if key in _MESSAGE_DECLARED:
+                continue
+            unserved = MESSAGE_FIELDS.get(key)
+            if unserved is None:
+                ignored.setdefault(f"messages[].{key}", None)
+                continue
+            if not unserved.accepts(msgspec.json.decode(raw)):
+                param = f"messages[{i}].{key}"
+                raise RequestError(f"'{param}' is not supported: {unserved.reason}", param=param)
+    return list(ignored)
 
 
 def decode_openai(body: bytes, type_: type[RequestT]) -> tuple[RequestT, list[str]]:

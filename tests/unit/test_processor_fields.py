@@ -309,3 +309,20 @@ def test_echo_prefixes_each_choice_once(pre: ModelPreprocessor) -> None:
     ) + assembler.feed(1, [EngineOutput(token_ids=ids, finish_reason=FinishReason.LENGTH)])
     texts = ["".join(d.text for d in [*first, *rest] if d.index == i) for i in (0, 1)]
     assert texts == ["Once upon a time", "Once upon a time"]
+
+
+def test_message_fields_get_the_same_screen() -> None:
+    def body(**extra: Any) -> bytes:
+        messages = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "x", **extra},
+        ]
+        return json.dumps({"model": "m", "messages": messages}).encode()
+
+    err = refusal(body(refusal="I cannot help with that"))
+    assert err.param == "messages[1].refusal"
+    assert refusal(body(function_call={"name": "f"})).param == "messages[1].function_call"
+    assert refusal(body(audio={"id": "a1"})).param == "messages[1].audio"
+    assert decode_openai(body(refusal=None, audio=None), ChatCompletionRequest)[1] == []
+    _, ignored = decode_openai(body(weight=2, extra=1), ChatCompletionRequest)
+    assert ignored == ["messages[].weight", "messages[].extra"]
