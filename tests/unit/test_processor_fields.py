@@ -326,3 +326,24 @@ def test_message_fields_get_the_same_screen() -> None:
     assert decode_openai(body(refusal=None, audio=None), ChatCompletionRequest)[1] == []
     _, ignored = decode_openai(body(weight=2, extra=1), ChatCompletionRequest)
     assert ignored == ["messages[].weight", "messages[].extra"]
+
+
+def test_openapi_documents_the_extras_and_the_refused_fields() -> None:
+    from services.processor.openapi import openapi_document
+
+    doc = openapi_document()
+    chat_props = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    completion_props = doc["components"]["schemas"]["CompletionRequest"]["properties"]
+    extras = (
+        "top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos",
+        "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+        "regex", "ebnf", "structural_tag",
+    )  # fmt: skip
+    for props in (chat_props, completion_props):
+        for name in extras:
+            assert "Extra (SGLang/vLLM)" in json.dumps(props[name]), name
+        assert "logit_bias" in props and "response_format" in props
+    assert "echo" in completion_props
+    note = doc["paths"]["/v1/chat/completions"]["post"]["description"]
+    for name in ("tools", "tool_choice", "audio", "prediction", "web_search_options"):
+        assert name in note
