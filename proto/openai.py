@@ -10,8 +10,9 @@ send vendor extensions freely.
 
 Besides OpenAI's fields the requests take SGLang's and vLLM's common extras (``top_k``,
 ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
-``skip_special_tokens``, ``include_stop_str_in_output``, guided decoding by ``regex``, ``ebnf``,
-``structural_tag`` or vLLM's ``guided_*``); each carries a description in the OpenAPI schema.
+``skip_special_tokens``, ``include_stop_str_in_output``, guided decoding by ``json_schema``,
+``regex``, ``ebnf``, ``structural_tag`` or vLLM's ``guided_*``); each carries a description in
+the OpenAPI schema.
 
 Responses follow OpenAI's shapes; errors are ``{"error": {"message", "type", "param",
 "code"}}`` (:func:`error_body`).
@@ -137,6 +138,8 @@ XGuidedChoice = Annotated[
     list[str], msgspec.Meta(min_length=1, max_length=1024), _doc("vLLM: one of these strings")
 ]
 XGuidedGrammar = Annotated[str, _doc("vLLM's name for ebnf")]
+XJsonSchema = Annotated[str, _doc("SGLang: a JSON schema (as a string) the output follows")]
+XNoStopTrim = Annotated[bool, _doc("SGLang's name for include_stop_str_in_output")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +292,7 @@ _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 # Extra constraint fields -> the GuidedDecodingOptions field they fill.
 _GUIDE_FIELDS = (
+    ("json_schema", "json"),
     ("regex", "regex"),
     ("ebnf", "grammar"),
     ("structural_tag", "structural_tag"),
@@ -333,6 +337,8 @@ class _SamplingRequest(msgspec.Struct, kw_only=True):
     spaces_between_special_tokens: XSpacesBetween | None = None
     include_stop_str_in_output: XIncludeStop = False
     response_format: ResponseFormat | None = None
+    no_stop_trim: XNoStopTrim = False
+    json_schema: XJsonSchema | None = None
     regex: XRegex | None = None
     ebnf: XEbnf | None = None
     structural_tag: XStructuralTag | None = None
@@ -359,6 +365,10 @@ class _SamplingRequest(msgspec.Struct, kw_only=True):
         for i, s in enumerate(self.stop):
             if not s:
                 raise RequestError("Stop sequences must not be empty", param=f"stop[{i}]")
+
+    def keep_stop(self) -> bool:
+        """Whether a matched stop string or stop token stays in the text."""
+        return self.include_stop_str_in_output or self.no_stop_trim
 
     def guide(self) -> GuidedDecodingOptions | None:
         """The constrained-decoding request for the engine, or None.

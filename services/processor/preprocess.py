@@ -456,7 +456,7 @@ class ModelPreprocessor:
                 top_k=req.effective_top_k(),
                 min_p=req.min_p,
                 seed=req.seed,
-                include_stop_str_in_output=req.include_stop_str_in_output or None,
+                include_stop_str_in_output=req.keep_stop() or None,
                 guided_decoding=req.guide(),
                 logit_bias=logit_bias,
             ),

@@ -177,6 +177,7 @@ def sglang_params(pre: ModelPreprocessor, body: bytes) -> dict[str, Any]:
         ({"regex": "[0-9]{3}"}, "regex", "[0-9]{3}"),
         ({"ebnf": 'root ::= "yes" | "no"'}, "ebnf", 'root ::= "yes" | "no"'),
         ({"guided_json": json.dumps(SCHEMA)}, "json_schema", SCHEMA),
+        ({"json_schema": json.dumps(SCHEMA)}, "json_schema", SCHEMA),
         ({"guided_json": SCHEMA}, "json_schema", SCHEMA),
         ({"guided_regex": "a|b"}, "regex", "a|b"),
         ({"guided_choice": ["yes", "no"]}, "regex", "(yes|no)"),
@@ -222,6 +223,8 @@ def test_text_format_and_no_format_ask_for_no_guide(pre: ModelPreprocessor) -> N
         ),
         ({"guided_json": "[1, 2]"}, "guided_json"),
         ({"guided_json": "{not json"}, "guided_json"),
+        ({"json_schema": "3"}, "json_schema"),
+        ({"json_schema": "{}", "regex": "a"}, "regex"),
         ({"guided_choice": []}, "guided_choice"),
     ],
 )
@@ -290,6 +293,8 @@ def test_include_stop_str_in_output(pre: ModelPreprocessor) -> None:
     )
     assert cut == " one two "
     assert kept == " one two three"
+    req, _ = decode_openai(completion(no_stop_trim=True), CompletionRequest)
+    assert req.keep_stop()  # SGLang's name for the same
     # A user stop token: trimmed by default, kept on request.
     last = ids[-1]
     trimmed = assemble(OutputAssembler(pre, [prompt]), ids, FinishReason.STOP, last)

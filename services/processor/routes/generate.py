@@ -98,7 +98,7 @@ async def _generate(
             keep_text=not req.stream,
             cache_owners=range(0, len(streams), n),
             skip_special_tokens=req.skip_special_tokens,
-            include_stop=req.include_stop_str_in_output,
+            include_stop=req.keep_stop(),
             echo=echo,
         )
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
