@@ -3,7 +3,16 @@
 Requests are decoded with :func:`decode_request`, which turns every way a body can be wrong
 (invalid JSON or UTF-8, wrong types, out-of-range values, inconsistent fields) into a
 :class:`RequestError` (HTTP 400) naming the offending field in ``param``, as OpenAI does.
-Unknown fields are ignored: clients send vendor extensions freely.
+Fields that OpenAI defines but the processor does not implement are not declared here: the
+processor refuses them by name (``services/processor/fields.py``); fields nobody defines are
+skipped by the decoder and reported by the processor (a warning and a counter), since clients
+send vendor extensions freely.
+
+Besides OpenAI's fields the requests take SGLang's and vLLM's common extras (``top_k``,
+``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
+``skip_special_tokens``, ``include_stop_str_in_output``, guided decoding by ``json_schema``,
+``regex``, ``ebnf``, ``structural_tag`` or vLLM's ``guided_*``); each carries a description in
+the OpenAPI schema.
 
 Responses follow OpenAI's shapes; errors are ``{"error": {"message", "type", "param",
 "code"}}`` (:func:`error_body`).
@@ -15,6 +24,8 @@ import re
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
+
+from proto.request import GuidedDecodingOptions
 
 __all__ = [
     "ChatChoice",
@@ -35,10 +46,15 @@ __all__ = [
     "ContentPart",
     "ErrorDetail",
     "ErrorResponse",
+    "JsonSchemaFormat",
     "ModelList",
     "ModelObject",
     "PromptTokensDetails",
     "RequestError",
+    "ResponseFormat",
+    "ResponseFormatJsonObject",
+    "ResponseFormatJsonSchema",
+    "ResponseFormatText",
     "StreamOptions",
     "TopLogprob",
     "Usage",
@@ -78,6 +94,52 @@ StopList = Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_SEQUENCE
 StopTokenIds = Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)]
 ChatTopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_CHAT_TOP_LOGPROBS)]
 CompletionLogprobsCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_COMPLETION_LOGPROBS)]
+MAX_LOGIT_BIAS = 1024  # entries in one logit_bias map
+LogitBiasValue = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
+LogitBias = Annotated[
+    dict[str, LogitBiasValue],
+    msgspec.Meta(
+        max_length=MAX_LOGIT_BIAS,
+        description="Token id (as a string) -> bias in [-100, 100] added to its logit.",
+    ),
+]
+
+
+def _doc(text: str) -> msgspec.Meta:
+    """The OpenAPI description of a non-OpenAI extra field."""
+    return msgspec.Meta(description=f"Extra (SGLang/vLLM): {text}")
+
+
+XTopK = Annotated[TopK, _doc("sample from the k most likely tokens; -1 or 0: all")]
+XMinP = Annotated[MinP, _doc("drop tokens less likely than min_p times the top one")]
+XRepetitionPenalty = Annotated[
+    RepetitionPenalty, _doc("divide the logits of tokens already seen (1: off)")
+]
+XStopTokenIds = Annotated[StopTokenIds, _doc("token ids that end the output")]
+XIgnoreEos = Annotated[bool, _doc("keep generating past EOS")]
+XMinTokens = Annotated[NonNegativeInt, _doc("no stop (EOS, stop tokens) before this many")]
+XSkipSpecial = Annotated[bool, _doc("leave special tokens out of the text (default true)")]
+XSpacesBetween = Annotated[
+    bool,
+    _doc(
+        "false (what fast tokenizers do) is served; true is refused when special tokens are "
+        "kept in the text"
+    ),
+]
+XIncludeStop = Annotated[
+    bool, _doc("keep the matched stop string (or stop token) at the end of the text")
+]
+XRegex = Annotated[str, _doc("constrain the output to this regular expression")]
+XEbnf = Annotated[str, _doc("constrain the output to this EBNF grammar")]
+XStructuralTag = Annotated[str | dict[str, Any], _doc("SGLang structural tag for the output")]
+XGuidedJson = Annotated[str | dict[str, Any], _doc("vLLM's name: a JSON schema the output follows")]
+XGuidedRegex = Annotated[str, _doc("vLLM's name for regex")]
+XGuidedChoice = Annotated[
+    list[str], msgspec.Meta(min_length=1, max_length=1024), _doc("vLLM: one of these strings")
+]
+XGuidedGrammar = Annotated[str, _doc("vLLM's name for ebnf")]
+XJsonSchema = Annotated[str, _doc("SGLang: a JSON schema (as a string) the output follows")]
+XNoStopTrim = Annotated[bool, _doc("SGLang's name for include_stop_str_in_output")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +262,58 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
+class ResponseFormatText(msgspec.Struct, kw_only=True, tag="text", tag_field="type"):
+    """Free text (the default)."""
+
+
+class ResponseFormatJsonObject(msgspec.Struct, kw_only=True, tag="json_object", tag_field="type"):
+    """Any JSON object."""
+
+
+class JsonSchemaFormat(msgspec.Struct, kw_only=True):
+    name: Annotated[str, msgspec.Meta(max_length=256)] = "response"
+    description: str | None = None
+    # The schema must be a JSON object; absent, any JSON object is accepted.
+    schema_: dict[str, Any] | None = msgspec.field(default=None, name="schema")
+    # The output always follows the schema (the engine enforces it): strict or not.
+    strict: bool | None = None
+
+
+class ResponseFormatJsonSchema(msgspec.Struct, kw_only=True, tag="json_schema", tag_field="type"):
+    """JSON that follows ``json_schema.schema``."""
+
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema
+
+# What ``{"type": "json_object"}`` asks for, as a schema (SGLang does the same).
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+# Extra constraint fields -> the GuidedDecodingOptions field they fill.
+_GUIDE_FIELDS = (
+    ("json_schema", "json"),
+    ("regex", "regex"),
+    ("ebnf", "grammar"),
+    ("structural_tag", "structural_tag"),
+    ("guided_json", "json"),
+    ("guided_regex", "regex"),
+    ("guided_choice", "choice"),
+    ("guided_grammar", "grammar"),
+)
+
+
+def _json_text(text: str, param: str) -> Any:
+    """A JSON schema given as a string: parsed, and it must be an object."""
+    try:
+        value = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise RequestError(f"'{param}' is not valid JSON: {exc}", param=param) from None
+    if not isinstance(value, dict):
+        raise RequestError(f"'{param}' must be a JSON object (a JSON schema)", param=param)
+    return value
+
+
 class _SamplingRequest(msgspec.Struct, kw_only=True):
     """Fields shared by chat and text completion requests."""
 
@@ -207,28 +321,81 @@ class _SamplingRequest(msgspec.Struct, kw_only=True):
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: TopK | None = None
-    min_p: MinP | None = None
+    top_k: XTopK | None = None
+    min_p: XMinP | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: RepetitionPenalty | None = None
+    repetition_penalty: XRepetitionPenalty | None = None
     seed: Seed | None = None
     n: N | None = None
     stop: StopString | StopList | None = None
-    stop_token_ids: StopTokenIds | None = None
-    ignore_eos: bool | None = None
-    min_tokens: NonNegativeInt | None = None
+    stop_token_ids: XStopTokenIds | None = None
+    ignore_eos: XIgnoreEos | None = None
+    min_tokens: XMinTokens | None = None
+    logit_bias: LogitBias | None = None
+    skip_special_tokens: XSkipSpecial = True
+    spaces_between_special_tokens: XSpacesBetween | None = None
+    include_stop_str_in_output: XIncludeStop = False
+    response_format: ResponseFormat | None = None
+    no_stop_trim: XNoStopTrim = False
+    json_schema: XJsonSchema | None = None
+    regex: XRegex | None = None
+    ebnf: XEbnf | None = None
+    structural_tag: XStructuralTag | None = None
+    guided_json: XGuidedJson | None = None
+    guided_regex: XGuidedRegex | None = None
+    guided_choice: XGuidedChoice | None = None
+    guided_grammar: XGuidedGrammar | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
     def check(self) -> None:
         """Cross-field validation, run by :func:`decode_request`."""
+        self.guide()  # at most one constraint, each well formed
+        if self.spaces_between_special_tokens and not self.skip_special_tokens:
+            raise RequestError(
+                "'spaces_between_special_tokens': true is not supported with "
+                "'skip_special_tokens': false (special tokens are joined to the text as the "
+                "tokenizer decodes them)",
+                param="spaces_between_special_tokens",
+            )
         if isinstance(self.stop, str) or self.stop is None:
             return
         for i, s in enumerate(self.stop):
             if not s:
                 raise RequestError("Stop sequences must not be empty", param=f"stop[{i}]")
+
+    def keep_stop(self) -> bool:
+        """Whether a matched stop string or stop token stays in the text."""
+        return self.include_stop_str_in_output or self.no_stop_trim
+
+    def guide(self) -> GuidedDecodingOptions | None:
+        """The constrained-decoding request for the engine, or None.
+
+        Raises :class:`RequestError` when more than one constraint is given."""
+        chosen: list[tuple[str, GuidedDecodingOptions]] = []
+        fmt = self.response_format
+        if isinstance(fmt, ResponseFormatJsonObject):
+            chosen.append(("response_format", GuidedDecodingOptions(json=_ANY_OBJECT)))
+        elif isinstance(fmt, ResponseFormatJsonSchema):
+            schema = fmt.json_schema.schema_
+            guide = GuidedDecodingOptions(json=_ANY_OBJECT if schema is None else schema)
+            chosen.append(("response_format", guide))
+        for name, kind in _GUIDE_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if kind == "json" and isinstance(value, str):
+                value = _json_text(value, name)
+            chosen.append((name, GuidedDecodingOptions(**{kind: value})))
+        if len(chosen) > 1:
+            names = ", ".join(f"'{n}'" for n, _ in chosen)
+            raise RequestError(
+                f"At most one output constraint may be given; got {names}",
+                param=chosen[1][0],
+            )
+        return chosen[0][1] if chosen else None
 
     def effective_top_k(self) -> int | None:
         """``top_k`` with 0 mapped to -1 (disabled), as the reference does."""
@@ -274,11 +441,23 @@ class CompletionRequest(_SamplingRequest, kw_only=True):
     logprobs: CompletionLogprobsCount | None = None
     echo: bool = False
     suffix: str | None = None
+    best_of: N | None = None
 
     def check(self) -> None:
         super().check()
-        if self.echo:
-            raise RequestError("'echo' is not supported", param="echo")
+        if self.echo and self.logprobs is not None:
+            # The engines return no prompt logprobs: echoing the prompt without them would
+            # hand back a logprobs object that silently leaves the prompt out.
+            raise RequestError(
+                "'echo' with 'logprobs' is not supported: the engines do not return prompt "
+                "logprobs",
+                param="echo",
+            )
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise RequestError(
+                "'best_of' other than 'n' is not supported (every generated choice is returned)",
+                param="best_of",
+            )
         if self.suffix:
             raise RequestError("'suffix' is not supported", param="suffix")
         self.prompts()
@@ -340,7 +519,7 @@ _MISSING_RE = re.compile(r"^Object missing required field `(?P<field>[^`]+)`")
 
 
 def _param_from_path(path: str) -> str | None:
-    path = path.lstrip(".")
+    path = path.lstrip(".").replace("[...]", "")
     return path or None
 
 

@@ -83,6 +83,8 @@ class SamplingOptions(msgspec.Struct, omit_defaults=True, kw_only=True):
     guided_decoding: GuidedDecodingOptions | None = None
     detokenize: bool | None = None
     allowed_token_ids: list[TokenId] | None = None
+    # Token id (decimal string, as OpenAI and SGLang spell it) -> bias added to its logit.
+    logit_bias: dict[str, float] | None = None
     bad_words_token_ids: list[list[TokenId]] | None = None
 
 

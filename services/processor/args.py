@@ -25,6 +25,7 @@ from shared.flags import (
     parse_bool,
 )
 from shared.router import KV_ROUTER_FLAGS, KvRouterConfig, RouterMode, kv_router_config
+from shared.router.mode import PROCESSOR_MODES
 
 __all__ = ["ProcessorConfig", "is_loopback", "parse_processor_args"]
 
@@ -86,9 +87,12 @@ def _host(text: str) -> str:
 def _router_mode(text: str) -> RouterMode:
     value = text.strip().lower().replace("_", "-")
     try:
-        return RouterMode(value)
+        mode = RouterMode(value)
+        if mode not in PROCESSOR_MODES:
+            raise ValueError(value)
+        return mode
     except ValueError:
-        choices = ", ".join(m.value for m in RouterMode)
+        choices = ", ".join(m.value for m in PROCESSOR_MODES)
         raise ValueError(f"choose one of {choices}, got {text!r}") from None
 
 

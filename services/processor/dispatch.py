@@ -30,7 +30,8 @@ A disaggregated request whose prefill worker dies during the prefill or the KV t
 decode engine then aborts, waiting for KV that never comes) is re-run on another prefill
 worker, as long as no token reached the client. A request carries one
 choice (the processor fans ``n > 1`` out into single-choice requests): several choices could
-not be resumed as one prompt.
+not be resumed as one prompt. Nor can a request with constrained output (a guide) once it
+has output: the grammar's state is on the failed worker, so it fails with a clear error.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class Dispatcher:
         # Chosen once: a retry after the decode pool vanished must say so, not fall back to
         # an aggregated pool the model never had.
         disaggregated = model.disaggregated
+        guided = request.sampling_options.guided_decoding is not None
         while True:
             current = _continuation(request, progress.generated)
             try:
@@ -170,6 +172,18 @@ class Dispatcher:
                     yield index, batch
                 return
             except MeshError as exc:
+                if guided and progress.generated and exc.retryable:
+                    # The grammar's state lives on the failed worker: resent with its output
+                    # as prompt, the request would start a fresh grammar mid-output.
+                    raise RemoteError(
+                        ErrorBody(
+                            code=exc.code,
+                            message="a request with constrained output (response_format, "
+                            "regex, ...) cannot migrate after its first token: "
+                            f"{exc.message}",
+                            retryable=False,
+                        )
+                    ) from exc
                 now = time.monotonic()
                 first_failure = now if first_failure is None else first_failure
                 if self._is_blip(exc):

@@ -65,3 +65,9 @@ kv_overlap = Histogram(
     ["model"],
     buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0),
 )
+ignored_fields = Counter(
+    f"{_PREFIX}_ignored_fields",
+    "request fields ignored as no standard's (vendor extras), by name; names past the first "
+    "64 distinct ones count as 'other'",
+    ["field"],
+)

@@ -3,6 +3,7 @@ encodes, so the document cannot drift from what the server accepts."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -19,6 +20,7 @@ from proto.openai import (
     ModelList,
     ModelObject,
 )
+from services.processor.fields import CHAT_FIELDS, COMPLETION_FIELDS, Unserved
 
 __all__ = ["openapi_document"]
 
@@ -40,10 +42,35 @@ def _errors(*statuses: int) -> dict[str, Any]:
     }
 
 
-def _generate_op(summary: str, request: type[Any], response: type[Any], chunk: type[Any]) -> Any:
+def _fields_note(table: Mapping[str, Unserved]) -> str:
+    refused = sorted(name for name, u in table.items() if u.reason)
+    free = sorted(name for name, u in table.items() if not u.reason)
+    parts = []
+    if refused:
+        parts.append(
+            "These OpenAI fields are refused with a 400 naming them unless their value asks "
+            "for nothing (e.g. an empty list, false, 'none'): " + ", ".join(refused) + "."
+        )
+    if free:
+        parts.append("Accepted without effect: " + ", ".join(free) + ".")
+    parts.append(
+        "Fields marked 'Extra (SGLang/vLLM)' are not OpenAI's. Any other field is ignored, "
+        "with a warning in the log and the counter sglmesh_processor_ignored_fields_total."
+    )
+    return " ".join(parts)
+
+
+def _generate_op(
+    summary: str,
+    request: type[Any],
+    response: type[Any],
+    chunk: type[Any],
+    fields: Mapping[str, Unserved],
+) -> Any:
     return {
         "post": {
             "summary": summary,
+            "description": _fields_note(fields),
             "requestBody": {"required": True, "content": _json(request)},
             "responses": {
                 "200": {
@@ -101,9 +128,14 @@ def openapi_document() -> dict[str, Any]:
                 ChatCompletionRequest,
                 ChatCompletionResponse,
                 ChatCompletionChunk,
+                CHAT_FIELDS,
             ),
             "/v1/completions": _generate_op(
-                "Create a text completion", CompletionRequest, CompletionResponse, CompletionChunk
+                "Create a text completion",
+                CompletionRequest,
+                CompletionResponse,
+                CompletionChunk,
+                COMPLETION_FIELDS,
             ),
             "/v1/embeddings": {
                 "post": {

@@ -389,6 +389,23 @@ class ModelPreprocessor:
                     param=param,
                 )
 
+    def _logit_bias(self, bias: Mapping[str, float] | None) -> dict[str, float] | None:
+        """``logit_bias`` with every key checked to be a token id of this vocabulary."""
+        if not bias:
+            return None
+        vocab = self.vocab_size
+        out: dict[str, float] = {}
+        for key, value in bias.items():
+            token = int(key) if key.isascii() and key.isdigit() else -1
+            if not 0 <= token < vocab:
+                raise RequestError(
+                    f"logit_bias key {key!r} is not a token id of this model's vocabulary "
+                    f"(0 to {vocab - 1})",
+                    param="logit_bias",
+                )
+            out[str(token)] = float(value)
+        return out
+
     def _build(
         self,
         req: ChatCompletionRequest | CompletionRequest,
@@ -418,6 +435,7 @@ class ModelPreprocessor:
                 )
         if req.stop_token_ids:
             self._check_token_ids(req.stop_token_ids, "stop_token_ids")
+        logit_bias = self._logit_bias(req.logit_bias)
         return PreprocessedRequest(
             model=self.model,
             token_ids=token_ids,
@@ -438,6 +456,9 @@ class ModelPreprocessor:
                 top_k=req.effective_top_k(),
                 min_p=req.min_p,
                 seed=req.seed,
+                include_stop_str_in_output=req.keep_stop() or None,
+                guided_decoding=req.guide(),
+                logit_bias=logit_bias,
             ),
             output_options=OutputOptions(logprobs=logprobs),
             eos_token_ids=list(self.eos_token_ids),

@@ -112,12 +112,19 @@ class OutputAssembler:
         logprobs: bool = False,
         keep_text: bool = False,
         cache_owners: Sequence[int] | None = None,
+        skip_special_tokens: bool = True,
+        include_stop: bool = False,
+        echo: Sequence[str] | None = None,
     ) -> None:
         self._pre = preprocessor
         self._tokenizer = preprocessor.tokenizer
         self._eos = frozenset(preprocessor.eos_token_ids)
         self._want_logprobs = logprobs
         self._keep = keep_text
+        # include_stop: a matched stop string or user stop token stays in the text.
+        self._include_stop = include_stop
+        # echo: per stream, text that goes before its first output (the prompt).
+        self._echo = list(echo) if echo is not None else None
         self.prompt_tokens = (
             sum(len(p) for p in prompts) if prompt_tokens is None else prompt_tokens
         )
@@ -128,8 +135,10 @@ class OutputAssembler:
         self.cached_tokens: dict[int, int] = {}
         self.choices: list[_Choice] = [
             _Choice(
-                IncrementalDetokenizer(self._tokenizer, prompt),
-                StopStringMatcher(stop) if stop else None,
+                IncrementalDetokenizer(
+                    self._tokenizer, prompt, skip_special_tokens=skip_special_tokens
+                ),
+                StopStringMatcher(stop, include_stop=include_stop) if stop else None,
             )
             for prompt in prompts
         ]
@@ -203,10 +212,11 @@ class OutputAssembler:
                     else "the engine failed the request"
                 )
             last = token_ids[-1] if token_ids else None
+            user_stop = last == out.stop_reason and not self._include_stop
             if (
                 reason in (FinishReason.STOP, FinishReason.EOS)
                 and last is not None
-                and (last == out.stop_reason or last in self._eos)
+                and (user_stop or (last in self._eos and last != out.stop_reason))
             ):
                 text_ids = token_ids[:-1]  # the matched stop token is not part of the text
         text = choice.detok.push(text_ids) if text_ids else ""
@@ -255,6 +265,8 @@ class OutputAssembler:
     ) -> Delta:
         first = not choice.started
         choice.started = True
+        if first and self._echo is not None:
+            text = self._echo[index] + text
         if self._keep:
             if text:
                 choice.text.append(text)

@@ -134,6 +134,7 @@ def sampling_params(
         "frequency_penalty": opts.frequency_penalty,
         "repetition_penalty": opts.repetition_penalty,
         "sampling_seed": opts.seed,
+        "logit_bias": dict(opts.logit_bias) if opts.logit_bias else None,
     }
     params.update(_guided_decoding(req))
     if skip_tokenizer_init and (stop.min_tokens or 0) > 0:

@@ -10,24 +10,15 @@ queued behind a saturated engine.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from shared.router.load import LoadTracker
+from shared.router.mode import RouterMode
 
 __all__ = ["BusyError", "RouterMode", "Selector", "WorkerCandidate"]
-
-
-class RouterMode(enum.StrEnum):
-    ROUND_ROBIN = "round-robin"
-    RANDOM = "random"
-    LEAST_LOADED = "least-loaded"
-    # KV-aware (shared/router/kv_router.py): chosen by the processor, not by Selector, which
-    # treats it as least-loaded (the decode leg of a disaggregated request is load-only).
-    KV = "kv"
 
 
 class BusyError(Exception):

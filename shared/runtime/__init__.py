@@ -1,6 +1,7 @@
 """The distributed runtime: NATS request plane, etcd lease discovery, endpoints and clients."""
 
-from shared.runtime.client import Client, ResponseStream, RouterMode
+from shared.router.mode import RouterMode
+from shared.runtime.client import Client, ResponseStream
 from shared.runtime.endpoint import Context, Endpoint, ServedEndpoint
 from shared.runtime.errors import (
     InvalidRequestError,

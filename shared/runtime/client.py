@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import itertools
 import logging
 import random
@@ -25,6 +24,7 @@ import msgspec
 from proto.discovery import InstanceRecord, instances_prefix
 from proto.plane import Control, ControlKind, Frame, FrameKind, RequestEnvelope
 from shared.config import EndpointId
+from shared.router.mode import CLIENT_MODES, RouterMode
 from shared.runtime import metrics
 from shared.runtime.discovery import PrefixWatcher
 from shared.runtime.errors import (
@@ -43,12 +43,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 128
 _REPROBE_INTERVAL = 0.5
-
-
-class RouterMode(enum.StrEnum):
-    ROUND_ROBIN = "round_robin"
-    RANDOM = "random"
-    ANY = "any"  # NATS queue group: the server picks; no discovery needed
 
 
 def control_subject(instance_id: int) -> str:
@@ -370,6 +364,11 @@ class Client:
             self.count_error(down)
             raise down
         mode = RouterMode(mode)
+        if mode not in CLIENT_MODES:
+            raise ValueError(
+                f"a runtime client routes by {', '.join(CLIENT_MODES)}, not {mode} (load- "
+                "and KV-aware routing is the processor's router)"
+            )
         if instance_id is None and mode is not RouterMode.ANY:
             try:
                 instance_id = self._pick(mode)

@@ -343,3 +343,35 @@ async def test_sigterm_processor_under_load_drains_and_exits_zero(
             assert r.usage is not None and r.usage["completion_tokens"] == n_tokens
         assert await processor.wait_exit(15) == 0, processor.output()
         assert time.monotonic() - signalled < 10
+
+
+async def test_a_guided_request_is_not_migrated_mid_output(
+    nats_server: NatsServer, etcd_server: EtcdServer, tmp_path: Path, tiny: Path
+) -> None:
+    # Constrained output cannot resume on another worker (its grammar state died with the
+    # worker): the stream ends with an error naming why, where a plain one migrates.
+    body = {"model": MODEL, "prompt": "once there was a dog", "max_tokens": 64,
+            "ignore_eos": True, "regex": "[a-z ]+"}  # fmt: skip
+    async with mesh(nats_server, etcd_server, tmp_path, stream_timeout=2.0) as m:
+        processor = m.add_processor("--router-mode", "round-robin")
+        workers = await m.add_workers(tiny, (), (), served=MODEL, speedup=SLOW)
+        await processor.wait_model(MODEL)
+        async with aiohttp.ClientSession() as http:
+            results = [StreamResult() for _ in range(2)]
+            tasks = [
+                asyncio.create_task(stream_completion(http, processor, {**body, "seed": i}, r))
+                for i, r in enumerate(results)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(r.started.wait() for r in results)), 10)
+            await asyncio.sleep(0.3)
+            # Round robin put one stream on each worker.
+            counts = [await w.metric("sglmesh_worker_inflight_requests") for w in workers]
+            assert counts == [1, 1], counts
+            workers[0].signal(signal.SIGKILL)
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        failed = [r for r in results if r.errors]
+        assert len(failed) == 1, [(r.errors, r.finish) for r in results]
+        message = failed[0].errors[0]["error"]["message"]
+        assert "cannot migrate after its first token" in message, message
+        (survivor,) = [r for r in results if not r.errors]
+        assert survivor.finish == "length"

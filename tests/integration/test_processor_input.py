@@ -13,12 +13,16 @@ import copy
 import json
 import random
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from shared.infra import EtcdServer, NatsServer
 from shared.model import make_test_tokenizer
@@ -138,6 +142,40 @@ CASES: list[tuple[str, str, bytes | dict[str, Any], int, str | None]] = [
     ("unknown-model", "chat/completions", with_(CHAT, model="gpt-17"), 404, "model"),
     ("deeply-nested-unknown-field", "chat/completions",
      json.dumps(CHAT)[:-1].encode() + b', "junk": ' + _deep_json + b"}", 400, None),
+    # OpenAI fields we do not serve: refused by name, never dropped (services/processor/fields.py).
+    ("tools", "chat/completions",
+     with_(CHAT, tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    ("tool-choice-required", "chat/completions", with_(CHAT, tool_choice="required"), 400,
+     "tool_choice"),
+    ("functions", "chat/completions", with_(CHAT, functions=[{"name": "f"}]), 400, "functions"),
+    ("audio", "chat/completions", with_(CHAT, audio={"voice": "alloy"}), 400, "audio"),
+    ("modalities-audio", "chat/completions", with_(CHAT, modalities=["text", "audio"]), 400,
+     "modalities"),
+    ("prediction", "chat/completions",
+     with_(CHAT, prediction={"type": "content", "content": "x"}), 400, "prediction"),
+    ("web-search", "chat/completions", with_(CHAT, web_search_options={}), 400,
+     "web_search_options"),
+    ("store", "chat/completions", with_(CHAT, store=True), 400, "store"),
+    ("best-of", "completions", with_(COMPLETION, best_of=4), 400, "best_of"),
+    ("echo-with-logprobs", "completions", with_(COMPLETION, echo=True, logprobs=1), 400, "echo"),
+    # Structured output and logit_bias, checked before any worker sees them.
+    ("two-guides", "chat/completions",
+     with_(CHAT, response_format={"type": "json_object"}, regex="[a-z]+"), 400, "regex"),
+    ("schema-not-an-object", "chat/completions",
+     with_(CHAT, response_format={"type": "json_schema", "json_schema": {"name": "x",
+                                                                        "schema": "object"}}),
+     400, "response_format.json_schema.schema"),
+    ("response-format-unknown-type", "chat/completions",
+     with_(CHAT, response_format={"type": "yaml"}), 400, "response_format.type"),
+    ("logit-bias-not-a-token", "completions", with_(COMPLETION, logit_bias={"cat": 5}), 400,
+     "logit_bias"),
+    ("logit-bias-out-of-vocab", "chat/completions", with_(CHAT, logit_bias={"100000": 5}), 400,
+     "logit_bias"),
+    ("logit-bias-too-big", "chat/completions", with_(CHAT, logit_bias={"5": 100.5}), 400,
+     "logit_bias"),
+    ("spaces-between-kept-specials", "completions",
+     with_(COMPLETION, skip_special_tokens=False, spaces_between_special_tokens=True), 400,
+     "spaces_between_special_tokens"),
     ("deeply-nested-content", "chat/completions",
      b'{"model": "tiny", "messages": [{"role": "user", "content": ' + _deep_json + b"}]}",
      400, None),
@@ -204,6 +242,50 @@ async def test_unknown_routes_and_methods(
     assert error_detail(json.loads(payload))["code"] == status
 
 
+async def test_vendor_fields_are_ignored_with_a_warning_and_a_count(
+    processor: Processor, http: aiohttp.ClientSession
+) -> None:
+    field = "x_vendor_knob"
+    before = await processor.metric("sglmesh_processor_ignored_fields_total", field=field)
+    plain = with_(CHAT, seed=11, temperature=0.9)
+    answers = []
+    for body in (plain, with_(plain, x_vendor_knob={"turbo": True})):
+        status, _, payload = await send(http, f"{processor.v1}/chat/completions", body)
+        assert status == 200, payload[:300]
+        answers.append(json.loads(payload)["choices"][0]["message"]["content"])
+    assert answers[0] == answers[1]  # ignored means no effect on the result
+    after = await processor.metric("sglmesh_processor_ignored_fields_total", field=field)
+    assert after == before + 1
+    warnings = [
+        line for line in processor.output(tail=200_000).splitlines() if "'x_vendor_knob'" in line
+    ]
+    assert len(warnings) == 1 and "ignoring request fields" in warnings[0], warnings
+
+
+async def test_echo_puts_the_prompt_before_each_choice(
+    processor: Processor, http: aiohttp.ClientSession
+) -> None:
+    body = with_(COMPLETION, seed=5, n=2)
+    status, _, payload = await send(http, f"{processor.v1}/completions", body)
+    assert status == 200, payload[:300]
+    plain = [c["text"] for c in json.loads(payload)["choices"]]
+    status, _, payload = await send(http, f"{processor.v1}/completions", with_(body, echo=True))
+    assert status == 200, payload[:300]
+    echoed = [c["text"] for c in json.loads(payload)["choices"]]
+    assert echoed == [COMPLETION["prompt"] + text for text in plain]
+    # Streamed: the prompt comes first, once per choice.
+    status, _, payload = await send(
+        http, f"{processor.v1}/completions", with_(body, echo=True, stream=True)
+    )
+    assert status == 200, payload[:300]
+    texts = ["", ""]
+    for part in payload.decode().split("\n\n"):
+        if part.startswith("data: {"):
+            for choice in json.loads(part.removeprefix("data: "))["choices"]:
+                texts[choice["index"]] += choice["text"]
+    assert texts == echoed
+
+
 # -- fuzz --------------------------------------------------------------------------------------
 
 _JUNK: list[Any] = [
@@ -232,6 +314,23 @@ def _base_bodies() -> list[tuple[str, dict[str, Any]]]:
         {"logprobs": True, "top_logprobs": 2},
         {"max_completion_tokens": 4, "max_tokens": _DELETE},
         {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi there"}]}]},
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "properties": {"a": {"type": "integer"}}},
+                },
+            }
+        },
+        {
+            "logit_bias": {"5": 10},
+            "skip_special_tokens": False,
+            "stop": ["the"],
+            "include_stop_str_in_output": True,
+            "tool_choice": "none",
+            "metadata": {"a": "b"},
+        },
     ]
     completion_variants: list[dict[str, Any]] = [
         {},
@@ -241,6 +340,8 @@ def _base_bodies() -> list[tuple[str, dict[str, Any]]]:
         {"prompt": [[30, 31], [40, 41, 42]], "stream": True},
         {"logprobs": 2, "seed": 9},
         {"stop": "dog", "n": 2},
+        {"echo": True, "stream": True, "n": 2},
+        {"regex": "[a-z]+", "best_of": 1},
     ]
     return [("chat/completions", with_(CHAT, **v)) for v in chat_variants] + [
         ("completions", with_(COMPLETION, **v)) for v in completion_variants
@@ -401,3 +502,115 @@ async def test_fuzzed_bodies_never_get_a_500_or_a_hang(
     assert status == 200, payload
     async with http.get(f"{processor.base}/health") as resp:
         assert resp.status == 200
+
+
+# -- valid bodies with every field (hypothesis) ------------------------------------------------
+
+_TOKEN = st.integers(4, 40)
+_TEXT = st.text(alphabet="abcdefgh ", min_size=1, max_size=12)
+_SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+_FORMATS = st.sampled_from(
+    [
+        {"type": "text"},
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": _SCHEMA, "strict": True}},
+    ]
+)
+_SAMPLING: dict[str, Any] = {
+    "max_tokens": st.integers(1, 8),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(-1, 50),
+    "min_p": st.floats(0, 1),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2),
+    "seed": st.integers(-(2**63), 2**63 - 1),
+    "n": st.integers(1, 3),
+    "stop": st.one_of(_TEXT, st.lists(_TEXT, max_size=3)),
+    "stop_token_ids": st.lists(_TOKEN, max_size=3),
+    "ignore_eos": st.booleans(),
+    "min_tokens": st.integers(0, 4),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "user": _TEXT,
+    "logit_bias": st.dictionaries(_TOKEN.map(str), st.floats(-100, 100), max_size=3),
+    "skip_special_tokens": st.booleans(),
+    "spaces_between_special_tokens": st.booleans(),
+    "include_stop_str_in_output": st.booleans(),
+    "response_format": _FORMATS,  # a constraint with regex (completions) is a 400
+    "metadata": st.dictionaries(_TEXT, _TEXT, max_size=2),
+    "x_vendor_extra": st.integers(),
+}
+_CHAT_ONLY: dict[str, Any] = {
+    "max_completion_tokens": st.integers(1, 8),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(0, 5),
+    "tools": st.just([]),
+    "tool_choice": st.sampled_from(["none", "auto"]),
+    "parallel_tool_calls": st.booleans(),
+    "modalities": st.just(["text"]),
+    "store": st.just(False),
+    "service_tier": st.sampled_from(["auto", "default"]),
+    "prompt_cache_key": _TEXT,
+    "chat_template_kwargs": st.just({}),
+}
+_COMPLETION_ONLY: dict[str, Any] = {
+    "logprobs": st.integers(0, 5),
+    "echo": st.booleans(),
+    "best_of": st.just(1),
+    "regex": st.just("[a-z]+"),
+}
+_MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant"]), "content": _TEXT}
+)
+_BODIES = st.one_of(
+    st.tuples(
+        st.just("chat/completions"),
+        st.fixed_dictionaries(
+            {"model": st.just(MODEL), "messages": st.lists(_MESSAGE, min_size=1, max_size=3)},
+            optional={**_SAMPLING, **_CHAT_ONLY},
+        ),
+    ),
+    st.tuples(
+        st.just("completions"),
+        st.fixed_dictionaries(
+            {
+                "model": st.just(MODEL),
+                "prompt": st.one_of(_TEXT, st.lists(_TOKEN, min_size=1, max_size=6)),
+            },
+            optional={**_SAMPLING, **_COMPLETION_ONLY},
+        ),
+    ),
+)
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=_BODIES)
+def test_valid_bodies_with_every_field_never_get_a_5xx(
+    processor: Processor, case: tuple[str, dict[str, Any]]
+) -> None:
+    path, body = case
+    request = urllib.request.Request(
+        f"{processor.v1}/{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            status, content_type, payload = (
+                resp.status,
+                resp.headers.get_content_type(),
+                resp.read(),
+            )
+    except urllib.error.HTTPError as err:
+        status, content_type, payload = err.code, err.headers.get_content_type(), err.read()
+    problem = _check_answer(status, content_type, payload)
+    assert problem is None, (problem, body)
+    event(f"status {status}")
+    if status != 200:
+        event(error_detail(json.loads(payload)).get("param") or "no param")

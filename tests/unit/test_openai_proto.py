@@ -64,7 +64,7 @@ def test_valid_chat_request_with_extras() -> None:
         top_logprobs=3,
         stream=True,
         stream_options={"include_usage": True},
-        tools=[{"type": "function"}],  # unknown to us: ignored
+        tools=[{"type": "function"}],  # the processor refuses it (fields.py), not the decoder
         some_vendor_field={"a": 1},
     )
     req = decode_request(body, ChatCompletionRequest)
@@ -195,7 +195,8 @@ def test_completion_prompt_shapes() -> None:
         ({"prompt": 5}, "prompt"),
         ({"logprobs": 6}, "logprobs"),
         ({"logprobs": True}, "logprobs"),
-        ({"echo": True}, "echo"),
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"best_of": 3}, "best_of"),
         ({"suffix": "end"}, "suffix"),
         ({"max_tokens": -5}, "max_tokens"),
         ({"n": 0}, "n"),
@@ -207,7 +208,7 @@ def test_completion_validation_names_param(fields: dict[str, Any], param: str) -
 
 
 def test_echo_and_suffix_messages_are_clear() -> None:
-    assert "not supported" in completion_error(completion(echo=True)).message
+    assert "prompt logprobs" in completion_error(completion(echo=True, logprobs=0)).message
     assert "not supported" in completion_error(completion(suffix="x")).message
     # echo=false and an empty suffix are harmless.
     assert decode_request(completion(echo=False, suffix=""), CompletionRequest)

@@ -75,3 +75,9 @@ def test_kv_router_flags() -> None:
     kv = cfg.kv_router
     assert (kv.temperature, kv.use_kv_events, kv.prefill_load_scale) == (0.5, False, 2.0)
     assert parse_processor_args([], env={}).kv_router.use_kv_events
+
+
+def test_router_mode_any_is_a_client_mode_only() -> None:
+    # One RouterMode for every router; the processor takes its own subset.
+    with pytest.raises(SystemExit):
+        parse_processor_args(["--router-mode", "any"], env={})

@@ -1,0 +1,1 @@
+"""The processor's HTTP handlers, one module per endpoint family."""
