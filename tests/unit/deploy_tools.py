@@ -26,6 +26,24 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = ("agg", "disagg", "encode", "gpu")
 CHART = K8S / "helm" / "sglmesh"
+# The chart's value sets the tests render, each the counterpart of an overlay.
+HELM_VALUES: dict[str, dict[str, Any]] = {
+    "helm-agg": {"encode": {"enabled": False}},
+    "helm-disagg": {"topology": "disagg", "encode": {"enabled": False}},
+    "helm-encode": {},  # the chart's defaults: aggregated workers and the encode service
+    "helm-gpu": {
+        "topology": "disagg",
+        "engine": "sglang",
+        "gpu": {"enabled": True},
+        "encode": {"enabled": False},
+        "model": {
+            "name": "qwen2.5-7b-instruct",
+            "path": "/models/qwen2.5-7b-instruct",
+            "claimName": "sglmesh-models",
+            "createClaim": True,
+        },
+    },
+}
 # The Kubernetes release the manifests are written for (and validated against).
 K8S_VERSION = "1.32.0"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
@@ -71,6 +89,13 @@ def helm_template(
             continue  # NOTES.txt
         docs.extend(d for d in yaml.safe_load_all(rendered[path]) if d)
     return docs
+
+
+def render_all() -> dict[str, list[dict[str, Any]]]:
+    """Every shipped rendering: the kustomize overlays, then the chart's value sets."""
+    out = {overlay: kustomize(K8S / "overlays" / overlay) for overlay in OVERLAYS}
+    out.update({name: helm_template(values=values) for name, values in HELM_VALUES.items()})
+    return out
 
 
 def _local_schema(doc: dict[str, Any]) -> dict[str, Any] | None:

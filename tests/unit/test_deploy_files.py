@@ -34,7 +34,7 @@ from shared.engine.registry import engine_names
 from shared.infra_auth import ensure_credentials
 from shared.model import DEFAULT_MODEL_NAME
 from shared.worker.args import PREFILL, parse_worker_args
-from tests.unit.deploy_tools import K8S, OVERLAYS, ROOT, kustomize, pod_templates
+from tests.unit.deploy_tools import K8S, ROOT, pod_templates, render_all
 
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -335,9 +335,10 @@ def test_dockerignore_keeps_the_context_to_the_project() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Kubernetes: the overlays as kubectl kustomize renders them
+# Kubernetes: the overlays as kubectl kustomize renders them, and the Helm chart as Helm does
 
-RENDERED: dict[str, list[dict[str, Any]]] = {o: kustomize(K8S / "overlays" / o) for o in OVERLAYS}
+RENDERED: dict[str, list[dict[str, Any]]] = render_all()
+OVERLAYS = tuple(RENDERED)  # kustomize overlays, then helm-* value sets
 
 
 def _objects(overlay: str, kind: str) -> list[dict[str, Any]]:
@@ -372,6 +373,8 @@ EXPECTED_WORKERS = {
     "encode": {"worker", "encode"},
     "gpu": {"prefill", "decode"},
 }
+EXPECTED_WORKERS.update({f"helm-{k}": v for k, v in EXPECTED_WORKERS.items()})
+GPU = ("gpu", "helm-gpu")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -451,7 +454,7 @@ def test_sglmesh_deployment_probes_config_and_shutdown(overlay: str, name: str) 
     pre_stop = main.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
     pre_stop_seconds = float(pre_stop[-1]) if pre_stop and pre_stop[0] == "sleep" else 0.0
     assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop_seconds + GRACE_PERIOD
-    if overlay != "gpu":
+    if overlay not in GPU:
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
@@ -616,11 +619,12 @@ def test_the_service_monitor_scrapes_every_sglmesh_process(overlay: str) -> None
             )
 
 
-def test_gpu_overlay_gives_workers_gpus_and_the_model_to_both_sides() -> None:
-    processor = _k8s("gpu", "Deployment", "processor")["spec"]["template"]["spec"]
+@pytest.mark.parametrize("overlay", GPU)
+def test_gpu_overlay_gives_workers_gpus_and_the_model_to_both_sides(overlay: str) -> None:
+    processor = _k8s(overlay, "Deployment", "processor")["spec"]["template"]["spec"]
     (proc,) = processor["containers"]
     for name in ("prefill", "decode"):
-        spec = _k8s("gpu", "Deployment", name)["spec"]["template"]["spec"]
+        spec = _k8s(overlay, "Deployment", name)["spec"]["template"]["spec"]
         (main,) = spec["containers"]
         assert _flag(main["args"], "--engine") == "sglang"
         assert main["image"].endswith(":gpu")
@@ -644,7 +648,7 @@ def test_gpu_overlay_gives_workers_gpus_and_the_model_to_both_sides() -> None:
         (mount,) = [m for m in main["volumeMounts"] if m["mountPath"] == model]
         (proc_mount,) = [m for m in proc["volumeMounts"] if m["mountPath"] == model]
         assert claims[mount["name"]] == proc_claims[proc_mount["name"]]
-        assert _k8s("gpu", "PersistentVolumeClaim", claims[mount["name"]])
+        assert _k8s(overlay, "PersistentVolumeClaim", claims[mount["name"]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -795,9 +799,10 @@ COMMAND_LINES = list(_command_lines())
 def _model_paths(source: str) -> set[str]:
     """Where a command line's model may be: baked into the images, or (gpu overlay) a volume
     mounted at the same path in its container and the processor's."""
-    if not source.startswith("k8s gpu "):
+    overlay = source.split()[1]
+    if not source.startswith("k8s ") or overlay not in GPU:
         return set()
-    pod = _k8s("gpu", "Deployment", "processor")["spec"]["template"]
+    pod = _k8s(overlay, "Deployment", "processor")["spec"]["template"]
     return {m["mountPath"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts", [])}
 
 

@@ -1,4 +1,5 @@
-"""Every shipped overlay renders with kubectl kustomize and every object it renders is valid.
+"""Every shipped overlay renders with kubectl kustomize, the Helm chart with Helm's own library,
+and every object they render is valid.
 
 Valid means: accepted by the Kubernetes OpenAPI schemas of ``K8S_VERSION`` in strict mode (no
 unknown fields), or by the schema in ``schemas/`` for a CRD (the ServiceMonitor). The broken
@@ -16,24 +17,30 @@ import pytest
 import yaml
 
 from tests.unit.deploy_tools import (
+    CHART,
+    HELM_VALUES,
     K8S,
     K8S_VERSION,
     OVERLAYS,
+    helm_template,
     kustomize,
+    render_all,
     validation_errors,
 )
+
+RENDERINGS = (*OVERLAYS, *HELM_VALUES)
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
-    return {overlay: kustomize(K8S / "overlays" / overlay) for overlay in OVERLAYS}
+    return render_all()
 
 
 def test_every_overlay_directory_is_tested() -> None:
     assert {p.name for p in (K8S / "overlays").iterdir() if p.is_dir()} == set(OVERLAYS)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERINGS)
 def test_overlay_renders_and_every_object_validates(
     overlay: str, rendered: dict[str, list[dict[str, Any]]]
 ) -> None:
@@ -173,3 +180,56 @@ def test_a_broken_overlay_fails_to_render_or_validate(tmp_path: Path) -> None:
     )
     with pytest.raises(RuntimeError, match="kubectl kustomize"):
         kustomize(overlay)
+
+
+def test_the_chart_lints_clean() -> None:
+    import helm_python as helm
+
+    for values in HELM_VALUES.values():
+        report = helm.lint(str(CHART), values, strict=True, kube_version=K8S_VERSION)
+        assert not report["errors"], report
+        # Helm's severities: 1 info ("icon is recommended"), 2 warning, 3 error.
+        assert all(m["severity"] < 2 for m in report["messages"]), report
+
+
+@pytest.mark.parametrize(
+    "values,complaint",
+    [
+        ({"topology": "both"}, "/topology"),
+        ({"engine": "vllm"}, "/engine"),
+        ({"model": {"path": "/data/model"}}, "/model/path"),
+        ({"etcd": {"replicas": 2}}, "/etcd/replicas"),
+    ],
+)
+def test_the_chart_refuses_bad_values(values: dict[str, Any], complaint: str) -> None:
+    import helm_python as helm
+
+    with pytest.raises(helm.HelmValuesError, match=complaint):
+        helm_template(values=values)
+
+
+def test_chart_values_reach_the_objects() -> None:
+    docs = helm_template(
+        values={
+            "topology": "disagg",
+            "images": {"registry": "registry.example.com/", "tag": "1.2.3"},
+            "workers": {"decode": {"replicas": 3}},
+            "nats": {"replicas": 5},
+            "networkPolicies": {"enabled": False},
+            "serviceMonitor": {"enabled": False},
+            "kvPublisher": {"enabled": False},
+        }
+    )
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    decode = by_name[("Deployment", "decode")]
+    assert decode["spec"]["replicas"] == 3
+    (container,) = decode["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "registry.example.com/sglmesh/decode:1.2.3"
+    assert "--kv-events-config" not in container["args"]
+    assert "initContainers" not in decode["spec"]["template"]["spec"]
+    nats = by_name[("StatefulSet", "nats")]
+    assert nats["spec"]["replicas"] == 5
+    routes = nats["spec"]["template"]["spec"]["containers"][0]["args"][-1].split(",")
+    assert len(routes) == 5
+    assert not {k for k, _ in by_name} & {"NetworkPolicy", "ServiceMonitor"}
+    assert [e for d in docs for e in validation_errors(d)] == []
