@@ -1,15 +1,19 @@
-"""The shipped Kubernetes command lines carry KV events and load to the processor's router.
+"""The shipped command lines carry KV events and load to the processor's router.
 
-The agg overlay, as ``kubectl kustomize`` renders it, is run as local processes against real
-NATS and etcd: the worker container, its publisher sidecar and the processor, each with the
-rendered command line and the environment its pod gives it (the ConfigMap's settings and the
-container's own variables). What a pod has and a test host has not is substituted, nothing else:
+The agg topology of the Kubernetes overlay (as ``kubectl kustomize`` renders it) and of the
+compose file is run as local processes against real NATS and etcd: the worker, its publisher
+sidecar and the processor, each with its shipped command line and the environment it is given
+there (Kubernetes: the ConfigMap's settings and the container's own variables; compose: the
+service's environment and the image's entrypoint). What a pod or container has and a test host
+has not is substituted, nothing else:
 ``sglmesh`` is this interpreter's ``-m sglmesh``; ``/models`` is the local model cache; the
 mesh's servers are the test's (a namespace of its own); the processor's system port, since its
 pod's network namespace is not the worker's here; the sidecar and the worker share a temp
 directory (the pod's ``engine-sockets`` emptyDir at /tmp); the credentials Secret is left out
-(the test servers have no users; authentication is tested in test_planes_auth.py). Worker and
-sidecar share this host's name and loopback as they share the pod's.
+(the test servers have no users; authentication is tested in test_planes_auth.py), in compose
+the ``--credentials`` flags with it; compose's worker host name (``hostname: worker``, the
+sidecar's ``--node``) is this host's. Worker and sidecar share this host's name and loopback as
+they share the pod's (the container's network namespace).
 
 The ports are the shipped ones (8000, 9090, 9190, 5557, 5558): the test fails at once, naming
 the port, if another process holds one.
@@ -42,6 +46,7 @@ from shared.infra import EtcdServer, NatsServer, free_port
 from shared.model import DEFAULT_MODEL_NAME, prepare_default_model
 from tests.integration.processor_mesh import hermetic_env, parse_metric
 from tests.unit.deploy_tools import K8S, ROOT, kustomize
+from tests.unit.test_deploy_files import _compose, _compose_target, _entrypoint
 
 API_KEY = "k" * 32
 SHIPPED_PORTS = (8000, 9090, 9190, 5557, 5558)
@@ -93,29 +98,78 @@ def _local(arg: str, models: Path) -> str:
     return arg
 
 
-def _command(container: dict[str, Any], models: Path) -> list[str]:
-    argv = [*container["command"], *container.get("args", [])]
+Spec = tuple[list[str], dict[str, str]]  # a shipped command line and its environment
+
+
+def _k8s_specs() -> dict[str, Spec]:
+    docs = kustomize(K8S / "overlays" / "agg")
+    (config,) = [d["data"] for d in docs if d["kind"] == "ConfigMap"]
+    worker_pod = _pod(docs, "Deployment", "worker")
+    (worker,) = worker_pod["spec"]["containers"]
+    (sidecar,) = worker_pod["spec"]["initContainers"]
+    (processor,) = _pod(docs, "Deployment", "processor")["spec"]["containers"]
+
+    def spec(container: dict[str, Any]) -> Spec:
+        env: dict[str, str] = {}
+        for source in container.get("envFrom", []):
+            assert source["configMapRef"]["name"] == "sglmesh-config"
+            env.update(config)
+        for var in container.get("env", []):
+            if var["name"] == "SGLMESH_CREDENTIALS":
+                continue  # the Secret's file: the test servers have no users
+            if "value" in var:
+                env[var["name"]] = var["value"]
+            elif var["valueFrom"].get("secretKeyRef", {}).get("name") == "sglmesh-api-key":
+                env[var["name"]] = API_KEY
+        return [*container["command"], *container.get("args", [])], env
+
+    return {"publisher": spec(sidecar), "worker": spec(worker), "processor": spec(processor)}
+
+
+def _without_credentials(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--credentials":
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def _compose_specs() -> dict[str, Spec]:
+    services = _compose()["services"]
+
+    def spec(name: str) -> Spec:
+        service = services[name]
+        argv = [*_entrypoint(_compose_target(service)), *service["command"]]
+        env = {
+            key: API_KEY if value.startswith("${SGLMESH_API_KEY") else value
+            for key, value in service["environment"].items()
+        }
+        return _without_credentials(argv), env
+
+    publisher_argv, publisher_env = spec("worker-publisher")
+    assert services["worker"]["hostname"] == "worker"
+    publisher_argv = [socket.gethostname() if a == "worker" else a for a in publisher_argv]
+    return {
+        "publisher": (publisher_argv, publisher_env),
+        "worker": spec("worker"),
+        "processor": spec("processor"),
+    }
+
+
+def _local(argv: list[str], models: Path) -> list[str]:
+    """A shipped command line as it runs here: /models is the local model cache."""
     assert argv[0] == "sglmesh"
-    return [sys.executable, "-m", "sglmesh", *(_local(a, models) for a in argv[1:])]
-
-
-def _environment(
-    container: dict[str, Any], config: dict[str, str], mesh: dict[str, str], tmp: Path
-) -> dict[str, str]:
-    env = hermetic_env()
-    for source in container.get("envFrom", []):
-        assert source["configMapRef"]["name"] == "sglmesh-config"
-        env.update(config)
-    for var in container.get("env", []):
-        if var["name"] == "SGLMESH_CREDENTIALS":
-            continue  # the Secret's file: the test servers have no users
-        if "value" in var:
-            env[var["name"]] = var["value"]
-        elif var["valueFrom"].get("secretKeyRef", {}).get("name") == "sglmesh-api-key":
-            env[var["name"]] = API_KEY
-    env.update(mesh)
-    env["TMPDIR"] = str(tmp)
-    return env
+    out = [sys.executable, "-m", "sglmesh"]
+    for arg in argv[1:]:
+        if arg == "/models" or arg.startswith("/models/"):
+            arg = str(models) + arg.removeprefix("/models")
+        out.append(arg)
+    return out
 
 
 @contextlib.contextmanager
@@ -149,18 +203,14 @@ async def _wait(
             await asyncio.sleep(0.2)
 
 
-async def test_agg_overlay_routes_on_the_workers_kv_events_and_load(
-    nats_server: NatsServer, etcd_server: EtcdServer, tmp_path: Path
+@pytest.mark.parametrize("source", ["k8s", "compose"])
+async def test_shipped_agg_lines_route_on_the_workers_kv_events_and_load(
+    source: str, nats_server: NatsServer, etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
     busy = [p for p in SHIPPED_PORTS if not _port_free(p)]
     if busy:
         pytest.fail(f"the shipped ports {busy} are in use on this host", pytrace=False)
-    docs = kustomize(K8S / "overlays" / "agg")
-    (config,) = [d["data"] for d in docs if d["kind"] == "ConfigMap"]
-    worker_pod = _pod(docs, "Deployment", "worker")
-    (worker,) = worker_pod["spec"]["containers"]
-    (sidecar,) = worker_pod["spec"]["initContainers"]
-    (processor,) = _pod(docs, "Deployment", "processor")["spec"]["containers"]
+    specs = _k8s_specs() if source == "k8s" else _compose_specs()
 
     model = prepare_default_model()
     assert model.name == DEFAULT_MODEL_NAME
@@ -191,19 +241,14 @@ async def test_agg_overlay_routes_on_the_workers_kv_events_and_load(
     try:
         with _children() as children:
             # As the kubelet starts them: the native sidecar first, then the worker.
-            publisher = _Child(
-                "publisher",
-                _command(sidecar, model.parent),
-                _environment(sidecar, config, mesh, pod_tmp),
-                logs,
-            )
+            def start(role: str, tmp: Path, **extra: str) -> _Child:
+                argv, env = specs[role]
+                environ = {**hermetic_env(), **env, **mesh, "TMPDIR": str(tmp), **extra}
+                return _Child(role, _local(argv, model.parent), environ, logs)
+
+            publisher = start("publisher", pod_tmp)
             children.append(publisher)
-            engine = _Child(
-                "worker",
-                _command(worker, model.parent),
-                _environment(worker, config, mesh, pod_tmp),
-                logs,
-            )
+            engine = start("worker", pod_tmp)
             children.append(engine)
 
             def everyone() -> str:
@@ -211,11 +256,9 @@ async def test_agg_overlay_routes_on_the_workers_kv_events_and_load(
 
             await _wait("http://127.0.0.1:9190/health", publisher, lambda s, b: s == 200, children)
             await _wait("http://127.0.0.1:9090/health", engine, lambda s, b: s == 200, children)
-            # The processor's pod has its own network namespace, where the ConfigMap's system
-            # port (9090) is free; on this host the worker holds it.
-            processor_env = _environment(processor, config, mesh, processor_tmp)
-            processor_env["SGLMESH_SYSTEM_PORT"] = str(free_port())
-            ingress = _Child("processor", _command(processor, model.parent), processor_env, logs)
+            # The processor's pod (container) has its own network namespace, where the system
+            # port (the ConfigMap's 9090) is free; on this host the worker holds it.
+            ingress = start("processor", processor_tmp, SGLMESH_SYSTEM_PORT=str(free_port()))
             children.append(ingress)
             served = json.loads(
                 await _wait(

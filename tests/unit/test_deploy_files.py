@@ -722,6 +722,34 @@ def test_compose_sglmesh_service(name: str) -> None:
     assert _flag(argv, flag) == str(port)
 
 
+@pytest.mark.parametrize("name", LLM_WORKERS)
+def test_compose_llm_worker_has_a_publisher_sidecar(name: str) -> None:
+    """As in Kubernetes: KV events over the worker's loopback, load over a shared /tmp."""
+    services = _compose()["services"]
+    worker = services[name]
+    sidecars = [(n, s) for n, s in services.items() if s.get("network_mode") == f"service:{name}"]
+    assert len(sidecars) == 1, sidecars
+    sidecar_name, sidecar = sidecars[0]
+    assert _compose_target(sidecar) == "publisher"
+    assert sidecar["profiles"] == worker["profiles"], "started with its worker"
+    assert sidecar["depends_on"][name]["condition"] == "service_started"
+    config = json.loads(_flag(worker["command"], "--kv-events-config") or "{}")
+    assert config["publisher"] == "zmq"
+    assert config["endpoint"].startswith("tcp://*:")
+    assert config["replay_endpoint"].startswith("tcp://*:")
+    assert "--enable-metrics" in worker["command"]
+    # The sidecar relays the engine whose record names the worker's host.
+    assert _flag(sidecar["command"], "--node") == worker["hostname"]
+    tmp = {v.split(":")[0] for v in worker["volumes"] if v.split(":")[1] == "/tmp"}
+    assert tmp and tmp == {v.split(":")[0] for v in sidecar["volumes"] if v.split(":")[1] == "/tmp"}
+    assert tmp <= set(_compose()["volumes"])
+    # Two system servers in one network namespace.
+    sidecar_port = _flag(sidecar["command"], "--system-port")
+    assert sidecar_port and sidecar_port != _flag(worker["command"], "--system-port")
+    assert _url_port(" ".join(sidecar["healthcheck"]["test"])) == int(sidecar_port)
+    assert sidecar_name.endswith("publisher")
+
+
 def _docker_compose() -> list[str] | None:
     docker = shutil.which("docker")
     if docker is None:
