@@ -75,26 +75,75 @@ def kustomize(directory: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
-def helm_template(
-    chart: Path = CHART, values: dict[str, Any] | None = None, name: str = "sglmesh"
-) -> list[dict[str, Any]]:
-    """The objects Helm renders from ``chart`` with ``values`` (as `helm template` would)."""
-    import helm_python as helm
+# Helm's Go library runs in a child process: the Go runtime (its threads, 85 MB of code) stays
+# out of the test process that later starts and signals the mesh's processes.
+_HELM = """
+import json, sys
+import helm_python as helm
+request = json.load(sys.stdin)
+try:
+    if request["op"] == "render":
+        out = []
+        with helm.Chart.load(request["chart"]) as chart:
+            for values in request["values"]:
+                out.append(chart.render(values, name=request["name"], namespace="sglmesh"))
+    else:
+        out = [helm.lint(request["chart"], values, strict=True, kube_version=request["kube"])
+               for values in request["values"]]
+except helm.HelmError as exc:
+    sys.exit(f"{type(exc).__name__}: {exc}")
+json.dump(out, sys.stdout)
+"""
 
-    with helm.Chart.load(str(chart)) as loaded:
-        rendered = loaded.render(values or {}, name=name, namespace="sglmesh")
+
+def _helm(op: str, values: list[dict[str, Any]], chart: Path, name: str = "sglmesh") -> Any:
+    request = {"op": op, "chart": str(chart), "values": values, "name": name, "kube": K8S_VERSION}
+    done = subprocess.run(
+        [sys.executable, "-c", _HELM],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"helm {op} {chart}: {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def _documents(rendered: dict[str, str]) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
     for path in sorted(rendered):
-        if not path.endswith((".yaml", ".yml")):
-            continue  # NOTES.txt
-        docs.extend(d for d in yaml.safe_load_all(rendered[path]) if d)
+        if path.endswith((".yaml", ".yml")):  # not NOTES.txt
+            docs.extend(d for d in yaml.safe_load_all(rendered[path]) if d)
     return docs
+
+
+def helm_template_many(
+    values: list[dict[str, Any]], chart: Path = CHART
+) -> list[list[dict[str, Any]]]:
+    """The objects Helm renders from ``chart`` with each of ``values`` (as `helm template`
+    would); ``RuntimeError`` with Helm's message when it refuses."""
+    return [_documents(rendered) for rendered in _helm("render", values, chart)]
+
+
+def helm_template(
+    values: dict[str, Any] | None = None, chart: Path = CHART
+) -> list[dict[str, Any]]:
+    (docs,) = helm_template_many([values or {}], chart)
+    return docs
+
+
+def helm_lint(values: list[dict[str, Any]], chart: Path = CHART) -> list[dict[str, Any]]:
+    """`helm lint --strict` of ``chart`` with each of ``values``: Helm's reports."""
+    reports: list[dict[str, Any]] = _helm("lint", values, chart)
+    return reports
 
 
 def render_all() -> dict[str, list[dict[str, Any]]]:
     """Every shipped rendering: the kustomize overlays, then the chart's value sets."""
     out = {overlay: kustomize(K8S / "overlays" / overlay) for overlay in OVERLAYS}
-    out.update({name: helm_template(values=values) for name, values in HELM_VALUES.items()})
+    out.update(zip(HELM_VALUES, helm_template_many(list(HELM_VALUES.values())), strict=True))
     return out
 
 

@@ -17,11 +17,11 @@ import pytest
 import yaml
 
 from tests.unit.deploy_tools import (
-    CHART,
     HELM_VALUES,
     K8S,
     K8S_VERSION,
     OVERLAYS,
+    helm_lint,
     helm_template,
     kustomize,
     render_all,
@@ -183,10 +183,7 @@ def test_a_broken_overlay_fails_to_render_or_validate(tmp_path: Path) -> None:
 
 
 def test_the_chart_lints_clean() -> None:
-    import helm_python as helm
-
-    for values in HELM_VALUES.values():
-        report = helm.lint(str(CHART), values, strict=True, kube_version=K8S_VERSION)
+    for report in helm_lint(list(HELM_VALUES.values())):
         assert not report["errors"], report
         # Helm's severities: 1 info ("icon is recommended"), 2 warning, 3 error.
         assert all(m["severity"] < 2 for m in report["messages"]), report
@@ -202,9 +199,7 @@ def test_the_chart_lints_clean() -> None:
     ],
 )
 def test_the_chart_refuses_bad_values(values: dict[str, Any], complaint: str) -> None:
-    import helm_python as helm
-
-    with pytest.raises(helm.HelmValuesError, match=complaint):
+    with pytest.raises(RuntimeError, match=f"HelmValuesError(.|\\n)*{complaint}"):
         helm_template(values=values)
 
 
