@@ -1,22 +1,24 @@
 """The shipped command lines carry KV events and load to the processor's router.
 
-The agg topology of the Kubernetes overlay (as ``kubectl kustomize`` renders it) and of the
-compose file is run as local processes against real NATS and etcd: the worker, its publisher
-sidecar and the processor, each with its shipped command line and the environment it is given
-there (Kubernetes: the ConfigMap's settings and the container's own variables; compose: the
-service's environment and the image's entrypoint). What a pod or container has and a test host
-has not is substituted, nothing else:
-``sglmesh`` is this interpreter's ``-m sglmesh``; ``/models`` is the local model cache; the
-mesh's servers are the test's (a namespace of its own); the processor's system port, since its
-pod's network namespace is not the worker's here; the sidecar and the worker share a temp
-directory (the pod's ``engine-sockets`` emptyDir at /tmp); the credentials Secret is left out
-(the test servers have no users; authentication is tested in test_planes_auth.py), in compose
-the ``--credentials`` flags with it; compose's worker host name (``hostname: worker``, the
-sidecar's ``--node``) is this host's. Worker and sidecar share this host's name and loopback as
-they share the pod's (the container's network namespace).
+The agg and disagg topologies of the Kubernetes overlays (as ``kubectl kustomize`` renders
+them) and of the compose file's profiles run as local processes against real NATS and etcd:
+each LLM worker, its publisher sidecar and the processor, with the shipped command line and the
+environment it is given there (Kubernetes: the ConfigMap's settings and the container's own
+variables; compose: the service's environment and the image's entrypoint). What a pod or
+container has and a test host has not is substituted, nothing else:
 
-The ports are the shipped ones (8000, 9090, 9190, 5557, 5558): the test fails at once, naming
-the port, if another process holds one.
+- ``sglmesh`` is this interpreter's ``-m sglmesh``; ``/models`` is the local model cache;
+- the mesh's servers are the test's (with a namespace of its own);
+- the credentials Secret is left out (the test servers have no users; authentication is tested
+  in test_planes_auth.py), in compose the ``--credentials`` flags with it;
+- a pod's IP is 127.0.0.1; each pod's two processes share a host name of their own (a UTS
+  namespace: the pod's name, or compose's ``hostname``), a temp directory (the pod's
+  ``engine-sockets`` emptyDir at /tmp) and this host's loopback (the pod's network namespace);
+- pods share this host's network here, so the second pod of the disaggregated topology has its
+  ports (9090, 9190, 5557, 5558) moved, and the processor its system port.
+
+The other ports are the shipped ones (8000, 9090, 9190, 5557, 5558, 8998): the test fails at
+once, naming the port, if another process holds one.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from tests.unit.deploy_tools import K8S, ROOT, kustomize
 from tests.unit.test_deploy_files import _compose, _compose_target, _entrypoint
 
 API_KEY = "k" * 32
-SHIPPED_PORTS = (8000, 9090, 9190, 5557, 5558)
+SHIPPED_PORTS = (8000, 9090, 9190, 5557, 5558, 8998)
 
 
 class _Child:
@@ -78,6 +80,8 @@ class _Child:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        # As the servers bind: a connection of an earlier run in TIME_WAIT does not hold it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("0.0.0.0", port))
         except OSError:
@@ -99,15 +103,14 @@ def _local(arg: str, models: Path) -> str:
 
 
 Spec = tuple[list[str], dict[str, str]]  # a shipped command line and its environment
+# The LLM workers of a topology (each with its publisher sidecar in its pod / network namespace).
+WORKERS = {"agg": ("worker",), "disagg": ("prefill", "decode")}
 
 
-def _k8s_specs() -> dict[str, Spec]:
-    docs = kustomize(K8S / "overlays" / "agg")
+def _k8s_specs(topology: str) -> dict[str, Spec]:
+    """``<worker>``, ``<worker>-publisher`` and ``processor``: the overlay's containers."""
+    docs = kustomize(K8S / "overlays" / topology)
     (config,) = [d["data"] for d in docs if d["kind"] == "ConfigMap"]
-    worker_pod = _pod(docs, "Deployment", "worker")
-    (worker,) = worker_pod["spec"]["containers"]
-    (sidecar,) = worker_pod["spec"]["initContainers"]
-    (processor,) = _pod(docs, "Deployment", "processor")["spec"]["containers"]
 
     def spec(container: dict[str, Any]) -> Spec:
         env: dict[str, str] = {}
@@ -121,9 +124,20 @@ def _k8s_specs() -> dict[str, Spec]:
                 env[var["name"]] = var["value"]
             elif var["valueFrom"].get("secretKeyRef", {}).get("name") == "sglmesh-api-key":
                 env[var["name"]] = API_KEY
+            elif var["valueFrom"].get("fieldRef", {}).get("fieldPath") == "status.podIP":
+                env[var["name"]] = "127.0.0.1"  # the pod's IP: here, this host's loopback
         return [*container["command"], *container.get("args", [])], env
 
-    return {"publisher": spec(sidecar), "worker": spec(worker), "processor": spec(processor)}
+    out = {}
+    for name in WORKERS[topology]:
+        pod = _pod(docs, "Deployment", name)
+        (worker,) = pod["spec"]["containers"]
+        (sidecar,) = pod["spec"]["initContainers"]
+        out[name] = spec(worker)
+        out[f"{name}-publisher"] = spec(sidecar)
+    (processor,) = _pod(docs, "Deployment", "processor")["spec"]["containers"]
+    out["processor"] = spec(processor)
+    return out
 
 
 def _without_credentials(argv: list[str]) -> list[str]:
@@ -139,11 +153,13 @@ def _without_credentials(argv: list[str]) -> list[str]:
     return out
 
 
-def _compose_specs() -> dict[str, Spec]:
+def _compose_specs(topology: str) -> dict[str, Spec]:
+    """The same roles from the compose file's profile."""
     services = _compose()["services"]
 
     def spec(name: str) -> Spec:
         service = services[name]
+        assert topology in service.get("profiles", [topology]), name
         argv = [*_entrypoint(_compose_target(service)), *service["command"]]
         env = {
             key: API_KEY if value.startswith("${SGLMESH_API_KEY") else value
@@ -151,14 +167,34 @@ def _compose_specs() -> dict[str, Spec]:
         }
         return _without_credentials(argv), env
 
-    publisher_argv, publisher_env = spec("worker-publisher")
-    assert services["worker"]["hostname"] == "worker"
-    publisher_argv = [socket.gethostname() if a == "worker" else a for a in publisher_argv]
-    return {
-        "publisher": (publisher_argv, publisher_env),
-        "worker": spec("worker"),
-        "processor": spec("processor"),
-    }
+    out = {}
+    for name in WORKERS[topology]:
+        out[name] = spec(name)
+        out[f"{name}-publisher"] = spec(f"{name}-publisher")
+    out["processor"] = spec("processor")
+    return out
+
+
+def _hostname(source: str, worker: str) -> str:
+    """The host name of a worker's pod (k8s: the pod's name) or container (compose: its
+    ``hostname``, which its sidecar's ``--node`` names)."""
+    if source == "compose":
+        hostname: str = _compose()["services"][worker]["hostname"]
+        return hostname
+    return f"{worker}-5d8f7c9b4-x2k7q"
+
+
+def _shift_ports(argv: list[str], shift: dict[int, int]) -> list[str]:
+    """A second pod's ports on this host: the shipped port numbers, moved (flags and the
+    KV-events endpoints)."""
+    out = []
+    for arg in argv:
+        for old, new in shift.items():
+            if arg == str(old):
+                arg = str(new)
+            arg = arg.replace(f':{old}"', f':{new}"')
+        out.append(arg)
+    return out
 
 
 def _local(argv: list[str], models: Path) -> list[str]:
@@ -203,14 +239,15 @@ async def _wait(
             await asyncio.sleep(0.2)
 
 
+@pytest.mark.parametrize("topology", ["agg", "disagg"])
 @pytest.mark.parametrize("source", ["k8s", "compose"])
-async def test_shipped_agg_lines_route_on_the_workers_kv_events_and_load(
-    source: str, nats_server: NatsServer, etcd_server: EtcdServer, tmp_path: Path
+async def test_shipped_lines_route_on_the_workers_kv_events_and_load(
+    source: str, topology: str, nats_server: NatsServer, etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
     busy = [p for p in SHIPPED_PORTS if not _port_free(p)]
     if busy:
         pytest.fail(f"the shipped ports {busy} are in use on this host", pytrace=False)
-    specs = _k8s_specs() if source == "k8s" else _compose_specs()
+    specs = _k8s_specs(topology) if source == "k8s" else _compose_specs(topology)
 
     model = prepare_default_model()
     assert model.name == DEFAULT_MODEL_NAME
@@ -220,46 +257,69 @@ async def test_shipped_agg_lines_route_on_the_workers_kv_events_and_load(
         "SGLMESH_NATS_URL": nats_server.url,
         "SGLMESH_ETCD_ENDPOINTS": etcd_server.endpoint,
     }
-    # The engine-sockets emptyDir. Short: an ipc socket's path must fit in 107 bytes, which
-    # pytest's deep tmp_path would not leave room for (in the pod it is /tmp).
-    pod_tmp = Path(tempfile.mkdtemp(prefix="pod-"))
-    processor_tmp = tmp_path / "processor-tmp"
-    processor_tmp.mkdir()
     logs = tmp_path / "logs"
     logs.mkdir()
+    processor_tmp = tmp_path / "processor-tmp"
+    processor_tmp.mkdir()
+    # Each pod's engine-sockets emptyDir. Short: an ipc socket's path must fit in 107 bytes,
+    # which pytest's deep tmp_path would not leave room for (in the pod it is /tmp).
+    pod_tmps: list[Path] = []
 
     nc = await nats.connect(nats_server.url)
-    loads: list[LoadMetrics] = []
-
-    got_load = asyncio.Event()
+    loads: dict[int, LoadMetrics] = {}
+    got_loads = asyncio.Event()
 
     async def on_load(msg: Any) -> None:
-        loads.append(msgspec.msgpack.decode(msg.data, type=LoadMetrics))
-        got_load.set()
+        load = msgspec.msgpack.decode(msg.data, type=LoadMetrics)
+        loads[load.worker_id] = load
+        if len(loads) == len(WORKERS[topology]):
+            got_loads.set()
 
     await nc.subscribe(f"{namespace}.events.load.*", cb=on_load)
     try:
         with _children() as children:
-            # As the kubelet starts them: the native sidecar first, then the worker.
-            def start(role: str, tmp: Path, **extra: str) -> _Child:
+
+            def start(
+                role: str, tmp: Path, prefix: list[str], shift: dict[int, int], **extra: str
+            ) -> _Child:
                 argv, env = specs[role]
                 environ = {**hermetic_env(), **env, **mesh, "TMPDIR": str(tmp), **extra}
-                return _Child(role, _local(argv, model.parent), environ, logs)
+                local = _local(_shift_ports(argv, shift), model.parent)
+                child = _Child(role, [*prefix, *local], environ, logs)
+                children.append(child)
+                return child
 
-            publisher = start("publisher", pod_tmp)
-            children.append(publisher)
-            engine = start("worker", pod_tmp)
-            children.append(engine)
+            sidecar_ports = []
+            for index, worker in enumerate(WORKERS[topology]):
+                # Pods share this host's network namespace here: the second pod's ports move.
+                shift = {} if index == 0 else {p: free_port() for p in (9090, 9190, 5557, 5558)}
+                pod_tmp = Path(tempfile.mkdtemp(prefix="pod-"))
+                pod_tmps.append(pod_tmp)
+                # The pod's own host name (a UTS namespace), shared by its two containers. As
+                # the kubelet starts them: the native sidecar first, then the worker.
+                hostname = _hostname(source, worker)
+                sidecar = start(
+                    f"{worker}-publisher",
+                    pod_tmp,
+                    ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname],
+                    shift,
+                )
+                port = shift.get(9190, 9190)
+                await _wait(f"http://127.0.0.1:{port}/health", sidecar, _ok, children)
+                sidecar_ports.append(port)
+                engine = start(
+                    worker, pod_tmp, ["nsenter", "--target", str(sidecar.proc.pid), "--uts"], shift
+                )
+                port = shift.get(9090, 9090)
+                await _wait(f"http://127.0.0.1:{port}/health", engine, _ok, children)
 
             def everyone() -> str:
                 return "\n".join(c.output() for c in children)
 
-            await _wait("http://127.0.0.1:9190/health", publisher, lambda s, b: s == 200, children)
-            await _wait("http://127.0.0.1:9090/health", engine, lambda s, b: s == 200, children)
             # The processor's pod (container) has its own network namespace, where the system
-            # port (the ConfigMap's 9090) is free; on this host the worker holds it.
-            ingress = start("processor", processor_tmp, SGLMESH_SYSTEM_PORT=str(free_port()))
-            children.append(ingress)
+            # port (the ConfigMap's 9090) is free; on this host a worker holds it.
+            system_port = str(free_port())
+            ingress = start("processor", processor_tmp, [], {}, SGLMESH_SYSTEM_PORT=system_port)
             served = json.loads(
                 await _wait(
                     "http://127.0.0.1:8000/v1/models",
@@ -269,7 +329,7 @@ async def test_shipped_agg_lines_route_on_the_workers_kv_events_and_load(
                 )
             )
             assert [m["id"] for m in served["data"]] == [DEFAULT_MODEL_NAME]
-            await _wait("http://127.0.0.1:8000/health", ingress, lambda s, b: s == 200, children)
+            await _wait("http://127.0.0.1:8000/health", ingress, _ok, children)
 
             prompt = "tell me a long story about the sun and the moon and the stars " * 8
             body = {"model": DEFAULT_MODEL_NAME, "prompt": prompt, "max_tokens": 4}
@@ -293,28 +353,35 @@ async def test_shipped_agg_lines_route_on_the_workers_kv_events_and_load(
                     )
 
                 await complete()
-                # The engine's BlockStored events travel worker -> sidecar -> NATS -> router.
+                # The engines' BlockStored events travel worker -> sidecar -> NATS -> router.
                 await asyncio.sleep(2.0)
                 before_sum, before_count = await overlap()
                 await complete()
                 after_sum, after_count = await overlap()
-            assert after_count == before_count + 1
-            # The router expected most of the prompt in the worker's cache: it knows the
-            # blocks only from the KV events the sidecar relayed.
+            assert after_count > before_count
+            # The router expected most of the prompt in the chosen worker's cache: it knows
+            # the blocks only from the KV events the sidecars relayed.
             assert after_sum - before_sum >= 0.5, (before_sum, after_sum, everyone())
 
-            # Load: the engine's reports, relayed by the sidecar, on the subject the router
-            # follows, and in the sidecar's own sglang:* gauges.
+            # Load: every engine's reports, relayed by its sidecar, on the subject the router
+            # follows, and in the sidecars' own sglang:* gauges.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(got_load.wait(), 15)
-            assert loads, f"no load report on {namespace}.events.load.*:\n{everyone()}"
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get("http://127.0.0.1:9190/metrics") as resp,
-            ):
-                text = await resp.text()
-            assert "sglang:num_running_reqs{" in text and "worker_id=" in text, text[-2000:]
-            assert os.listdir(pod_tmp), "the engine's socket directory is in the shared /tmp"
+                await asyncio.wait_for(got_loads.wait(), 15)
+            assert len(loads) == len(WORKERS[topology]), (loads, everyone())
+            for port in sidecar_ports:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+                ):
+                    text = await resp.text()
+                assert "sglang:num_running_reqs{" in text and "worker_id=" in text, text[-2000:]
+            for pod_tmp in pod_tmps:
+                assert os.listdir(pod_tmp), "the engine's socket directory is in the pod's /tmp"
     finally:
         await nc.close()
-        shutil.rmtree(pod_tmp, ignore_errors=True)
+        for pod_tmp in pod_tmps:
+            shutil.rmtree(pod_tmp, ignore_errors=True)
+
+
+def _ok(status: int, body: str) -> bool:
+    return status == 200
