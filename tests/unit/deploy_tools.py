@@ -11,6 +11,7 @@ those schemas lack (CRDs) are checked against a schema in ``schemas/``, or fail.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -138,6 +139,34 @@ def helm_lint(values: list[dict[str, Any]], chart: Path = CHART) -> list[dict[st
     """`helm lint --strict` of ``chart`` with each of ``values``: Helm's reports."""
     reports: list[dict[str, Any]] = _helm("lint", values, chart)
     return reports
+
+
+_DOCKERFILE = """
+import json, sys
+import dockerfile
+try:
+    commands = dockerfile.parse_file(sys.argv[1])
+except dockerfile.GoParseError as exc:
+    sys.exit(f"{sys.argv[1]}: {exc}")
+json.dump([[c.cmd, c.original] for c in commands], sys.stdout)
+"""
+
+
+@functools.cache
+def dockerfile_commands(path: Path) -> tuple[tuple[str, str], ...]:
+    """``(KEYWORD, the instruction's text)`` per instruction, as BuildKit's own parser reads
+    ``path`` (the ``dockerfile`` package binds it; in a child process, like Helm: Go's runtime
+    stays out of the test process). A syntax error raises ``RuntimeError``."""
+    done = subprocess.run(
+        [sys.executable, "-c", _DOCKERFILE, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip())
+    return tuple((cmd, original) for cmd, original in json.loads(done.stdout))
 
 
 def render_all() -> dict[str, list[dict[str, Any]]]:

@@ -32,7 +32,7 @@ from shared.engine.registry import engine_names
 from shared.infra_auth import ensure_credentials
 from shared.model import DEFAULT_MODEL_NAME
 from shared.worker.args import PREFILL, parse_worker_args
-from tests.unit.deploy_tools import K8S, ROOT, pod_templates, render_all
+from tests.unit.deploy_tools import K8S, ROOT, dockerfile_commands, pod_templates, render_all
 
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -71,21 +71,13 @@ def _url_port(text: str) -> int:
 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
-    """``(KEYWORD, arguments)`` per instruction: continuations joined, comments dropped."""
+    """``(KEYWORD, arguments)`` per instruction, as BuildKit's own parser reads the file: a
+    syntax error fails here."""
     out: list[tuple[str, str]] = []
-    current = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue  # Docker drops comment lines inside a continuation too
-        if line.endswith("\\"):
-            current += line[:-1] + " "
-            continue
-        current += line
-        keyword, _, args = current.partition(" ")
-        out.append((keyword.upper(), args.strip()))
-        current = ""
-    assert not current, f"{path}: a continuation runs off the end of the file"
+    for cmd, original in dockerfile_commands(path):
+        keyword, _, args = original.partition(" ")
+        assert keyword.upper() == cmd, original
+        out.append((cmd, args.strip()))
     return out
 
 
@@ -323,6 +315,17 @@ def test_only_the_encode_image_adds_torch_and_it_is_the_pinned_cpu_build() -> No
             if keyword == "RUN"
         )
         assert "torch" not in later, target
+
+
+def test_a_broken_dockerfile_fails_to_parse(tmp_path: Path) -> None:
+    broken = tmp_path / "Dockerfile"
+    text = DOCKERFILE.read_text()
+    assert "ENV SGLMESH_SYSTEM_PORT=9090\n" in text
+    broken.write_text(
+        text.replace("ENV SGLMESH_SYSTEM_PORT=9090\n", "ENV SGLMESH_SYSTEM_PORT\n", 1)
+    )
+    with pytest.raises(RuntimeError, match="ENV must have two arguments"):
+        dockerfile_commands(broken)
 
 
 def test_dockerignore_keeps_the_context_to_the_project() -> None:
