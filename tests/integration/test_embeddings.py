@@ -447,14 +447,17 @@ async def test_sigterm_drains_an_embedding_worker_and_it_leaves(
     m, processor = emb
     worker = next(e for e in m.encoders if MRL in e.args)
     # Requests in flight when SIGTERM arrives are answered (the grace period), then it exits.
+    accepted = await worker.metric("sglmesh_worker_requests_total", role="embedding")
     inflight = [
         asyncio.create_task(client.embeddings.create(model=MRL, input=SENTENCES[i : i + 8]))
         for i in range(0, 40, 8)
     ]
-    # SIGTERM once the worker holds some of them (a fixed pause misses them on a busy machine).
+    # SIGTERM once the worker holds all of them (a fixed pause misses them on a busy machine;
+    # the in-flight gauge also counts the health canary's requests).
     deadline = asyncio.get_running_loop().time() + 10
     while not any(t.done() for t in inflight):
-        if await worker.metric("sglmesh_worker_inflight_requests") > 0:
+        now = await worker.metric("sglmesh_worker_requests_total", role="embedding")
+        if now - accepted >= len(inflight):
             break
         assert asyncio.get_running_loop().time() < deadline, "no request reached the worker"
         await asyncio.sleep(0.01)
