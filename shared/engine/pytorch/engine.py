@@ -16,6 +16,9 @@ Where the command line is silent:
   long prompt then stalls the running streams for one such chunk per step, not for seconds;
 - eos ids come from ``generation_config.json``, else ``config.json``, as transformers'
   ``generate`` reads them;
+- guided decoding (``json_schema``, ``regex``, ``ebnf``, ``structural_tag``) compiles on a
+  grammar thread of its own before the request reaches the scheduler (``grammar.py``); a
+  bad spec is a 400;
 - ``OMP_WAIT_POLICY`` is ``PASSIVE`` unless the environment says otherwise: torch's OpenMP
   threads then sleep between parallel regions instead of spinning. On a machine the worker
   shares (with the processor, NATS, another worker -- ``sglmesh run`` does exactly that) a
@@ -37,10 +40,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.engine.cpu.engine import CpuConfig, CpuEngine, cpu_config_fields, model_config
+from shared.engine.cpu.request import BadRequest, Req
 from shared.engine.cpu.runner import ModelRunner
 
 if TYPE_CHECKING:
     from shared.engine.args import EngineArgs
+    from shared.engine.pytorch.grammar import GrammarBackend
     from shared.engine.pytorch.model import LoadedModel
 
 __all__ = ["TorchConfig", "TorchEngine", "torch_config"]
@@ -133,6 +138,8 @@ class TorchEngine(CpuEngine):
         self.model: LoadedModel | None = None
         self.threads = config.threads or len(os.sched_getaffinity(0))
         self._executor: ThreadPoolExecutor | None = None
+        self.grammar_backend: GrammarBackend | None = None
+        self._grammar_executor: ThreadPoolExecutor | None = None
 
     async def _load(self) -> None:
         from shared.engine.pytorch.model import load_model
@@ -171,8 +178,46 @@ class TorchEngine(CpuEngine):
     def _describe(self) -> str:
         return f", {self.config.dtype}, {self.threads} threads"
 
+    async def _prepare(self, req: Req) -> None:
+        guided = req.sampling.guided
+        if not guided:
+            return
+        from shared.engine.pytorch.grammar import (
+            DEFAULT_BACKEND,
+            GrammarError,
+            GrammarState,
+            make_backend,
+        )
+
+        ((kind, spec),) = guided.items()
+        if self._grammar_executor is None:
+            self._grammar_executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="torch-grammar"
+            )
+        if self.grammar_backend is None:
+            self.grammar_backend = make_backend(
+                DEFAULT_BACKEND,
+                self.config.model_path,
+                self.vocab_size or 0,
+                self.eos_token_ids,
+            )
+        backend = self.grammar_backend
+        if kind not in backend.kinds:
+            raise BadRequest(f"the torch engine does not support guided decoding by {kind}")
+        loop = asyncio.get_running_loop()
+        try:
+            matcher = await loop.run_in_executor(
+                self._grammar_executor, backend.matcher, kind, spec
+            )
+        except GrammarError as exc:
+            raise BadRequest(str(exc)) from None
+        req.grammar = GrammarState(matcher)
+
     async def shutdown(self) -> None:
         await super().shutdown()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        if self._grammar_executor is not None:
+            self._grammar_executor.shutdown(wait=False, cancel_futures=True)
+            self._grammar_executor = None

@@ -2,7 +2,8 @@
 
 Each step is one flat row of tokens (every prefill chunk, then one token per decoding request)
 through transformers' model code with the paged attention (``attention.py``), the LM head on
-the rows that sample only, then sampling (``sampling.py``). What the step needs from the
+the rows that sample only, guided rows masked to what their grammar allows (``grammar.py``),
+then sampling (``sampling.py``). What the step needs from the
 scheduler's requests (tokens, positions, page tables, sampling parameters) is copied on the
 event loop before the forward starts; the forward itself runs on the engine's one model
 thread under ``torch.inference_mode``, so the event loop keeps serving while the model runs.
@@ -19,6 +20,7 @@ import torch
 from shared.engine.cpu.request import Req
 from shared.engine.cpu.runner import ForwardBatch, KvSink, StepOutput
 from shared.engine.pytorch.attention import PagedStep
+from shared.engine.pytorch.grammar import GrammarState, apply_bitmask, bitmask_words
 from shared.engine.pytorch.kv_cache import KvPages, PagedKvCache, ReceivedKv
 from shared.engine.pytorch.model import LoadedModel
 from shared.engine.pytorch.sampling import SampleRow, sample
@@ -29,7 +31,7 @@ __all__ = ["TorchRunner"]
 class _Plan:
     """A step copied out of the scheduler's requests (built on the event loop)."""
 
-    __slots__ = ("input_ids", "positions", "rows", "sample_index", "step")
+    __slots__ = ("guided", "input_ids", "positions", "rows", "sample_index", "step")
 
     def __init__(self, batch: ForwardBatch, cache: PagedKvCache) -> None:
         ids: list[int] = []
@@ -53,6 +55,14 @@ class _Plan:
         self.sample_index = torch.tensor(sample_index, dtype=torch.long)
         self.step = PagedStep.build(cache, prefill, decode)
         self.rows = [_sample_row(req) for req in batch.sample]
+        # Guided rows: (row, matcher, outputs it has not consumed yet, output length, stops).
+        self.guided: list[tuple[int, GrammarState, list[int], int, list[int]]] = []
+        for i, req in enumerate(batch.sample):
+            state = req.grammar
+            if state is not None:
+                out = req.output_ids
+                stops = sorted(req.stop_ids)
+                self.guided.append((i, state, out[state.consumed :], len(out), stops))
 
 
 def _sample_row(req: Req) -> SampleRow:
@@ -68,6 +78,20 @@ def _sample_row(req: Req) -> SampleRow:
         logprobs=req.top_logprobs_num if req.return_logprob else -1,
         generated=generated,
     )
+
+
+def _mask(
+    logits: torch.Tensor, guided: list[tuple[int, GrammarState, list[int], int, list[int]]]
+) -> None:
+    """Catch each guided row's matcher up on its outputs, then mask its logits."""
+    bitmask = torch.empty((len(guided), bitmask_words(logits.shape[1])), dtype=torch.int32)
+    for k, (_, state, pending, total, stops) in enumerate(guided):
+        state.sync(pending, total)
+        state.fill(bitmask, k, stops)
+    rows = torch.tensor([i for i, *_ in guided], dtype=torch.long)
+    masked = logits.index_select(0, rows)
+    apply_bitmask(masked, bitmask)
+    logits.index_copy_(0, rows, masked)
 
 
 class TorchRunner:
@@ -86,8 +110,8 @@ class TorchRunner:
 
     def unsupported(self, req: Req) -> str | None:
         guided = req.sampling.guided
-        if guided:
-            return f"the torch engine does not enforce guided decoding ({', '.join(guided)}) yet"
+        if guided and req.grammar is None:
+            return f"guided decoding ({', '.join(guided)}) was not prepared for this request"
         return None
 
     def add(self, req: Req) -> None:
@@ -114,6 +138,9 @@ class TorchRunner:
             logprobs = None
             if plan.rows:
                 logits = self.model.lm_head(hidden[0].index_select(0, plan.sample_index))
+                if plan.guided:
+                    logits = logits.float()
+                    _mask(logits, plan.guided)
                 tokens, lps = sample(logits, plan.rows)
                 if any(lp is not None for lp in lps):
                     logprobs = lps
