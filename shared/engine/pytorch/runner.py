@@ -88,6 +88,9 @@ def _mask(
     for k, (_, state, pending, total, stops) in enumerate(guided):
         state.sync(pending, total)
         state.fill(bitmask, k, stops)
+    if len(guided) == logits.shape[0]:  # every row guided: no gather and scatter
+        apply_bitmask(logits, bitmask)
+        return
     rows = torch.tensor([i for i, *_ in guided], dtype=torch.long)
     masked = logits.index_select(0, rows)
     apply_bitmask(masked, bitmask)
