@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -145,6 +146,20 @@ async def test_regex_ebnf_and_bad_specs(engines: Any) -> None:
     )
     assert re.fullmatch(r"(yes|no), [0-9]{3}-[A-Z]{2}", text(ids)), text(ids)
     assert meta["finish_reason"]["type"] == "stop"
+    # Logprobs come from the masked distribution: finite for every chosen token, and the
+    # allowed alternatives share all the mass (the first token: "yes", "no" or a prefix).
+    async for item in engine.async_generate(
+        input_ids=prompt(0),
+        sampling_params={"max_new_tokens": 8, "temperature": 0, "regex": "(yes|no)!"},
+        rid="lp",
+        stream=False,
+        return_logprob=True,
+        top_logprobs_num=5,
+    ):
+        chosen = [lp for lp, _, _ in item["meta_info"]["output_token_logprobs"]]
+        assert all(-30.0 < lp <= 0.0 for lp in chosen), chosen
+        first = [lp for lp, _, _ in item["meta_info"]["output_top_logprobs"][0] if lp > -1e30]
+        assert abs(sum(math.exp(lp) for lp in first) - 1.0) < 1e-3, first
     grammar = 'root ::= animal " x" count\nanimal ::= "cat" | "dog"\ncount ::= [1-9] [0-9]?'
     ids, _ = await generate(engine, prompt(1), "ebnf", temperature=0.8, ebnf=grammar)
     assert re.fullmatch(r"(cat|dog) x[1-9][0-9]?", text(ids)), text(ids)

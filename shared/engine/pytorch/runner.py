@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -31,7 +31,7 @@ __all__ = ["TorchRunner"]
 class _Plan:
     """A step copied out of the scheduler's requests (built on the event loop)."""
 
-    __slots__ = ("guided", "input_ids", "positions", "rows", "sample_index", "step")
+    __slots__ = ("bitmask", "guided", "input_ids", "positions", "rows", "sample_index", "step")
 
     def __init__(self, batch: ForwardBatch, cache: PagedKvCache) -> None:
         ids: list[int] = []
@@ -63,6 +63,7 @@ class _Plan:
                 out = req.output_ids
                 stops = sorted(req.stop_ids)
                 self.guided.append((i, state, out[state.consumed :], len(out), stops))
+        self.bitmask: Future[torch.Tensor] | None = None
 
 
 def _sample_row(req: Req) -> SampleRow:
@@ -80,14 +81,21 @@ def _sample_row(req: Req) -> SampleRow:
     )
 
 
-def _mask(
-    logits: torch.Tensor, guided: list[tuple[int, GrammarState, list[int], int, list[int]]]
-) -> None:
-    """Catch each guided row's matcher up on its outputs, then mask its logits."""
-    bitmask = torch.empty((len(guided), bitmask_words(logits.shape[1])), dtype=torch.int32)
+_Guided = list[tuple[int, GrammarState, list[int], int, list[int]]]
+
+
+def _fill(guided: _Guided, vocab_size: int) -> torch.Tensor:
+    """Catch each guided row's matcher up on its outputs and compute its next-token bitmask
+    (on the mask thread, while the forward runs)."""
+    bitmask = torch.empty((len(guided), bitmask_words(vocab_size)), dtype=torch.int32)
     for k, (_, state, pending, total, stops) in enumerate(guided):
         state.sync(pending, total)
         state.fill(bitmask, k, stops)
+    return bitmask
+
+
+def _mask(logits: torch.Tensor, guided: _Guided, bitmask: torch.Tensor) -> None:
+    """Mask the guided rows of ``logits`` (float32) to what their grammars allow."""
     if len(guided) == logits.shape[0]:  # every row guided: no gather and scatter
         apply_bitmask(logits, bitmask)
         return
@@ -101,11 +109,16 @@ class TorchRunner:
     """:class:`~shared.engine.cpu.runner.ModelRunner` over a real model (module docstring)."""
 
     def __init__(
-        self, model: LoadedModel, cache: PagedKvCache, executor: ThreadPoolExecutor
+        self,
+        model: LoadedModel,
+        cache: PagedKvCache,
+        executor: ThreadPoolExecutor,
+        mask_executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
         self._executor = executor
+        self._mask_executor = mask_executor
 
     @property
     def kv_layout(self) -> str:
@@ -125,6 +138,12 @@ class TorchRunner:
 
     async def forward(self, batch: ForwardBatch) -> StepOutput:
         plan = _Plan(batch, self.cache)
+        if plan.guided:
+            if self._mask_executor is None:
+                plan.bitmask = Future()
+                plan.bitmask.set_result(_fill(plan.guided, self.model.vocab_size))
+            else:
+                plan.bitmask = self._mask_executor.submit(_fill, plan.guided, self.model.vocab_size)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run, plan)
 
@@ -141,9 +160,9 @@ class TorchRunner:
             logprobs = None
             if plan.rows:
                 logits = self.model.lm_head(hidden[0].index_select(0, plan.sample_index))
-                if plan.guided:
+                if plan.bitmask is not None:
                     logits = logits.float()
-                    _mask(logits, plan.guided)
+                    _mask(logits, plan.guided, plan.bitmask.result())
                 tokens, lps = sample(logits, plan.rows)
                 if any(lp is not None for lp in lps):
                     logprobs = lps
