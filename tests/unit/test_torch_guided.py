@@ -228,3 +228,35 @@ async def test_disaggregated_prefill_and_decode_follow_one_schema(engines: Any) 
     outputs = await asyncio.gather(*(one(i) for i in range(4)))
     for output in outputs:
         assert valid(output), output
+
+
+def test_structural_tag_constrains_the_tagged_json_only() -> None:
+    from shared.engine.pytorch.grammar import make_backend
+
+    backend = make_backend("llguidance", str(model_dir()), 49152, [2])
+    spec = json.dumps(
+        {
+            "type": "structural_tag",
+            "structures": [
+                {
+                    "begin": "<function=get_weather>",
+                    "schema": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}},
+                        "required": ["city"],
+                    },
+                    "end": "</function>",
+                }
+            ],
+            "triggers": ["<function="],
+        }
+    )
+
+    def follows(output: str) -> bool:
+        matcher = backend.matcher("structural_tag", spec)
+        ids = tokenizer().encode(output, add_special_tokens=False)
+        return all(matcher.consume(t) for t in ids)
+
+    assert follows('Checking. <function=get_weather>{"city": "Paris"}</function> Done.')
+    assert not follows('Checking. <function=get_weather>{"town": 3}')
+    assert backend.cache_info() == (1, 1)
