@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SGL_VENV := .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-kv bench-router bench-embed model infra-up infra-down infra-status run-agg run-disagg stop clean
+.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-kv bench-router bench-embed bench-structured model infra-up infra-down infra-status run-agg run-disagg stop clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -85,6 +85,12 @@ bench-router: $(STAMP)
 # /v1/embeddings against sentence-transformers' own encode(), side by side (bench/results/embeddings.json).
 bench-embed: $(STAMP)
 	$(BIN)/python bench/embeddings.py
+
+# Guided decoding on the torch engine: output tokens/s with and without a JSON schema at
+# concurrency 1 and 16, compile time cold vs cached (bench/results/structured_output.json);
+# BENCH_ARGS="--quick" for a short run.
+bench-structured: $(STAMP)
+	$(BIN)/python bench/structured_output.py $(BENCH_ARGS)
 
 model: $(STAMP)
 	$(BIN)/sglmesh model prepare

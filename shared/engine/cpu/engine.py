@@ -236,6 +236,10 @@ class CpuEngine:
         """What the start-up log line says about the model."""
         return ""
 
+    async def _prepare(self, req: Req) -> None:
+        """Per-request work before the scheduler sees ``req`` (compiling its grammar); raises
+        :class:`BadRequest`."""
+
     # ----- info -----
 
     def _make_info(self) -> EngineInfo:
@@ -460,6 +464,7 @@ class CpuEngine:
                 bootstrap_port=bootstrap_port,
                 bootstrap_room=bootstrap_room,
             )
+            await self._prepare(req)
         except BadRequest as exc:
             n_prompt = len(input_ids) if isinstance(input_ids, list) else 0
             yield {

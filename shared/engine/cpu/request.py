@@ -259,6 +259,7 @@ class Req:
         "fill",
         "first_logprob",
         "first_token",
+        "grammar",
         "ignore_eos",
         "input_ids",
         "kv_len",
@@ -326,6 +327,8 @@ class Req:
         self.retractions = 0
         # Whatever the model runner keeps per request (a token generator, penalty counts).
         self.runner_state: Any = None
+        # Guided decoding: the matcher the engine prepared before submitting (torch engine).
+        self.grammar: Any = None
 
     @property
     def finished(self) -> bool:

@@ -16,6 +16,10 @@ Where the command line is silent:
   long prompt then stalls the running streams for one such chunk per step, not for seconds;
 - eos ids come from ``generation_config.json``, else ``config.json``, as transformers'
   ``generate`` reads them;
+- guided decoding (``json_schema``, ``regex``, ``ebnf``, ``structural_tag``) compiles on a
+  grammar thread of its own before the request reaches the scheduler (``grammar.py``); a
+  bad spec is a 400. A mask thread computes each step's token masks while the model thread
+  runs the forward, so masks cost the step only what does not overlap;
 - ``OMP_WAIT_POLICY`` is ``PASSIVE`` unless the environment says otherwise: torch's OpenMP
   threads then sleep between parallel regions instead of spinning. On a machine the worker
   shares (with the processor, NATS, another worker -- ``sglmesh run`` does exactly that) a
@@ -37,10 +41,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.engine.cpu.engine import CpuConfig, CpuEngine, cpu_config_fields, model_config
+from shared.engine.cpu.request import BadRequest, Req
 from shared.engine.cpu.runner import ModelRunner
 
 if TYPE_CHECKING:
     from shared.engine.args import EngineArgs
+    from shared.engine.pytorch.grammar import GrammarBackend
     from shared.engine.pytorch.model import LoadedModel
 
 __all__ = ["TorchConfig", "TorchEngine", "torch_config"]
@@ -133,6 +139,15 @@ class TorchEngine(CpuEngine):
         self.model: LoadedModel | None = None
         self.threads = config.threads or len(os.sched_getaffinity(0))
         self._executor: ThreadPoolExecutor | None = None
+        self.grammar_backend: GrammarBackend | None = None
+        # One thread compiles grammars, one computes each step's masks beside the forward (a
+        # slow compile never holds up a step); each starts with the first guided request.
+        self._grammar_executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="torch-grammar"
+        )
+        self._mask_executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="torch-mask"
+        )
 
     async def _load(self) -> None:
         from shared.engine.pytorch.model import load_model
@@ -166,13 +181,50 @@ class TorchEngine(CpuEngine):
             page_size=self.page_size,
             dtype=model.dtype,
         )
-        return TorchRunner(model, cache, self._executor)
+        return TorchRunner(model, cache, self._executor, self._mask_executor)
 
     def _describe(self) -> str:
         return f", {self.config.dtype}, {self.threads} threads"
+
+    async def _prepare(self, req: Req) -> None:
+        guided = req.sampling.guided
+        if not guided:
+            return
+        from shared.engine.pytorch.grammar import (
+            DEFAULT_BACKEND,
+            GrammarError,
+            GrammarState,
+            make_backend,
+        )
+
+        ((kind, spec),) = guided.items()
+        if self._grammar_executor is None:
+            raise BadRequest("the engine is shutting down")
+        if self.grammar_backend is None:
+            self.grammar_backend = make_backend(
+                DEFAULT_BACKEND,
+                self.config.model_path,
+                self.vocab_size or 0,
+                self.eos_token_ids,
+            )
+        backend = self.grammar_backend
+        if kind not in backend.kinds:
+            raise BadRequest(f"the torch engine does not support guided decoding by {kind}")
+        loop = asyncio.get_running_loop()
+        try:
+            matcher = await loop.run_in_executor(
+                self._grammar_executor, backend.matcher, kind, spec
+            )
+        except GrammarError as exc:
+            raise BadRequest(str(exc)) from None
+        req.grammar = GrammarState(matcher)
 
     async def shutdown(self) -> None:
         await super().shutdown()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        for executor in (self._grammar_executor, self._mask_executor):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+        self._grammar_executor = self._mask_executor = None

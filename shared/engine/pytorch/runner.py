@@ -2,7 +2,8 @@
 
 Each step is one flat row of tokens (every prefill chunk, then one token per decoding request)
 through transformers' model code with the paged attention (``attention.py``), the LM head on
-the rows that sample only, then sampling (``sampling.py``). What the step needs from the
+the rows that sample only, guided rows masked to what their grammar allows (``grammar.py``),
+then sampling (``sampling.py``). What the step needs from the
 scheduler's requests (tokens, positions, page tables, sampling parameters) is copied on the
 event loop before the forward starts; the forward itself runs on the engine's one model
 thread under ``torch.inference_mode``, so the event loop keeps serving while the model runs.
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from shared.engine.cpu.request import Req
 from shared.engine.cpu.runner import ForwardBatch, KvSink, StepOutput
 from shared.engine.pytorch.attention import PagedStep
+from shared.engine.pytorch.grammar import GrammarState, apply_bitmask, bitmask_words
 from shared.engine.pytorch.kv_cache import KvPages, PagedKvCache, ReceivedKv
 from shared.engine.pytorch.model import LoadedModel
 from shared.engine.pytorch.sampling import SampleRow, sample
@@ -29,7 +31,7 @@ __all__ = ["TorchRunner"]
 class _Plan:
     """A step copied out of the scheduler's requests (built on the event loop)."""
 
-    __slots__ = ("input_ids", "positions", "rows", "sample_index", "step")
+    __slots__ = ("bitmask", "guided", "input_ids", "positions", "rows", "sample_index", "step")
 
     def __init__(self, batch: ForwardBatch, cache: PagedKvCache) -> None:
         ids: list[int] = []
@@ -53,6 +55,15 @@ class _Plan:
         self.sample_index = torch.tensor(sample_index, dtype=torch.long)
         self.step = PagedStep.build(cache, prefill, decode)
         self.rows = [_sample_row(req) for req in batch.sample]
+        # Guided rows: (row, matcher, outputs it has not consumed yet, output length, stops).
+        self.guided: list[tuple[int, GrammarState, list[int], int, list[int]]] = []
+        for i, req in enumerate(batch.sample):
+            state = req.grammar
+            if state is not None:
+                out = req.output_ids
+                stops = sorted(req.stop_ids)
+                self.guided.append((i, state, out[state.consumed :], len(out), stops))
+        self.bitmask: Future[torch.Tensor] | None = None
 
 
 def _sample_row(req: Req) -> SampleRow:
@@ -70,15 +81,44 @@ def _sample_row(req: Req) -> SampleRow:
     )
 
 
+_Guided = list[tuple[int, GrammarState, list[int], int, list[int]]]
+
+
+def _fill(guided: _Guided, vocab_size: int) -> torch.Tensor:
+    """Catch each guided row's matcher up on its outputs and compute its next-token bitmask
+    (on the mask thread, while the forward runs)."""
+    bitmask = torch.empty((len(guided), bitmask_words(vocab_size)), dtype=torch.int32)
+    for k, (_, state, pending, total, stops) in enumerate(guided):
+        state.sync(pending, total)
+        state.fill(bitmask, k, stops)
+    return bitmask
+
+
+def _mask(logits: torch.Tensor, guided: _Guided, bitmask: torch.Tensor) -> None:
+    """Mask the guided rows of ``logits`` (float32) to what their grammars allow."""
+    if len(guided) == logits.shape[0]:  # every row guided: no gather and scatter
+        apply_bitmask(logits, bitmask)
+        return
+    rows = torch.tensor([i for i, *_ in guided], dtype=torch.long)
+    masked = logits.index_select(0, rows)
+    apply_bitmask(masked, bitmask)
+    logits.index_copy_(0, rows, masked)
+
+
 class TorchRunner:
     """:class:`~shared.engine.cpu.runner.ModelRunner` over a real model (module docstring)."""
 
     def __init__(
-        self, model: LoadedModel, cache: PagedKvCache, executor: ThreadPoolExecutor
+        self,
+        model: LoadedModel,
+        cache: PagedKvCache,
+        executor: ThreadPoolExecutor,
+        mask_executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
         self._executor = executor
+        self._mask_executor = mask_executor
 
     @property
     def kv_layout(self) -> str:
@@ -86,8 +126,8 @@ class TorchRunner:
 
     def unsupported(self, req: Req) -> str | None:
         guided = req.sampling.guided
-        if guided:
-            return f"the torch engine does not enforce guided decoding ({', '.join(guided)}) yet"
+        if guided and req.grammar is None:
+            return f"guided decoding ({', '.join(guided)}) was not prepared for this request"
         return None
 
     def add(self, req: Req) -> None:
@@ -98,6 +138,12 @@ class TorchRunner:
 
     async def forward(self, batch: ForwardBatch) -> StepOutput:
         plan = _Plan(batch, self.cache)
+        if plan.guided:
+            if self._mask_executor is None:
+                plan.bitmask = Future()
+                plan.bitmask.set_result(_fill(plan.guided, self.model.vocab_size))
+            else:
+                plan.bitmask = self._mask_executor.submit(_fill, plan.guided, self.model.vocab_size)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run, plan)
 
@@ -114,6 +160,9 @@ class TorchRunner:
             logprobs = None
             if plan.rows:
                 logits = self.model.lm_head(hidden[0].index_select(0, plan.sample_index))
+                if plan.bitmask is not None:
+                    logits = logits.float()
+                    _mask(logits, plan.guided, plan.bitmask.result())
                 tokens, lps = sample(logits, plan.rows)
                 if any(lp is not None for lp in lps):
                     logprobs = lps
