@@ -26,7 +26,7 @@ SERVER_ARGS_DEPS=(
 # and the test runner with the plugins pyproject.toml configures.
 PROJECT_DEPS=(
     "msgspec>=0.19" "nats-py>=2.9" "aetcd>=1.0" "uvloop>=0.19" "prometheus-client>=0.20"
-    "pyzmq>=26" "aiohttp>=3.9" "pytest>=8" "pytest-asyncio>=0.23" "pytest-timeout>=2.3"
+    "pyzmq>=26" "aiohttp>=3.9" "xxhash>=3" "pytest>=8" "pytest-asyncio>=0.23" "pytest-timeout>=2.3"
 )
 
 say() { printf '==> %s\n' "$*" >&2; }
