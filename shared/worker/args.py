@@ -25,12 +25,6 @@ from shared.engine.args import (
     parse_engine_args,
 )
 from shared.engine.registry import resolve
-from shared.parser_names import (
-    REASONING_PARSER_NAMES,
-    TOOL_CALL_PARSER_NAMES,
-    reasoning_parser_name,
-    tool_call_parser_name,
-)
 from shared.flags import (
     TRUE_WORDS,
     Flag,
@@ -39,6 +33,12 @@ from shared.flags import (
     add_flags,
     flag_values,
     float_converter,
+)
+from shared.parser_names import (
+    REASONING_PARSER_NAMES,
+    TOOL_CALL_PARSER_NAMES,
+    reasoning_parser_name,
+    tool_call_parser_name,
 )
 
 AGGREGATED = "aggregated"
