@@ -77,10 +77,11 @@ def chat_tools(
     if not _wants_tools(req):
         return ChatParsing(reasoning=reasoning, chat_template_kwargs=kwargs)
     if card.tool_call_parser is None:
+        param = "tools" if req.tools else "tool_choice"
         raise RequestError(
-            f"'tools' is not supported: model {card.name!r} has no tool-call parser "
+            f"'{param}' is not supported: model {card.name!r} has no tool-call parser "
             "(its workers run without --dyn-tool-call-parser)",
-            param="tools",
+            param=param,
         )
     tools = req.tools or []
     try:

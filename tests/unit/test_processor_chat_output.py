@@ -61,8 +61,9 @@ def test_tools_on_a_model_without_a_parser_are_refused_naming_tools() -> None:
     with pytest.raises(RequestError) as info:
         chat_tools(request(tools=TOOLS), card(tool=None))
     assert info.value.param == "tools" and "tool-call parser" in str(info.value)
-    with pytest.raises(RequestError):
+    with pytest.raises(RequestError) as info:
         chat_tools(request(tool_choice="required"), card(tool=None))
+    assert info.value.param == "tool_choice"
 
 
 def test_no_tools_needs_no_parser() -> None:
