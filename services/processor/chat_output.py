@@ -18,6 +18,7 @@ the same calls, so a stream's deltas reassemble into the unary message.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ class ChatParsing:
     chat_template_kwargs: Mapping[str, Any] | None = None
     guide: GuidedDecodingOptions | None = None  # the constrained call, for required/named
     keep_special_tokens: bool = False  # a format marker is a special token
+    in_reasoning: bool | None = None  # the prompt opened the thinking (None: the format's rule)
 
     @property
     def active(self) -> bool:
@@ -56,6 +58,13 @@ class ChatParsing:
 
     def parser(self) -> ChatOutputParser:
         return ChatOutputParser(self)
+
+    def after_prompt(self, prompt_tail: str) -> ChatParsing:
+        """This parsing for a rendered prompt ending in ``prompt_tail`` (its last tokens, special
+        tokens kept): a template that leaves ``<think>`` open starts the output in reasoning."""
+        if self.reasoning is None or not self.reasoning.prompt_opens_reasoning(prompt_tail):
+            return self
+        return dataclasses.replace(self, in_reasoning=True)
 
 
 def _wants_tools(req: ChatCompletionRequest) -> bool:
@@ -131,7 +140,10 @@ class ChatOutputParser:
 
     def __init__(self, parsing: ChatParsing) -> None:
         self._reasoning: ReasoningStreamer | None = (
-            parsing.reasoning.streamer(chat_template_kwargs=parsing.chat_template_kwargs)
+            parsing.reasoning.streamer(
+                chat_template_kwargs=parsing.chat_template_kwargs,
+                in_reasoning=parsing.in_reasoning,
+            )
             if parsing.reasoning is not None
             else None
         )

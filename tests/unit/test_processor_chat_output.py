@@ -233,3 +233,15 @@ def test_reasoning_then_a_tool_call(pre: ModelPreprocessor) -> None:
     choice = chat_response("r", 0, "m", assembler, False).choices[0]
     assert choice.message.reasoning_content == "Need the weather."
     assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+
+
+def test_a_prompt_that_opens_the_thinking_starts_the_output_in_reasoning(
+    pre: ModelPreprocessor,
+) -> None:
+    parsing = chat_tools(request(), card(tool=None, reasoning="qwen3"))
+    assert parsing.after_prompt("<|im_start|>assistant\n") is parsing
+    opened = parsing.after_prompt("<|im_start|>assistant\n<think>\n")
+    assert opened.in_reasoning is True
+    assembler, _ = assemble(pre, opened, "Thinking hard.</think>The answer.", stream=False)
+    message = chat_response("r", 0, "m", assembler, False).choices[0].message
+    assert (message.reasoning_content, message.content) == ("Thinking hard.", "The answer.")

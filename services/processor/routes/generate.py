@@ -34,6 +34,9 @@ __all__ = ["chat", "completion", "fan_out", "merge"]
 
 log = logging.getLogger(__name__)
 
+# Prompt tokens read back to tell whether the chat template left a thinking block open.
+_PROMPT_TAIL = 16
+
 
 async def chat(s: Serving, ctx: RequestContext) -> web.StreamResponse:
     req, ignored = await s.prepare(ctx, decode_openai, ctx.body, ChatCompletionRequest)
@@ -43,6 +46,9 @@ async def chat(s: Serving, ctx: RequestContext) -> web.StreamResponse:
     assert pre is not None
     parsing = chat_tools(req, pre.card, pre.special_tokens)
     preq = await s.prepare(ctx, pre.preprocess_chat, req, parsing.guide)
+    if parsing.reasoning is not None:
+        tail = pre.tokenizer.decode(preq.token_ids[-_PROMPT_TAIL:], skip_special_tokens=False)
+        parsing = parsing.after_prompt(tail)
     return await _generate(
         s, ctx, model, req, [preq], chat=True, logprobs=req.logprobs, parsing=parsing
     )
