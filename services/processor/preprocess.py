@@ -20,6 +20,7 @@ encoded with special tokens, but a BOS the text already starts with is not doubl
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -380,7 +381,7 @@ class ModelPreprocessor:
             built = msgspec.structs.replace(built, sampling_options=opts)
         return built
 
-    @property
+    @functools.cached_property
     def special_tokens(self) -> frozenset[str]:
         """The tokenizer's special tokens (skipped when detokenizing by default)."""
         decoder = self.tokenizer.get_added_tokens_decoder()
