@@ -144,6 +144,11 @@ async def test_a_hermes_call_comes_back_as_tool_calls_unary_and_streamed(
         assert arguments == {0: call.function.arguments}
         assert finish == "tool_calls"
 
+        # n > 1: each choice is parsed on its own.
+        both = await c.chat.completions.create(model=SCRIPTED, messages=ASK, tools=TOOLS, n=2)
+        assert [ch.finish_reason for ch in both.choices] == ["tool_calls", "tool_calls"]
+        assert all(len(ch.message.tool_calls or []) == 1 for ch in both.choices)
+
 
 async def test_required_sends_a_json_schema_guide_and_reads_the_calls_back(
     tools_mesh: tuple[Mesh, Processor],
