@@ -288,6 +288,8 @@ class OutputAssembler:
             if finish == "stop" and choice.parser.calls_emitted:
                 finish = choice.finish_reason = "tool_calls"
             if not (text or reasoning or calls or logprobs or finish is not None):
+                # All held back by the parsers: an empty delta that _apply drops; the choice
+                # has not started (its first real delta still carries the role).
                 return Delta(index, "")
         first = not choice.started
         choice.started = True
