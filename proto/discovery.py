@@ -190,6 +190,10 @@ class ModelCard(msgspec.Struct, omit_defaults=True, kw_only=True):
     mdc_sum: str | None = None
     # Embedding models (``model_type`` ["embedding"]) only.
     embedding: EmbeddingInfo | None = None
+    # ``--dyn-tool-call-parser`` / ``--dyn-reasoning-parser``: the processor parses the output
+    # with these (names from ``shared.parser_names``); None: no tool calls / no reasoning split.
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     @property
     def served_names(self) -> list[str]:

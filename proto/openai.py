@@ -419,6 +419,11 @@ class ChatCompletionRequest(_SamplingRequest, kw_only=True):
     top_logprobs: ChatTopLogprobs | None = None
     # Extra variables for the chat template (e.g. ``enable_thinking``).
     chat_template_kwargs: dict[str, Any] | None = None
+    # Served only for a model whose card names a tool-call parser
+    # (``services/processor/chat_output.py`` checks them against the card).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def check(self) -> None:
         super().check()

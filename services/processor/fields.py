@@ -3,10 +3,10 @@
 The request structs (``proto.openai``) declare every field the processor implements, so
 msgspec decodes those and skips all others. This module looks at the skipped ones:
 
-- a field OpenAI defines for the endpoint but we do not serve (tool calling, audio, predicted
-  outputs, ...) is refused with a 400 naming it, unless its value asks for nothing (``tools:
-  []``, ``store: false``, ``modalities: ["text"]``): answering without it would hand back
-  something other than what was asked for;
+- a field OpenAI defines for the endpoint but we do not serve (legacy ``functions``, audio,
+  predicted outputs, ...) is refused with a 400 naming it, unless its value asks for nothing
+  (``functions: []``, ``store: false``, ``modalities: ["text"]``): answering without it would
+  hand back something other than what was asked for;
 - a field OpenAI defines that has no effect on the output here (``metadata``,
   ``prompt_cache_key``...) is accepted;
 - any other field is nobody's standard (a vendor extra): it is ignored, with one warning per
@@ -47,7 +47,7 @@ __all__ = [
 
 RequestT = TypeVar("RequestT", bound=msgspec.Struct)
 
-_TOOLS = "tool calling is not available yet for this model"
+_TOOLS = "use 'tools' and 'tool_choice' (served for models with a tool-call parser)"
 
 
 def _absent(value: Any) -> bool:
@@ -77,12 +77,10 @@ class Unserved:
 
 # Chat completions: every OpenAI field not declared on ChatCompletionRequest.
 CHAT_FIELDS: Mapping[str, Unserved] = {
-    "tools": Unserved(_empty, _TOOLS),
-    "tool_choice": Unserved(_one_of("none", "auto"), _TOOLS),
+    # ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are declared on the request and
+    # checked against the model card (``chat_output.chat_tools``); the legacy spelling is not.
     "functions": Unserved(_empty, _TOOLS),
     "function_call": Unserved(_one_of("none", "auto"), _TOOLS),
-    # Only says whether several calls may come at once: nothing without tools.
-    "parallel_tool_calls": Unserved(_anything, ""),
     "audio": Unserved(_absent, "audio output is not supported"),
     "modalities": Unserved(_one_of(["text"]), "only the 'text' output modality is supported"),
     "prediction": Unserved(_absent, "predicted outputs are not supported"),

@@ -20,6 +20,7 @@ encoded with special tokens, but a BOS the text already starts with is not doubl
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -29,12 +30,19 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import msgspec
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from proto.discovery import ModelCard
 from proto.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, RequestError
-from proto.request import OutputOptions, PreprocessedRequest, SamplingOptions, StopConditions
+from proto.request import (
+    GuidedDecodingOptions,
+    OutputOptions,
+    PreprocessedRequest,
+    SamplingOptions,
+    StopConditions,
+)
 
 __all__ = ["ModelPreprocessor", "PreprocessorLoadError", "make_template_environment"]
 
@@ -350,17 +358,34 @@ class ModelPreprocessor:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def preprocess_chat(self, req: ChatCompletionRequest) -> PreprocessedRequest:
+    def preprocess_chat(
+        self, req: ChatCompletionRequest, guide: GuidedDecodingOptions | None = None
+    ) -> PreprocessedRequest:
+        """``guide``: the constrained output a tool choice asks for, instead of the request's
+        own (``chat_output.chat_tools`` refuses both at once)."""
         for message in req.messages:
             if isinstance(message.content, str):
                 self.check_length(message.content, "messages")
-        prompt = self.render_chat(req.messages, True, **(req.chat_template_kwargs or {}))
+        kwargs: dict[str, Any] = dict(req.chat_template_kwargs or {})
+        if req.tools:
+            kwargs["tools"] = req.tools  # as apply_chat_template(tools=...) passes them
+        prompt = self.render_chat(req.messages, True, **kwargs)
         self.check_length(prompt, "messages")
         token_ids = self.encode(prompt, add_special_tokens=False)
         if not token_ids:
             raise RequestError("The prompt is empty", param="messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return self._build(req, token_ids, req.effective_max_tokens(), logprobs, "messages")
+        built = self._build(req, token_ids, req.effective_max_tokens(), logprobs, "messages")
+        if guide is not None:
+            opts = msgspec.structs.replace(built.sampling_options, guided_decoding=guide)
+            built = msgspec.structs.replace(built, sampling_options=opts)
+        return built
+
+    @functools.cached_property
+    def special_tokens(self) -> frozenset[str]:
+        """The tokenizer's special tokens (skipped when detokenizing by default)."""
+        decoder = self.tokenizer.get_added_tokens_decoder()
+        return frozenset(t.content for t in decoder.values() if t.special)
 
     def preprocess_completion(self, req: CompletionRequest) -> list[PreprocessedRequest]:
         """One request per prompt; token-id prompts pass through (validated)."""

@@ -37,7 +37,10 @@ from proto.openai import (
     Usage,
 )
 from proto.response import EngineOutput, FinishReason
+from proto.tool_call import ToolCallDelta
+from services.processor.chat_output import ChatOutputParser, ChatParsing
 from services.processor.detokenize import IncrementalDetokenizer, StopStringMatcher
+from services.processor.parsers.tool_base import assemble_tool_calls
 from services.processor.preprocess import ModelPreprocessor
 
 __all__ = [
@@ -77,6 +80,9 @@ class Delta:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     first: bool = False
+    # Chat with the card's parsers: ``text`` is then the content.
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -88,6 +94,9 @@ class _Choice:
     started: bool = False
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    parser: ChatOutputParser | None = None
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -115,6 +124,7 @@ class OutputAssembler:
         skip_special_tokens: bool = True,
         include_stop: bool = False,
         echo: Sequence[str] | None = None,
+        parsing: ChatParsing | None = None,
     ) -> None:
         self._pre = preprocessor
         self._tokenizer = preprocessor.tokenizer
@@ -142,6 +152,10 @@ class OutputAssembler:
             )
             for prompt in prompts
         ]
+        self.parsing = parsing if parsing is not None and parsing.active else None
+        if self.parsing is not None:
+            for choice in self.choices:
+                choice.parser = self.parsing.parser()
         self._open = len(self.choices)
 
     @property
@@ -236,7 +250,10 @@ class OutputAssembler:
             return None
         if finish is not None:
             return self._finish_choice(index, choice, finish, text, logprobs)
-        return self._delta(index, choice, text, None, logprobs)
+        delta = self._delta(index, choice, text, None, logprobs)
+        if not (delta.text or delta.reasoning or delta.tool_calls or delta.logprobs):
+            return None  # all held back by the parsers
+        return delta
 
     def _finish_choice(
         self,
@@ -263,6 +280,17 @@ class OutputAssembler:
         finish: str | None,
         logprobs: list[TokenLogprob] | None,
     ) -> Delta:
+        reasoning = ""
+        calls: list[ToolCallDelta] = []
+        if choice.parser is not None:
+            piece = choice.parser.finish(text) if finish is not None else choice.parser.feed(text)
+            text, reasoning, calls = piece.content, piece.reasoning, piece.tool_calls
+            if finish == "stop" and choice.parser.calls_emitted:
+                finish = choice.finish_reason = "tool_calls"
+            if not (text or reasoning or calls or logprobs or finish is not None):
+                # All held back by the parsers: an empty delta that _apply drops; the choice
+                # has not started (its first real delta still carries the role).
+                return Delta(index, "")
         first = not choice.started
         choice.started = True
         if first and self._echo is not None:
@@ -270,9 +298,12 @@ class OutputAssembler:
         if self._keep:
             if text:
                 choice.text.append(text)
+            if reasoning:
+                choice.reasoning.append(reasoning)
+            choice.tool_calls.extend(calls)
             if logprobs:
                 choice.logprobs.extend(logprobs)
-        return Delta(index, text, finish, logprobs, first)
+        return Delta(index, text, finish, logprobs, first, reasoning, calls)
 
     def _logprobs(self, token_ids: list[int], out: EngineOutput) -> list[TokenLogprob] | None:
         if not out.log_probs:
@@ -397,7 +428,12 @@ def chat_chunk(
         choices.append(
             ChatChunkChoice(
                 index=d.index,
-                delta=ChatDelta(role="assistant" if d.first else None, content=d.text),
+                delta=ChatDelta(
+                    role="assistant" if d.first else None,
+                    content=d.text if d.text or not (d.reasoning or d.tool_calls) else None,
+                    reasoning_content=d.reasoning or None,
+                    tool_calls=list(d.tool_calls) or None,
+                ),
                 finish_reason=d.finish_reason,
                 logprobs=_chat_logprobs(d.logprobs) if logprobs else None,
             )
@@ -424,7 +460,7 @@ def chat_response(
     choices = [
         ChatChoice(
             index=i,
-            message=ChatResponseMessage(content="".join(c.text)),
+            message=_chat_message(c, assembler.parsing),
             finish_reason=c.finish_reason,
             logprobs=_chat_logprobs(c.logprobs) if logprobs else None,
         )
@@ -433,6 +469,19 @@ def chat_response(
     return ChatCompletionResponse(
         id=rid, created=created, model=model, choices=choices, usage=assembler.usage()
     )
+
+
+def _chat_message(choice: _Choice, parsing: ChatParsing | None) -> ChatResponseMessage:
+    content = "".join(choice.text)
+    message = ChatResponseMessage(content=content)
+    if parsing is None:
+        return message
+    if choice.reasoning:
+        message.reasoning_content = "".join(choice.reasoning)
+    if choice.tool_calls:
+        message.tool_calls = assemble_tool_calls(choice.tool_calls)
+        message.content = content or None
+    return message
 
 
 def completion_response(

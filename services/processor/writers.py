@@ -89,7 +89,7 @@ async def write_stream(request: web.Request, gen: Generation) -> web.StreamRespo
     def render(deltas: list[Any]) -> bytes:
         if len(deltas) == 1 and not logprobs:
             d = deltas[0]
-            if not d.first and d.finish_reason is None:
+            if not d.first and d.finish_reason is None and not (d.reasoning or d.tool_calls):
                 offsets[d.index] += len(d.text)
                 return fast.text(d.index, d.text)
         if chat:

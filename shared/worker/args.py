@@ -34,6 +34,12 @@ from shared.flags import (
     flag_values,
     float_converter,
 )
+from shared.parser_names import (
+    REASONING_PARSER_NAMES,
+    TOOL_CALL_PARSER_NAMES,
+    reasoning_parser_name,
+    tool_call_parser_name,
+)
 
 AGGREGATED = "aggregated"
 DECODE = "decode"
@@ -95,6 +101,8 @@ class WorkerFlags:
     health_check: bool = True
     endpoint_types: tuple[str, ...] = ("chat", "completions")
     custom_jinja_template: str | None = None
+    dyn_tool_call_parser: str | None = None
+    dyn_reasoning_parser: str | None = None
 
 
 def _endpoint_types(text: str) -> tuple[str, ...]:
@@ -150,6 +158,24 @@ _WORKER_FLAGS: tuple[Flag, ...] = (
         "FILE",
         "a chat template file that overrides the model's own",
         ("DYN_CUSTOM_JINJA_TEMPLATE",),
+    ),
+    Flag(
+        "dyn_tool_call_parser",
+        tool_call_parser_name,
+        _DEFAULTS.dyn_tool_call_parser,
+        "NAME",
+        "the format the model writes tool calls in, so the processor serves `tools`: "
+        + ", ".join(TOOL_CALL_PARSER_NAMES),
+        ("DYN_TOOL_CALL_PARSER",),
+    ),
+    Flag(
+        "dyn_reasoning_parser",
+        reasoning_parser_name,
+        _DEFAULTS.dyn_reasoning_parser,
+        "NAME",
+        "the model's thinking tags, split into `reasoning_content`: "
+        + ", ".join(REASONING_PARSER_NAMES),
+        ("DYN_REASONING_PARSER",),
     ),
     Flag(
         "health_check",

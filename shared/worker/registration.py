@@ -117,6 +117,8 @@ def model_card(info: EngineInfo, config: WorkerConfig, instance_id: int) -> Mode
         endpoint=str(config.endpoint),
         eos_token_ids=eos,
         bos_token_id=bos if isinstance(bos, int) else None,
+        tool_call_parser=config.worker.dyn_tool_call_parser,
+        reasoning_parser=config.worker.dyn_reasoning_parser,
     )
 
 

@@ -52,9 +52,6 @@ def pre() -> ModelPreprocessor:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ("tool_choice", "required"),
-        ("tool_choice", {"type": "function", "function": {"name": "f"}}),
         ("functions", [{"name": "f"}]),
         ("function_call", {"name": "f"}),
         ("audio", {"voice": "alloy", "format": "wav"}),
@@ -73,8 +70,19 @@ def test_unserved_openai_fields_are_refused_by_name(field: str, value: Any) -> N
     assert f"'{field}'" in err.message and "not supported" in err.message
 
 
-def test_tool_refusals_say_tool_calling_is_not_available() -> None:
-    assert "tool calling is not available yet" in refusal(chat(tools=[{"type": "x"}])).message
+def test_legacy_function_fields_point_to_tools() -> None:
+    assert "use 'tools'" in refusal(chat(functions=[{"name": "f"}])).message
+
+
+def test_tool_fields_are_declared_not_screened() -> None:
+    # Whether the model serves them is the card's business (chat_output.chat_tools).
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    req, ignored = decode_openai(
+        chat(tools=tools, tool_choice="required", parallel_tool_calls=False),
+        ChatCompletionRequest,
+    )
+    assert ignored == [] and req.tools == tools and req.tool_choice == "required"
+    assert req.parallel_tool_calls is False
 
 
 @pytest.mark.parametrize(
@@ -350,5 +358,5 @@ def test_openapi_documents_the_extras_and_the_refused_fields() -> None:
         assert "logit_bias" in props and "response_format" in props
     assert "echo" in completion_props
     note = doc["paths"]["/v1/chat/completions"]["post"]["description"]
-    for name in ("tools", "tool_choice", "audio", "prediction", "web_search_options"):
+    for name in ("functions", "audio", "prediction", "web_search_options"):
         assert name in note

@@ -21,6 +21,7 @@ from proto.openai import ChatCompletionRequest, CompletionRequest
 from proto.request import PreprocessedRequest
 from proto.response import EngineOutput
 from services.processor import metrics
+from services.processor.chat_output import ChatParsing, chat_tools
 from services.processor.context import RequestContext, Serving
 from services.processor.failures import Failure
 from services.processor.fields import decode_openai
@@ -33,6 +34,9 @@ __all__ = ["chat", "completion", "fan_out", "merge"]
 
 log = logging.getLogger(__name__)
 
+# Prompt tokens read back to tell whether the chat template left a thinking block open.
+_PROMPT_TAIL = 16
+
 
 async def chat(s: Serving, ctx: RequestContext) -> web.StreamResponse:
     req, ignored = await s.prepare(ctx, decode_openai, ctx.body, ChatCompletionRequest)
@@ -40,8 +44,14 @@ async def chat(s: Serving, ctx: RequestContext) -> web.StreamResponse:
     model = s.model(req.model, ctx.tracker)
     pre = model.preprocessor
     assert pre is not None
-    preq = await s.prepare(ctx, pre.preprocess_chat, req)
-    return await _generate(s, ctx, model, req, [preq], chat=True, logprobs=req.logprobs)
+    parsing = chat_tools(req, pre.card, pre.special_tokens)
+    preq = await s.prepare(ctx, pre.preprocess_chat, req, parsing.guide)
+    if parsing.reasoning is not None:
+        tail = pre.tokenizer.decode(preq.token_ids[-_PROMPT_TAIL:], skip_special_tokens=False)
+        parsing = parsing.after_prompt(tail)
+    return await _generate(
+        s, ctx, model, req, [preq], chat=True, logprobs=req.logprobs, parsing=parsing
+    )
 
 
 async def completion(s: Serving, ctx: RequestContext) -> web.StreamResponse:
@@ -75,6 +85,7 @@ async def _generate(
     chat: bool,
     logprobs: bool,
     echo: list[str] | None = None,
+    parsing: ChatParsing | None = None,
 ) -> web.StreamResponse:
     pre = model.preprocessor
     assert pre is not None
@@ -97,9 +108,11 @@ async def _generate(
             logprobs=logprobs,
             keep_text=not req.stream,
             cache_owners=range(0, len(streams), n),
-            skip_special_tokens=req.skip_special_tokens,
+            skip_special_tokens=req.skip_special_tokens
+            and not (parsing is not None and parsing.keep_special_tokens),
             include_stop=req.keep_stop(),
             echo=echo,
+            parsing=parsing,
         )
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
