@@ -36,7 +36,9 @@ async def processor(
 ) -> AsyncIterator[Processor]:
     async with mesh(nats_server, etcd_server, tmp_path_factory.mktemp("torch-fields")) as m:
         p = m.add_processor()
-        await m.add_workers(model_dir(), (), served=MODEL_NAME, engine="torch")
+        # A tool-call parser in the card: tools are accepted, forced calls are guided.
+        tools = ("--dyn-tool-call-parser", "hermes")
+        await m.add_workers(model_dir(), tools, served=MODEL_NAME, engine="torch")
         await p.wait_model(MODEL_NAME)
         yield p
 
@@ -148,3 +150,62 @@ async def test_min_tokens_holds_eos_back(processor: Processor) -> None:
     held = await ok(processor, "completions", {**body, "min_tokens": 4})
     assert 4 <= held["usage"]["completion_tokens"] <= 5
     assert held["choices"][0]["finish_reason"] == "stop"
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"timezone": {"type": "string"}},
+            "required": ["timezone"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "get_time"}}]
+)
+async def test_forced_tool_calls_are_valid_calls_on_the_real_model(
+    processor: Processor, choice: Any
+) -> None:
+    """The real model, sampled, forced to call: every call names an offered function and its
+    arguments validate against that function's parameters."""
+    tools = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    body = {
+        "messages": [{"role": "user", "content": "What is the weather in Paris right now?"}],
+        "tools": [WEATHER, TIME],
+        "tool_choice": choice,
+        "max_tokens": 64,
+        "temperature": 0.8,
+        "seed": 7,
+        "n": 4,
+    }
+    payload = await ok(processor, "chat/completions", body)
+    for c in payload["choices"]:
+        assert c["finish_reason"] == "tool_calls", c
+        calls = c["message"]["tool_calls"]
+        assert calls, c
+        for call in calls:
+            name = call["function"]["name"]
+            if isinstance(choice, dict):
+                assert name == "get_time"
+            jsonschema.validate(json.loads(call["function"]["arguments"]), tools[name])
