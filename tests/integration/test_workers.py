@@ -346,12 +346,13 @@ async def test_paused_worker_is_not_ready_and_out_of_discovery(
     await client.wait_for_instances(1, timeout=10)
     status, body = await worker.post("/engine/pause_generation")
     assert status == 200, body
-    await client._watcher.wait_for(lambda _: not client.instances(), timeout=5)
+    # The deletion reaches the watcher through etcd's watch stream: seconds on a loaded CI box.
+    await client._watcher.wait_for(lambda _: not client.instances(), timeout=15)
     status, _ = await worker.get("/health")
     assert status == 503
     status, body = await worker.post("/engine/continue_generation")
     assert status == 200, body
-    await client.wait_for_instances(1, timeout=5)
+    await client.wait_for_instances(1, timeout=15)
     status, _ = await worker.get("/health")
     assert status == 200
     assert len(token_ids(await collect(client, request([5, 6, 7], 3)))) == 3
