@@ -129,13 +129,14 @@ class GrammarState:
         self.error: str | None = None
 
     def sync(self, output_ids: Sequence[int], total: int) -> None:
-        """``output_ids`` are the request's outputs from index ``self.consumed`` (a copy the
-        plan took), ``total`` the output length then."""
+        """``output_ids`` are the request's whole output (a copy the plan took), ``total`` its
+        length then. Sliced here, on the mask thread, against what the matcher has really
+        consumed: a plan built before the previous mask ran must not feed a token twice."""
         if total < self.consumed:
             self.matcher.rollback(self.consumed - total)
             self.consumed = total
             return
-        for token in output_ids:
+        for token in output_ids[self.consumed : total]:
             if self.error is None and not self.matcher.consume(token):
                 self.error = self.matcher.failed() or f"token {token} does not fit the grammar"
                 log.warning("guided decoding stopped following its grammar: %s", self.error)

@@ -62,7 +62,7 @@ class _Plan:
             if state is not None:
                 out = req.output_ids
                 stops = sorted(req.stop_ids)
-                self.guided.append((i, state, out[state.consumed :], len(out), stops))
+                self.guided.append((i, state, list(out), len(out), stops))
         self.bitmask: Future[torch.Tensor] | None = None
 
 
