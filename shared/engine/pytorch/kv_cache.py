@@ -4,8 +4,12 @@ Why one tensor per engine rank, laid out ``[layers, 2 (K, V), slots, kv_heads, h
 (slot = page id x page size + offset): attention reads one layer's K (or V) for many tokens at
 once, so a layer's slab is contiguous and a gather by slot index is one ``index_select``; the
 radix cache, the requests' page tables and the KV events all name the same page ids. The
-tensor is allocated with ``torch.empty``: memory the OS has not been asked to touch costs no
-RSS, so a large pool grows resident only as pages are written.
+tensor starts as zeros from ``calloc`` (:func:`zeroed`): a large pool is fresh zero pages from
+the OS, resident only as pages are written, and a small one is cleared heap memory. Zeros
+matter: decode attention gathers whole pages and masks the slots past each row's length, but
+a masked score still multiplies its V, and ``0 x NaN`` is NaN, so uninitialised memory that
+happens to hold a NaN or an infinity (``torch.empty`` reusing a freed block of masked logits)
+would poison every row that reads a partly written page.
 
 A disaggregated transfer carries whole pages (``[layers, 2, pages, page_size, kv_heads,
 head_dim]`` in the pool's dtype, C order): the prefill engine gathers a request's pages, the
@@ -18,9 +22,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
-__all__ = ["KvPages", "PagedKvCache", "ReceivedKv"]
+__all__ = ["KvPages", "PagedKvCache", "ReceivedKv", "zeroed"]
+
+
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor from ``calloc`` (numpy's ``zeros``), which takes fresh zero pages from
+    the OS for a large block instead of writing them as ``torch.zeros`` does."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(int(np.prod(shape, dtype=np.int64)) * itemsize, dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 class PagedKvCache:
@@ -42,9 +55,7 @@ class PagedKvCache:
         self.num_pages = num_pages
         self.page_size = page_size
         self.dtype = dtype
-        self.kv = torch.empty(
-            (num_layers, 2, num_pages * page_size, num_kv_heads, head_dim), dtype=dtype
-        )
+        self.kv = zeroed((num_layers, 2, num_pages * page_size, num_kv_heads, head_dim), dtype)
 
     @property
     def layout(self) -> str:
