@@ -60,6 +60,8 @@ GENERATE_KWARGS = frozenset(
         "data_parallel_rank",
         "disagg_prefill_dp_rank",
         "cache_salt",
+        "image_data",
+        "mm_hashes",
     }
 )
 ENCODE_KWARGS = frozenset({"prompt", "rid"})
@@ -332,6 +334,8 @@ class SglangEngine:
             rank_key = "routed_dp_rank" if self._routed_dp_rank else "data_parallel_rank"
             kwargs[rank_key] = data_parallel_rank
         kwargs.update({k: v for k, v in extra.items() if v is not None})
+        if "image_data" in kwargs:
+            kwargs["image_data"] = _torch_features(kwargs["image_data"])
 
         finished = False
         try:
@@ -465,3 +469,17 @@ def _raise_http_exception(exc: Exception) -> None:
         raise InvalidRequestError(detail) from exc
     if status in (429, 503):
         raise OverloadedError(detail) from exc
+
+
+def _torch_features(image_data: Any) -> Any:
+    """SGLang's scheduler takes a ``precomputed_embedding`` item's ``feature`` as a torch
+    tensor (``mm_schedule`` checks ``isinstance(..., torch.Tensor)``); the mapping builds
+    numpy arrays, so the conversion happens here, where torch is installed."""
+    import torch
+
+    out = []
+    for item in image_data:
+        if isinstance(item, dict) and not isinstance(item.get("feature"), torch.Tensor):
+            item = {**item, "feature": torch.from_numpy(item["feature"].copy())}
+        out.append(item)
+    return out
