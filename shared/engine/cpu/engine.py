@@ -455,7 +455,7 @@ class CpuEngine:
         if len(items) != 1 or not isinstance(items[0], dict):
             raise BadRequest("image_data must be one precomputed_embedding item")
         item = items[0]
-        feature = item.get("feature")
+        feature: Any = item.get("feature")
         if item.get("format") != "precomputed_embedding" or getattr(feature, "ndim", 0) != 2:
             raise BadRequest("image_data must be {format: precomputed_embedding, feature: 2-D}")
         if not isinstance(mm_hashes, list) or not mm_hashes:
