@@ -456,6 +456,7 @@ class ImageEncoder:
                         raise exhausted(exc, attempt) from exc
                     raise
                 attempt += 1
+                metrics.migrations.labels("image-encode", exc.code.value).inc()
                 log.info(
                     "retrying image encode on another worker",
                     extra={"attempt": attempt, "error": exc.code.value, "reason": exc.message},
