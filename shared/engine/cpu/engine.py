@@ -411,6 +411,10 @@ class CpuEngine:
             raise BadRequest("input_ids must be integers") from None
         if not isinstance(lo, int) or lo < 0 or max(input_ids) >= 2**32:
             raise BadRequest("token ids must be integers in [0, 2**32)")
+        if text_ids is input_ids and is_placeholder(hi):
+            raise BadRequest(
+                f"token id {hi} is an image placeholder, but the request carries no image_data"
+            )
         if self.vocab_size is not None and hi >= self.vocab_size:
             raise BadRequest(
                 f"token id {hi} is outside the model's vocabulary ({self.vocab_size} tokens)"
