@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SGL_VENV := .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-kv bench-router bench-embed bench-structured model infra-up infra-down infra-status run-agg run-disagg stop clean
+.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-kv bench-router bench-embed bench-structured bench-multimodal model infra-up infra-down infra-status run-agg run-disagg stop clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -94,6 +94,11 @@ bench-embed: $(STAMP)
 # BENCH_ARGS="--quick" for a short run.
 bench-structured: $(STAMP)
 	$(BIN)/python bench/structured_output.py $(BENCH_ARGS)
+
+# Images: the image encode worker against onnxruntime run directly (images/s at concurrency 1
+# and 16), and the TTFT one image adds to a chat request (bench/results/multimodal.json).
+bench-multimodal: $(STAMP)
+	$(BIN)/python bench/multimodal.py $(BENCH_ARGS)
 
 model: $(STAMP)
 	$(BIN)/sglmesh model prepare
