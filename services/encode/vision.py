@@ -34,13 +34,12 @@ import numpy as np
 from proto.discovery import ModelCard, RuntimeConfig, WorkerType
 from proto.multimodal import ImageEncodeOutput, ImageEncodeRequest, VisionInfo
 from services.encode.batcher import BatchLimits, BatchStats, DynamicBatcher
-from services.encode.handler import EmbeddingHooks
+from services.encode.handler import EmbeddingHooks, tracked
 from shared.engine.protocol import EngineInfo
 from shared.multimodal import from_array, image_hash, to_array
 from shared.runtime.endpoint import Context
 from shared.runtime.errors import InvalidRequestError
 from shared.worker.args import WorkerConfig
-from shared.worker.handlers import cancel_kind, error_kind_of
 from shared.worker.health import CanaryProbe
 
 __all__ = [
@@ -198,11 +197,8 @@ class VisionHandler:
         self, request: ImageEncodeRequest, ctx: Context
     ) -> AsyncIterator[ImageEncodeOutput]:
         metrics = self._metrics
-        if metrics is not None:
-            metrics.request_started(ROLE)
-        error_kind: str | None = None
         started = time.perf_counter()
-        try:
+        with tracked(metrics, ROLE, ctx):
             if request.pixels.dtype != "uint8":
                 raise InvalidRequestError(f"image pixels must be uint8, got {request.pixels.dtype}")
             embedding = await self._engine.encode(to_array(request.pixels))
@@ -211,15 +207,6 @@ class VisionHandler:
             if ctx.is_stopped():
                 raise asyncio.CancelledError
             yield ImageEncodeOutput(hash=request.hash, embedding=from_array(embedding))
-        except (asyncio.CancelledError, GeneratorExit):
-            error_kind = cancel_kind(ctx)
-            raise
-        except BaseException as exc:
-            error_kind = error_kind_of(exc)
-            raise
-        finally:
-            if metrics is not None:
-                metrics.request_finished(ROLE, error_kind)
 
 
 def vision_card(engine: VisionEngine, config: WorkerConfig, instance_id: int) -> ModelCard:

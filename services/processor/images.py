@@ -47,7 +47,7 @@ from aiohttp.resolver import DefaultResolver
 from proto.multimodal import ImageEncodeOutput, ImageEncodeRequest, Tensor, VisionInfo
 from proto.openai import ChatCompletionRequest, RequestError
 from services.processor import metrics
-from services.processor.dispatch import RETRY_PAUSE, exhausted
+from services.processor.dispatch import with_retries
 from services.processor.models import ModelRegistry, ServedModel, WorkerPool
 from shared.flags import Flag, float_converter, int_converter, parse_bool
 from shared.multimodal import from_array, image_hash, to_array
@@ -442,26 +442,16 @@ class ImageEncoder:
 
     async def _encode(self, key: str, pixels: np.ndarray[Any, Any]) -> Tensor:
         request = ImageEncodeRequest(hash=key, pixels=from_array(pixels))
-        excluded: set[int] = set()
-        attempt = 0
-        while True:
+
+        async def send(excluded: set[int]) -> Tensor:
             found = self.registry.image_encoder()
-            try:
-                if found is None:
-                    raise NoInstancesError("no image encode workers")
-                return await self._send(found[0], request, excluded)
-            except MeshError as exc:
-                if not exc.retryable or attempt >= self.migration_limit:
-                    if attempt and exc.retryable:
-                        raise exhausted(exc, attempt) from exc
-                    raise
-                attempt += 1
-                metrics.migrations.labels("image-encode", exc.code.value).inc()
-                log.info(
-                    "retrying image encode on another worker",
-                    extra={"attempt": attempt, "error": exc.code.value, "reason": exc.message},
-                )
-                await asyncio.sleep(RETRY_PAUSE * (attempt - 1))
+            if found is None:
+                raise NoInstancesError("no image encode workers")
+            return await self._send(found[0], request, excluded)
+
+        return await with_retries(
+            send, limit=self.migration_limit, label="image-encode", what="image encode"
+        )
 
     async def _send(
         self, pool: WorkerPool, request: ImageEncodeRequest, excluded: set[int]
