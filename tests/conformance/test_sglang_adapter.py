@@ -319,6 +319,13 @@ def test_multimodal_data_item_and_pad_shift_match_sglang() -> None:
         and any(isinstance(t, ast.Name) and t.id == "MM_PAD_SHIFT_VALUE" for t in node.targets)
     )
     assert isinstance(shift, ast.Constant) and shift.value == MM_PAD_SHIFT
+    # The adapter writes each image position back as the model's image token, which SGLang's
+    # model config reads from the checkpoint's config.
+    config = ast.unparse(_class("srt/configs/model_config.py", "ModelConfig"))
+    assert "self.image_token_id =" in config
+    assert "model_config" in ast.unparse(
+        _class("srt/managers/tokenizer_manager.py", "TokenizerManager")
+    )
 
 
 def test_sampling_params_are_sglang_sampling_params() -> None:

@@ -133,6 +133,13 @@ def test_mapping_passes_images_as_one_precomputed_embedding_item() -> None:
     )
 
 
+def test_sglang_adapter_gives_sglang_the_models_image_token() -> None:
+    from shared.engine.sglang_engine import restore_image_tokens
+
+    ids = [7, *placeholder_ids(H1, 3), 8]
+    assert restore_image_tokens(ids, 151655) == [7, 151655, 151655, 151655, 8]
+
+
 def _part(url: str) -> ImagePart:
     return ImagePart("messages[0].content[1]", url)
 
