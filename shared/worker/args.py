@@ -3,9 +3,9 @@
 ``sglmesh worker [SGLang flags] [mesh flags]`` picks the role from the flags as SGLang and the
 reference do: no ``--disaggregation-mode`` (or ``null``, ``agg``, ``pd``) is an aggregated
 worker, ``decode`` a disaggregated decode worker, ``prefill`` a prefill worker. The encoder
-roles (``--embedding-worker``, ``--multimodal-encode-worker``, ``--disaggregation-mode
-encode``) belong to the encode service; ``--embedding-worker`` (the reference's flag) also sets
-SGLang's ``--is-embedding``. Parsing goes mesh flags first, then worker flags, then the
+roles (``--embedding-worker``; ``--multimodal-encode-worker``, or the reference's
+``--enable-multimodal --disaggregation-mode encode``) belong to the encode service;
+``--embedding-worker`` (the reference's flag) also sets SGLang's ``--is-embedding``. Parsing goes mesh flags first, then worker flags, then the
 engine's (SGLang's own parser when sglang is importable), each taking only its own flags.
 """
 
@@ -284,7 +284,11 @@ def parse_worker_args(
             parents=[parser],
             allow_abbrev=False,
             description="An LLM worker. The role follows --disaggregation-mode "
-            "(null|agg|pd: aggregated, prefill, decode). Mesh and worker flags:",
+            "(null|agg|pd: aggregated, prefill, decode); --enable-multimodal makes it take "
+            "images. --embedding-worker runs a text-embedding worker and "
+            "--multimodal-encode-worker (or --enable-multimodal --disaggregation-mode encode) "
+            "an image encode worker: the encode service (sglmesh encode --help). "
+            "Mesh and worker flags:",
         )
         helper.print_help()
         print("\nEngine flags (the mesh's, then SGLang's):\n")
