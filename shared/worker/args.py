@@ -5,8 +5,9 @@ reference do: no ``--disaggregation-mode`` (or ``null``, ``agg``, ``pd``) is an 
 worker, ``decode`` a disaggregated decode worker, ``prefill`` a prefill worker. The encoder
 roles (``--embedding-worker``; ``--multimodal-encode-worker``, or the reference's
 ``--enable-multimodal --disaggregation-mode encode``) belong to the encode service;
-``--embedding-worker`` (the reference's flag) also sets SGLang's ``--is-embedding``. Parsing goes mesh flags first, then worker flags, then the
-engine's (SGLang's own parser when sglang is importable), each taking only its own flags.
+``--embedding-worker`` (the reference's flag) also sets SGLang's ``--is-embedding``. Parsing
+goes mesh flags first, then worker flags, then the engine's (SGLang's own parser when sglang
+is importable), each taking only its own flags.
 """
 
 from __future__ import annotations
