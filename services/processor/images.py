@@ -21,7 +21,9 @@ For each ``image_url`` part of a chat request, in order:
    (``--image-cache-bytes``). Embeddings are kept as float16, what the LLM request carries.
 
 Every failure names the part (``messages[i].content[j]``) and says what is wrong, as a 400.
-Decoding and fitting run on a thread, never on the event loop.
+Decoding and fitting run on a thread, never on the event loop, and so do base64 and hashing
+of anything over 256 KB. Loopback and private addresses may be fetched (a mesh often serves
+its own images); only link-local and metadata addresses are refused.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ import ipaddress
 import logging
 import socket
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import numpy as np
@@ -352,6 +354,17 @@ class _Cache:
             self.size -= len(old.data)
 
 
+# Larger inputs are base64-decoded and hashed on a thread: a 16 MB image costs tens of ms.
+_ON_LOOP_BYTES = 256 * 1024
+T = TypeVar("T")
+
+
+async def _off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
+    if size <= _ON_LOOP_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
 class ImageEncoder:
     """Bytes to embeddings for a chat request's images (see the module docstring)."""
 
@@ -404,12 +417,12 @@ class ImageEncoder:
 
     async def _one(self, part: ImagePart, pool: WorkerPool, vision: VisionInfo) -> EncodedImage:
         if part.url.startswith("data:"):
-            data = _data_url(part, self.limits)
+            data = await _off_loop(len(part.url), _data_url, part, self.limits)
         elif part.url.startswith(("http://", "https://")):
             data = await self.fetcher.fetch(part)
         else:
             raise _bad(part, "an image URL must be data:, http:// or https://")
-        key = image_hash(data)
+        key = await _off_loop(len(data), image_hash, data)
         cached = self.cache.get(key)
         if cached is not None:
             metrics.image_cache.labels("hit").inc()
