@@ -55,8 +55,15 @@ async def vl(
         await asyncio.gather(
             m.add_encoders(
                 None,
-                ("--multimodal-encode-worker", "--canary-wait-time", "2"),
-                ("--enable-multimodal", "--disaggregation-mode", "encode"),
+                ("--multimodal-encode-worker",),
+                # Its health canary (a real image) runs whenever it idles 1 s.
+                (
+                    "--enable-multimodal",
+                    "--disaggregation-mode",
+                    "encode",
+                    "--canary-wait-time",
+                    "1",
+                ),
             ),
             m.add_workers(model, (*MM, *kv_flags()), (*MM, *kv_flags()), served=VL),
             m.add_workers(
@@ -278,17 +285,27 @@ async def test_kill_9_encode_worker_mid_request_is_retried_on_the_other(
     vl: tuple[Mesh, Processor], client: openai.AsyncOpenAI
 ) -> None:
     m, proc = vl
-    urls = [data_url(encode(pattern(100 + i))) for i in range(4)]
-    # Four new images at once: both encode workers get some (least loaded first).
-    calls = [
-        client.chat.completions.create(model=VL, messages=_messages(u), max_tokens=4)  # type: ignore[arg-type]
-        for u in urls
+    # Four requests of four new images each: both encode workers get some (least loaded).
+    urls = [data_url(encode(pattern(100 + i))) for i in range(16)]
+    tasks = [
+        asyncio.ensure_future(
+            client.chat.completions.create(
+                model=VL,
+                messages=_messages(*urls[i : i + 4]),
+                max_tokens=4,  # type: ignore[arg-type]
+            )
+        )
+        for i in range(0, 16, 4)
     ]
-    tasks = [asyncio.ensure_future(c) for c in calls]
-    await asyncio.sleep(0.25)
     victim = m.encoders[0]
+    # Killed while it holds an image (its in-flight gauge), not before or after.
+    deadline = asyncio.get_running_loop().time() + 30
+    while await victim.metric("sglmesh_worker_inflight_requests", role="encode") < 1:
+        assert asyncio.get_running_loop().time() < deadline and not all(t.done() for t in tasks)
+        await asyncio.sleep(0.01)
     victim.signal(signal.SIGKILL)
     results = await asyncio.gather(*tasks)
     assert all(r.choices[0].finish_reason in ("length", "stop") for r in results)
+    assert all(r.usage is not None and r.usage.prompt_tokens > 4 * IMAGE_TOKENS for r in results)
     retried = await proc.metric("sglmesh_processor_migrations_total", model="image-encode")
     assert retried >= 1, m.output()
