@@ -365,6 +365,10 @@ async def _off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.to_thread(fn, *args)
 
 
+def _encoder_name(pool: WorkerPool) -> str:
+    return next((card.name for card in pool.cards.values()), "")
+
+
 class ImageEncoder:
     """Bytes to embeddings for a chat request's images (see the module docstring)."""
 
@@ -423,24 +427,26 @@ class ImageEncoder:
         else:
             raise _bad(part, "an image URL must be data:, http:// or https://")
         key = await _off_loop(len(data), image_hash, data)
-        cached = self.cache.get(key)
+        # Embeddings belong to the encoder that made them: another encoder model, another key.
+        slot = f"{_encoder_name(pool)}/{key}"
+        cached = self.cache.get(slot)
         if cached is not None:
             metrics.image_cache.labels("hit").inc()
             return EncodedImage(key, cached)
-        pending = self._inflight.get(key)
+        pending = self._inflight.get(slot)
         if pending is not None:
             metrics.image_cache.labels("shared").inc()
             return EncodedImage(key, await asyncio.shield(pending))
         metrics.image_cache.labels("miss").inc()
         future: asyncio.Future[Tensor] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        self._inflight[slot] = future
         try:
             try:
                 pixels = await asyncio.to_thread(_pixels, data, self.limits, vision.image_size)
             except ValueError as exc:
                 raise _bad(part, str(exc)) from None
             embedding = await self._encode(key, pixels)
-            self.cache.put(key, embedding)
+            self.cache.put(slot, embedding)
             future.set_result(embedding)
             return EncodedImage(key, embedding)
         except BaseException as exc:
@@ -451,7 +457,7 @@ class ImageEncoder:
                 future.exception()  # retrieved: sharers get it, nobody else must
             raise
         finally:
-            self._inflight.pop(key, None)
+            self._inflight.pop(slot, None)
 
     async def _encode(self, key: str, pixels: np.ndarray[Any, Any]) -> Tensor:
         request = ImageEncodeRequest(hash=key, pixels=from_array(pixels))
