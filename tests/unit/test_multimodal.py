@@ -221,3 +221,20 @@ def test_image_encode_worker_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         assert cfg.worker.engine.model_name == VISION_MODEL_NAME
         assert cfg.worker.engine.model_path == str(default_vision_model())
         assert cfg.worker.endpoint.component == "encode"
+
+
+def test_embedding_cache_is_bounded_and_least_recently_used_first_out() -> None:
+    from services.processor.images import _Cache
+
+    def tensor(n: int) -> Tensor:
+        return from_array(np.zeros((n, 4), np.float32), "float16")  # 8 bytes a row
+
+    cache = _Cache(capacity=100)
+    cache.put("a", tensor(5))  # 40 bytes
+    cache.put("b", tensor(5))
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("c", tensor(5))  # 120 bytes > 100: b, the least recent, goes
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    assert cache.size == 80
+    cache.put("huge", tensor(20))  # larger than the whole cache: not kept, nothing evicted
+    assert cache.get("huge") is None and cache.size == 80
