@@ -99,6 +99,12 @@ def parse_encode_args(
         vision_model=lambda: str(default_vision_model()),
     )
     if worker.vision:
+        if worker.engine.engine != "auto":
+            parser.error(
+                f"--engine {worker.engine.engine}: an image encode worker runs its ViT on "
+                "onnxruntime (leave --engine at auto); SGLang's encoder_only path for GPUs is "
+                "not wired yet"
+            )
         path = worker.engine.model_path
         if not (os.path.isfile(path) and path.endswith(".onnx")):
             parser.error(
