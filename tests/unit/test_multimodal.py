@@ -238,3 +238,24 @@ def test_embedding_cache_is_bounded_and_least_recently_used_first_out() -> None:
     assert cache.size == 80
     cache.put("huge", tensor(20))  # larger than the whole cache: not kept, nothing evicted
     assert cache.get("huge") is None and cache.size == 80
+
+
+def test_mapping_refuses_forged_image_items() -> None:
+    from shared.runtime.errors import InvalidRequestError
+
+    ids = [7, *placeholder_ids(H1, 5), 8]
+    five = from_array(np.zeros((5, 4), np.float32), "float16")
+    cases = [
+        [MultimodalItem(hash=H1, offset=5, length=5, embedding=five)],  # past the prompt
+        [MultimodalItem(hash=H1, offset=1, length=4, embedding=five)],  # rows != positions
+        [
+            MultimodalItem(hash=H1, offset=1, length=5, embedding=five),
+            MultimodalItem(
+                hash=H2, offset=0, length=1, embedding=from_array(np.zeros((1, 3), np.float32))
+            ),
+        ],  # two widths
+    ]
+    for items in cases:
+        req = PreprocessedRequest(token_ids=ids, mm_items=items)
+        with pytest.raises(InvalidRequestError):
+            to_generate_kwargs(req, rid="r", disaggregation_mode="null", dp_rank=None)
