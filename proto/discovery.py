@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from proto.multimodal import VisionInfo
 from proto.request import U16
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -194,6 +195,15 @@ class ModelCard(msgspec.Struct, omit_defaults=True, kw_only=True):
     # with these (names from ``shared.parser_names``); None: no tool calls / no reasoning split.
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # What the model takes in: "text", and "image" when its workers take image embeddings
+    # (``--enable-multimodal``). The processor refuses an image for a text-only model.
+    input_modalities: list[str] = msgspec.field(default_factory=lambda: ["text"])
+    # Image encode workers (``worker_type`` encode) only: the encoder's input and output.
+    vision: VisionInfo | None = None
+
+    @property
+    def accepts_images(self) -> bool:
+        return "image" in self.input_modalities
 
     @property
     def served_names(self) -> list[str]:

@@ -222,12 +222,23 @@ def error_body(
 # Requests
 
 
+class ImageUrl(msgspec.Struct, kw_only=True):
+    """``{"url": ..., "detail": ...}`` of an ``image_url`` part: a ``data:`` URL (PNG, JPEG,
+    WebP) or an ``http(s)`` URL the processor fetches. ``detail`` is accepted; the encoder
+    sees every image at its one input size whatever it says."""
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ContentPart(msgspec.Struct, kw_only=True):
-    """One part of a message's content. Only ``{"type": "text", "text": ...}`` is supported;
-    other types decode but are rejected by the preprocessor."""
+    """One part of a message's content: ``{"type": "text", "text": ...}`` or
+    ``{"type": "image_url", "image_url": {"url": ...}}``. Other types decode but are
+    rejected by the preprocessor."""
 
     type: str
     text: str | None = None
+    image_url: ImageUrl | None = None
 
 
 class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -237,10 +248,21 @@ class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
     tool_calls: list[Any] | None = None
     tool_call_id: str | None = None
 
-    def text(self) -> str:
+    def image_parts(self) -> list[tuple[int, ImageUrl]]:
+        """``(part index, image_url)`` of every image part, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [
+            (j, part.image_url)
+            for j, part in enumerate(self.content)
+            if part.type == "image_url" and part.image_url is not None
+        ]
+
+    def text(self, image_marker: str | None = None) -> str:
         """The content as one string: text parts joined by newlines; ``None`` is ``""``.
 
-        Raises :class:`RequestError` for a non-text part."""
+        An image part becomes ``image_marker`` (the preprocessor's placeholder); without one,
+        or for any other non-text part, :class:`RequestError` is raised."""
         content = self.content
         if content is None:
             return ""
@@ -248,10 +270,13 @@ class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
             return content
         texts: list[str] = []
         for part in content:
+            if part.type == "image_url" and part.image_url is not None and image_marker:
+                texts.append(image_marker)
+                continue
             if part.type != "text" or part.text is None:
                 raise RequestError(
-                    f"Unsupported content part type {part.type!r}: only 'text' parts "
-                    "(with a 'text' field) are supported",
+                    f"Unsupported content part type {part.type!r}: only 'text' and "
+                    "'image_url' parts (with their 'text' or 'image_url' field) are supported",
                     param="messages",
                 )
             texts.append(part.text)

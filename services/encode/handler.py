@@ -17,10 +17,11 @@ processor simply sends the batch to another worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -31,7 +32,14 @@ from shared.runtime.endpoint import Context
 from shared.runtime.errors import InvalidRequestError
 from shared.worker.handlers import cancel_kind, error_kind_of
 
-__all__ = ["CHUNK_BYTES", "MAX_INPUTS", "EmbeddingEngine", "EmbeddingHandler", "truncate"]
+__all__ = [
+    "CHUNK_BYTES",
+    "MAX_INPUTS",
+    "EmbeddingEngine",
+    "EmbeddingHandler",
+    "tracked",
+    "truncate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +103,8 @@ class EmbeddingHandler:
         self, request: PreprocessedEmbeddingRequest, ctx: Context
     ) -> AsyncIterator[EmbeddingOutput]:
         metrics = self._metrics
-        if metrics is not None:
-            metrics.request_started(ROLE)
-        error_kind: str | None = None
         started = time.perf_counter()
-        try:
+        with tracked(metrics, ROLE, ctx):
             count = len(request)
             if count > MAX_INPUTS:
                 raise InvalidRequestError(
@@ -131,12 +136,23 @@ class EmbeddingHandler:
                     embeddings=[row.tobytes() for row in rows],
                     prompt_tokens=sum(tokens[start : start + per_chunk]),
                 )
-        except (asyncio.CancelledError, GeneratorExit):
-            error_kind = cancel_kind(ctx)
-            raise
-        except BaseException as exc:
-            error_kind = error_kind_of(exc)
-            raise
-        finally:
-            if metrics is not None:
-                metrics.request_finished(ROLE, error_kind)
+
+
+@contextlib.contextmanager
+def tracked(metrics: EmbeddingHooks | None, role: str, ctx: Context) -> Iterator[None]:
+    """One request of an encode handler counted: started, then finished with the kind of
+    error that ended it (a cancel as the caller's or the worker's), whatever happens inside."""
+    if metrics is not None:
+        metrics.request_started(role)
+    error_kind: str | None = None
+    try:
+        yield
+    except (asyncio.CancelledError, GeneratorExit):
+        error_kind = cancel_kind(ctx)
+        raise
+    except BaseException as exc:
+        error_kind = error_kind_of(exc)
+        raise
+    finally:
+        if metrics is not None:
+            metrics.request_finished(role, error_kind)

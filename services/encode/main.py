@@ -1,11 +1,13 @@
-"""``python -m services.encode`` / ``sglmesh encode``: an embedding worker.
+"""``python -m services.encode`` / ``sglmesh encode``: an embedding or image encode worker.
 
 Serves ``{ns}.encode.generate`` (``--endpoint`` changes it; the reference puts its embedding
 worker on ``{ns}.backend.generate``): batches of token ids (or texts) in, vectors out, on the
 CPU sentence-embedding engine or on SGLang (``--is-embedding``) with a GPU. It registers an
 embedding model card, so the processor serves the model on ``/v1/embeddings``, and runs the
 shared worker lifecycle (``shared.worker.runner``): leased discovery, ``/health`` with a real
-embedding canary, ``/metrics``, graceful SIGTERM drain.
+embedding canary, ``/metrics``, graceful SIGTERM drain. With ``--multimodal-encode-worker``
+it is an image encode worker instead (``services.encode.vision``): pixels in, ViT embeddings
+out, for the processor to hand to the LLM workers.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from proto.discovery import EmbeddingInfo
 from proto.embedding import PreprocessedEmbeddingRequest
+from proto.multimodal import ImageEncodeRequest
 from services.encode.args import EncodeConfig, parse_encode_args
 from services.encode.engines import create_embedding_engine, embedding_info
 from services.encode.handler import EmbeddingHandler
@@ -23,6 +26,13 @@ from services.encode.registration import (
     embedding_card,
     embedding_instance_fields,
     embedding_probe,
+)
+from services.encode.vision import (
+    VisionEngine,
+    VisionHandler,
+    vision_card,
+    vision_instance_fields,
+    vision_probe,
 )
 from shared.engine.args import EngineArgs
 from shared.worker.runner import WorkerRole, worker_main
@@ -67,6 +77,35 @@ def encode_role(config: EncodeConfig) -> WorkerRole[Any]:
     )
 
 
+def vision_role(config: EncodeConfig) -> WorkerRole[VisionEngine]:
+    """The image encode worker's part of the shared worker lifecycle."""
+    model = config.worker.engine.model_name
+
+    def create(args: EngineArgs) -> VisionEngine:
+        return VisionEngine(
+            args.model_path,
+            served_model_name=model,
+            limits=config.limits,
+            threads=args.torch_threads,
+            stats=EncodeMetrics(None, model),
+        )
+
+    return WorkerRole(
+        create_engine=create,
+        handler=lambda engine, cfg, metrics: VisionHandler(
+            engine, model=model, metrics=EncodeMetrics(metrics, model)
+        ),
+        request_type=ImageEncodeRequest,
+        canary=lambda engine, cfg, card: vision_probe(model),
+        card=vision_card,
+        instance_fields=vision_instance_fields,
+        clear_kv_blocks=False,
+        engine_routes=False,
+    )
+
+
 def main(argv: list[str] | None = None, *, prog: str = "sglmesh encode") -> int:
     config = parse_encode_args(argv, prog=prog)
+    if config.worker.vision:
+        return worker_main(config.worker, vision_role(config))
     return worker_main(config.worker, encode_role(config))

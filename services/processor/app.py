@@ -28,6 +28,7 @@ from services.processor.context import RequestContext, Serving, authorize
 from services.processor.dispatch import Dispatcher
 from services.processor.embeddings import EmbeddingDispatcher
 from services.processor.failures import JSON, Failure, failure_for
+from services.processor.images import ImageEncoder, ImageLimits
 from services.processor.models import ModelRegistry
 from services.processor.offload import Offloader
 from services.processor.routes import embeddings, generate
@@ -50,6 +51,7 @@ class ProcessorApp:
         registry: ModelRegistry,
         dispatcher: Dispatcher,
         embedder: EmbeddingDispatcher | None = None,
+        images: ImageEncoder | None = None,
     ) -> None:
         self.flags = flags
         self.runtime = runtime
@@ -62,6 +64,8 @@ class ProcessorApp:
             embedder=embedder or EmbeddingDispatcher(migration_limit=flags.migration_limit),
             offload=Offloader(flags.preprocess_threads, flags.preprocess_queue),
             admission=self.admission,
+            images=images
+            or ImageEncoder(registry, ImageLimits(), migration_limit=flags.migration_limit),
         )
         self.port = flags.http_port
         self.app = web.Application(client_max_size=flags.max_body_bytes)
@@ -136,6 +140,7 @@ class ProcessorApp:
             await self._runner.cleanup()
             self._runner = None
         self.serving.offload.close()
+        await self.serving.images.close()
 
     # -- the API pipeline ----------------------------------------------------------------------
 

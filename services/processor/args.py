@@ -11,8 +11,9 @@ import ipaddress
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.processor.images import IMAGE_FLAGS, ImageLimits, image_limits
 from shared.config import MeshConfig, add_mesh_args, mesh_config_from_namespace
 from shared.flags import (
     Flag,
@@ -59,6 +60,7 @@ class ProcessorConfig:
     mesh: MeshConfig
     flags: ProcessorFlags
     kv_router: KvRouterConfig
+    images: ImageLimits = field(default_factory=ImageLimits)
 
 
 def is_loopback(host: str) -> bool:
@@ -208,11 +210,13 @@ def parse_processor_args(
     add_mesh_args(parser)
     add_flags(parser.add_argument_group("processor"), _FLAGS)
     add_flags(parser.add_argument_group("KV router (--router-mode kv)"), KV_ROUTER_FLAGS)
+    add_flags(parser.add_argument_group("images (image_url parts in chat)"), IMAGE_FLAGS)
     ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     mesh = mesh_config_from_namespace(ns, environ, parser=parser)
     try:
         flags = ProcessorFlags(**flag_values(_FLAGS, ns, environ))
         kv = kv_router_config(flag_values(KV_ROUTER_FLAGS, ns, environ))
+        images = image_limits(flag_values(IMAGE_FLAGS, ns, environ))
     except (FlagError, ValueError) as exc:
         parser.error(str(exc))
     if (flags.tls_cert is None) != (flags.tls_key is None):
@@ -222,4 +226,4 @@ def parse_processor_args(
             f"--http-host {flags.http_host} listens beyond this machine: give --api-key "
             "(or SGLMESH_API_KEY), or say --allow-unauthenticated"
         )
-    return ProcessorConfig(mesh=mesh, flags=flags, kv_router=kv)
+    return ProcessorConfig(mesh=mesh, flags=flags, kv_router=kv, images=images)

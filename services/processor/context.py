@@ -16,6 +16,7 @@ from services.processor.args import ProcessorFlags
 from services.processor.dispatch import Dispatcher
 from services.processor.embeddings import EmbeddingDispatcher
 from services.processor.failures import Failure
+from services.processor.images import ImageEncoder
 from services.processor.models import ModelRegistry, ServedModel
 from services.processor.offload import OffloadBusy, Offloader
 from services.processor.tracking import RequestTracker
@@ -54,6 +55,7 @@ class Serving:
     embedder: EmbeddingDispatcher
     offload: Offloader
     admission: Admission
+    images: ImageEncoder
 
     async def prepare(self, ctx: RequestContext, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` here, or on a preprocessing thread when the body is large."""

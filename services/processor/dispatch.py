@@ -40,8 +40,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import msgspec
 
@@ -70,9 +71,10 @@ from shared.runtime import (
 )
 from shared.runtime.errors import RemoteError, ResponderDeadError
 
-__all__ = ["RETRY_PAUSE", "Dispatcher", "NoWorkersError", "exhausted"]
+__all__ = ["RETRY_PAUSE", "Dispatcher", "NoWorkersError", "exhausted", "with_retries"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_BLOCK_SIZE = 16
 RETRY_PAUSE = 0.05
@@ -523,6 +525,34 @@ def _block_size(pool: WorkerPool, instance_id: int) -> int:
 
 def _handler_error(message: str) -> MeshError:
     return MeshError(message, code=ErrorCode.HANDLER_ERROR)
+
+
+async def with_retries(
+    send: Callable[[set[int]], Awaitable[T]], *, limit: int, label: str, what: str
+) -> T:
+    """``send(excluded)`` until it succeeds: after a retryable failure (the worker died, left,
+    was overloaded) again, up to ``limit`` times, where ``send`` avoids the workers in
+    ``excluded`` (it adds the one that failed). For idempotent work -- embeddings, image
+    encodes -- which a new worker simply does again. ``label`` is the migrations metric's
+    model label."""
+    excluded: set[int] = set()
+    attempt = 0
+    while True:
+        try:
+            return await send(excluded)
+        except MeshError as exc:
+            if not exc.retryable or attempt >= limit:
+                if attempt and exc.retryable:
+                    raise exhausted(exc, attempt) from exc
+                raise
+            attempt += 1
+            metrics.migrations.labels(label, exc.code.value).inc()
+            log.info(
+                f"retrying {what} on another worker",
+                extra={"model": label, "attempt": attempt, "error": exc.code.value,
+                       "reason": exc.message},
+            )  # fmt: skip
+            await asyncio.sleep(RETRY_PAUSE * (attempt - 1))
 
 
 def exhausted(exc: MeshError, attempts: int, *, waited: float | None = None) -> MeshError:

@@ -47,7 +47,7 @@ from proto.embedding import (
 )
 from proto.openai import RequestError
 from services.processor import metrics
-from services.processor.dispatch import RETRY_PAUSE, exhausted
+from services.processor.dispatch import with_retries
 from services.processor.models import ServedModel, WorkerPool
 from services.processor.preprocess import ModelPreprocessor
 from shared.router import LoadTracker, RouterMode, Selector
@@ -224,28 +224,16 @@ class EmbeddingDispatcher:
         )
         body = msgspec.Raw(msgspec.msgpack.encode(request))
         tokens = sum(map(len, inputs))
-        excluded: set[int] = set()
-        attempt = 0
-        while True:
+
+        async def send(excluded: set[int]) -> None:
             pool = model.pool(WorkerType.EMBEDDING)
-            try:
-                if pool is None or pool.client is None:
-                    raise NoInstancesError(f"no embedding workers for model {model.name!r}")
-                await self._send(model, pool, body, tokens, excluded, start, len(inputs), into)
-                return
-            except MeshError as exc:
-                if not exc.retryable or attempt >= self.migration_limit:
-                    if attempt and exc.retryable:
-                        raise exhausted(exc, attempt) from exc
-                    raise
-                attempt += 1
-                metrics.migrations.labels(model.name, exc.code.value).inc()
-                log.info(
-                    "retrying embedding part on another worker",
-                    extra={"model": model.name, "attempt": attempt, "error": exc.code.value,
-                           "reason": exc.message},
-                )  # fmt: skip
-                await asyncio.sleep(RETRY_PAUSE * (attempt - 1))
+            if pool is None or pool.client is None:
+                raise NoInstancesError(f"no embedding workers for model {model.name!r}")
+            await self._send(model, pool, body, tokens, excluded, start, len(inputs), into)
+
+        await with_retries(
+            send, limit=self.migration_limit, label=model.name, what="embedding part"
+        )
 
     async def _send(
         self,

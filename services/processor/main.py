@@ -12,6 +12,7 @@ from services.processor.app import ProcessorApp
 from services.processor.args import ProcessorConfig, parse_processor_args
 from services.processor.dispatch import Dispatcher
 from services.processor.embeddings import EmbeddingDispatcher
+from services.processor.images import ImageEncoder
 from services.processor.kv_events_feed import KvEventsFeed
 from services.processor.models import ModelRegistry
 from shared.model import default_cache_dir
@@ -41,6 +42,7 @@ def start_processor(config: ProcessorConfig) -> ServiceMain:
 
         def worker_left(instance_id: int) -> None:
             embedder.forget(instance_id)
+            images.tracker.forget(instance_id)
             if router is not None and feed is not None:
                 router.remove_worker(instance_id)
                 feed.forget(instance_id)
@@ -51,6 +53,7 @@ def start_processor(config: ProcessorConfig) -> ServiceMain:
             model_roots=flags.model_root or (str(default_cache_dir()),),
             on_worker_left=worker_left,
         )
+        images = ImageEncoder(registry, config.images, migration_limit=flags.migration_limit)
         await registry.start()
         dispatcher = Dispatcher(
             mode=flags.router_mode,
@@ -60,7 +63,7 @@ def start_processor(config: ProcessorConfig) -> ServiceMain:
             runtime=runtime,
             migration_budget=flags.migration_budget,
         )
-        app = ProcessorApp(flags, runtime, registry, dispatcher, embedder)
+        app = ProcessorApp(flags, runtime, registry, dispatcher, embedder, images)
         try:
             await app.start()
         except OSError as exc:

@@ -71,3 +71,8 @@ ignored_fields = Counter(
     "64 distinct ones count as 'other'",
     ["field"],
 )
+image_cache = Counter(
+    f"{_PREFIX}_image_cache",
+    "images by what the embedding cache did: hit, miss (encoded), shared (a call in flight)",
+    ["result"],
+)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proto.discovery import EmbeddingInfo, InstanceRecord, ModelCard, WorkerType, models_prefix
+from proto.multimodal import VisionInfo
 from proto.openai import RequestError
 from services.processor.preprocess import ModelPreprocessor, PreprocessorLoadError
 from shared.config import parse_endpoint
@@ -151,6 +152,8 @@ class ModelRegistry:
         self._watcher.on_put(self._on_put)
         self._watcher.on_delete(self._on_delete)
         self.models: dict[str, ServedModel] = {}
+        # Image encoders by model name (not served on the API).
+        self.encoders: dict[str, ServedModel] = {}
         # Served name (or alias) -> canonical name; kept after the model leaves.
         self._names: dict[str, str] = {}
         self._clients: dict[str, Client] = {}
@@ -211,9 +214,30 @@ class ModelRegistry:
 
     # -- watch callbacks -----------------------------------------------------------------------
 
+    def image_encoder(self) -> tuple[WorkerPool, VisionInfo] | None:
+        """An image encoder's pool (with a client and live cards) and what it takes; the
+        first by name when several encoder models run (one is the usual mesh)."""
+        for name in sorted(self.encoders):
+            pool = self.encoders[name].pool(WorkerType.ENCODE)
+            if pool is None:
+                continue
+            vision = next((c.vision for c in pool.cards.values() if c.vision), None)
+            if vision is not None:
+                return pool, vision
+        return None
+
     def _on_put(self, key: str, card: ModelCard) -> None:
+        if card.worker_type is WorkerType.ENCODE and card.vision is not None:
+            # Image encoders serve the processor's image path, not the API.
+            encoder = self.encoders.setdefault(card.name, ServedModel(card.name))
+            found = encoder.pools.setdefault(
+                WorkerType.ENCODE, WorkerPool(WorkerType.ENCODE, card.endpoint)
+            )
+            found.cards[card.instance_id] = card
+            self._spawn(self._encoder_client(found, card))
+            return
         if card.worker_type not in _SERVING_TYPES:
-            return  # vision encoders serve the LLM workers, not the API
+            return
         model = self.models.get(card.name)
         if model is None:
             model = self.models[card.name] = ServedModel(
@@ -228,7 +252,25 @@ class ModelRegistry:
         self._spawn(self._complete(model, pool, card))
         self._changed.set()
 
+    async def _encoder_client(self, pool: WorkerPool, card: ModelCard) -> None:
+        try:
+            async with self._lock:
+                if pool.client is None:
+                    pool.client = await self._client(card.endpoint or pool.endpoint)
+        except Exception:
+            log.exception("cannot reach image encoder", extra={"model": card.name})
+        self._changed.set()
+
     def _on_delete(self, key: str, card: ModelCard) -> None:
+        if card.worker_type is WorkerType.ENCODE and card.name in self.encoders:
+            encoder = self.encoders[card.name]
+            if self._on_worker_left is not None:
+                self._on_worker_left(card.instance_id)
+            pool = encoder.pools.get(WorkerType.ENCODE)
+            if pool is not None:
+                pool.cards.pop(card.instance_id, None)
+            self._changed.set()
+            return
         model = self.models.get(card.name)
         if model is None:
             return

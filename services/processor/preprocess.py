@@ -35,6 +35,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from proto.discovery import ModelCard
+from proto.multimodal import MultimodalItem, Tensor
 from proto.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, RequestError
 from proto.request import (
     GuidedDecodingOptions,
@@ -43,12 +44,20 @@ from proto.request import (
     SamplingOptions,
     StopConditions,
 )
+from shared.multimodal import placeholder_ids
 
-__all__ = ["ModelPreprocessor", "PreprocessorLoadError", "make_template_environment"]
+__all__ = [
+    "IMAGE_MARKER",
+    "ModelPreprocessor",
+    "PreprocessorLoadError",
+    "make_template_environment",
+]
 
 log = logging.getLogger(__name__)
 
 _TEMPLATE_FILE = "chat_template.jinja"
+# Where an image part stands in the rendered prompt, before its placeholder ids replace it.
+IMAGE_MARKER = "<|sglmesh:image|>"
 # Hugging Face's "no limit" model_max_length is ~1e30; anything this large is not a limit.
 _NO_LIMIT = 10**9
 
@@ -305,6 +314,8 @@ class ModelPreprocessor:
         self,
         messages: Sequence[ChatMessage | Mapping[str, Any]],
         add_generation_prompt: bool = True,
+        *,
+        image_marker: str | None = None,
         **template_kwargs: Any,
     ) -> str:
         """Render the chat template. Template errors (including ``raise_exception`` and
@@ -315,7 +326,7 @@ class ModelPreprocessor:
                 param="messages",
             )
         context: dict[str, Any] = {**template_kwargs, **self._template_vars}
-        context["messages"] = [_message_dict(m) for m in messages]
+        context["messages"] = [_message_dict(m, image_marker) for m in messages]
         context["add_generation_prompt"] = add_generation_prompt
         try:
             return self._template.render(context)
@@ -359,27 +370,66 @@ class ModelPreprocessor:
     # -- requests -----------------------------------------------------------------------------
 
     def preprocess_chat(
-        self, req: ChatCompletionRequest, guide: GuidedDecodingOptions | None = None
+        self,
+        req: ChatCompletionRequest,
+        guide: GuidedDecodingOptions | None = None,
+        images: Sequence[tuple[str, Tensor]] = (),
     ) -> PreprocessedRequest:
         """``guide``: the constrained output a tool choice asks for, instead of the request's
-        own (``chat_output.chat_tools`` refuses both at once)."""
+        own (``chat_output.chat_tools`` refuses both at once). ``images``: the (hash,
+        embeddings) of the request's image parts in order; each takes as many prompt positions
+        as it has embeddings, holding its placeholder ids (``shared.multimodal``), where the
+        part stood in the rendered prompt."""
         for message in req.messages:
             if isinstance(message.content, str):
                 self.check_length(message.content, "messages")
         kwargs: dict[str, Any] = dict(req.chat_template_kwargs or {})
         if req.tools:
             kwargs["tools"] = req.tools  # as apply_chat_template(tools=...) passes them
-        prompt = self.render_chat(req.messages, True, **kwargs)
+        marker = IMAGE_MARKER if images else None
+        prompt = self.render_chat(req.messages, True, image_marker=marker, **kwargs)
         self.check_length(prompt, "messages")
-        token_ids = self.encode(prompt, add_special_tokens=False)
+        items: list[MultimodalItem] = []
+        if images:
+            token_ids = self._with_images(prompt, images, items)
+        else:
+            token_ids = self.encode(prompt, add_special_tokens=False)
         if not token_ids:
             raise RequestError("The prompt is empty", param="messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         built = self._build(req, token_ids, req.effective_max_tokens(), logprobs, "messages")
+        if items:
+            built = msgspec.structs.replace(built, mm_items=items)
         if guide is not None:
             opts = msgspec.structs.replace(built.sampling_options, guided_decoding=guide)
             built = msgspec.structs.replace(built, sampling_options=opts)
         return built
+
+    def _with_images(
+        self, prompt: str, images: Sequence[tuple[str, Tensor]], items: list[MultimodalItem]
+    ) -> list[int]:
+        pieces = prompt.split(IMAGE_MARKER)
+        if len(pieces) != len(images) + 1:
+            raise RequestError(
+                f"The rendered prompt holds {len(pieces) - 1} image positions for "
+                f"{len(images)} images (a message's text may not contain {IMAGE_MARKER!r}, "
+                "and the chat template must render every message)",
+                param="messages",
+            )
+        token_ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if piece:
+                token_ids.extend(self.encode(piece, add_special_tokens=False))
+            if k < len(images):
+                key, embedding = images[k]
+                length = embedding.shape[0]
+                items.append(
+                    MultimodalItem(
+                        hash=key, offset=len(token_ids), length=length, embedding=embedding
+                    )
+                )
+                token_ids.extend(placeholder_ids(key, length))
+        return token_ids
 
     @functools.cached_property
     def special_tokens(self) -> frozenset[str]:
@@ -491,10 +541,12 @@ class ModelPreprocessor:
         )
 
 
-def _message_dict(message: ChatMessage | Mapping[str, Any]) -> dict[str, Any]:
+def _message_dict(
+    message: ChatMessage | Mapping[str, Any], image_marker: str | None = None
+) -> dict[str, Any]:
     if not isinstance(message, ChatMessage):
         return dict(message)
-    out: dict[str, Any] = {"role": message.role, "content": message.text()}
+    out: dict[str, Any] = {"role": message.role, "content": message.text(image_marker)}
     if message.name is not None:
         out["name"] = message.name
     if message.tool_calls is not None:

@@ -392,6 +392,14 @@ BUILTIN_SGLANG_FLAGS: tuple[SglangFlag, ...] = (
         "Disable RadixAttention prefix caching.",
     ),
     SglangFlag("random_seed", ("--random-seed",), "int", None, "The random seed."),
+    SglangFlag(
+        "enable_multimodal",
+        ("--enable-multimodal",),
+        "bool",
+        None,
+        "Enable the multimodal functionality for the served model (the mesh: its workers "
+        "take images, as embeddings from an image encode worker).",
+    ),
     # parallelism
     SglangFlag(
         "tp_size",
@@ -761,6 +769,8 @@ class EngineArgs:
     json_model_override_args: str = "{}"
     incremental_streaming_output: bool = True
     disable_radix_cache: bool = False
+    # SGLang's --enable-multimodal (None: not given): the model takes images.
+    enable_multimodal: bool | None = None
     random_seed: int | None = None
     trust_remote_code: bool = False
     mem_fraction_static: float | None = None

@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from proto.plane import ErrorCode
 from proto.request import BYPASS_REMOTE_PREFILL_ANNOTATION, PreprocessedRequest
 from proto.response import (
@@ -43,6 +45,7 @@ from proto.response import (
     PromptTokensDetails,
     TopLogprob,
 )
+from shared.multimodal import to_array
 from shared.runtime.errors import InvalidRequestError, MeshError, OverloadedError
 
 __all__ = [
@@ -200,12 +203,39 @@ def to_generate_kwargs(
         kwargs["bootstrap_port"] = req.bootstrap_info.bootstrap_port
         kwargs["bootstrap_room"] = req.bootstrap_info.bootstrap_room
 
+    if req.mm_items:
+        kwargs.update(image_kwargs(req))
+
     rank = req.routing.dp_rank if req.routing is not None else None
     if rank is None or rank == DP_RANK_UNSET:
         rank = dp_rank
     if rank is not None and rank != DP_RANK_UNSET:
         kwargs["data_parallel_rank"] = rank
     return kwargs
+
+
+def image_kwargs(req: PreprocessedRequest) -> dict[str, Any]:
+    """The request's images as SGLang 0.5.23 takes precomputed embeddings: ``image_data`` is a
+    list of exactly one ``{"format": "precomputed_embedding", "feature": ...}`` item (SGLang's
+    ``validate_mm_data`` refuses more than one), the images' embeddings concatenated in prompt
+    order (tokens x hidden), and ``mm_hashes`` one hex hash per image, which SGLang adopts as
+    the items' hashes instead of hashing the features again."""
+    items = req.mm_items or []
+    for item in items:
+        end = item.offset + item.length
+        if end > len(req.token_ids) or item.embedding.shape[0] != item.length:
+            raise InvalidRequestError(
+                f"image {item.hash[:12]} claims prompt positions {item.offset}..{end} and "
+                f"{item.embedding.shape[0]} embeddings for {item.length} positions"
+            )
+    hidden = {tuple(item.embedding.shape[1:]) for item in items}
+    if len(hidden) != 1:
+        raise InvalidRequestError(f"images of different embedding widths {sorted(hidden)}")
+    feature = np.concatenate([to_array(item.embedding) for item in items]).astype(np.float32)
+    return {
+        "image_data": [{"format": "precomputed_embedding", "feature": feature}],
+        "mm_hashes": [item.hash for item in items],
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -210,6 +210,11 @@ def _build_torch(args: EngineArgs) -> Engine:
     from shared.engine.pytorch.engine import TorchEngine, torch_config
 
     _refuse_embedding(args, "torch")
+    if args.enable_multimodal:
+        raise EngineSelectionError(
+            "--enable-multimodal: the torch engine serves text-only models and refuses images; "
+            "run the LLM workers on --engine sim (or sglang with a vision-language model)"
+        )
     return TorchEngine(torch_config(args))
 
 

@@ -34,9 +34,16 @@ from typing import Any
 
 from shared.engine.args import EngineArgs, kv_events_endpoints
 from shared.engine.protocol import EngineInfo
+from shared.multimodal import is_placeholder
 from shared.runtime.errors import InvalidRequestError, OverloadedError
 
-__all__ = ["EMBEDDING_REQUEST_FIELDS", "ENCODE_KWARGS", "GENERATE_KWARGS", "SglangEngine"]
+__all__ = [
+    "EMBEDDING_REQUEST_FIELDS",
+    "ENCODE_KWARGS",
+    "GENERATE_KWARGS",
+    "SglangEngine",
+    "restore_image_tokens",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,8 @@ GENERATE_KWARGS = frozenset(
         "data_parallel_rank",
         "disagg_prefill_dp_rank",
         "cache_salt",
+        "image_data",
+        "mm_hashes",
     }
 )
 ENCODE_KWARGS = frozenset({"prompt", "rid"})
@@ -332,6 +341,16 @@ class SglangEngine:
             rank_key = "routed_dp_rank" if self._routed_dp_rank else "data_parallel_rank"
             kwargs[rank_key] = data_parallel_rank
         kwargs.update({k: v for k, v in extra.items() if v is not None})
+        if "image_data" in kwargs:
+            kwargs["image_data"] = _torch_features(kwargs["image_data"])
+            token = getattr(
+                getattr(self.tokenizer_manager, "model_config", None), "image_token_id", None
+            )
+            if token is None:
+                raise InvalidRequestError(
+                    f"model {self.info.served_model_name!r} has no image token: it takes no images"
+                )
+            kwargs["input_ids"] = restore_image_tokens(input_ids, int(token))
 
         finished = False
         try:
@@ -465,3 +484,27 @@ def _raise_http_exception(exc: Exception) -> None:
         raise InvalidRequestError(detail) from exc
     if status in (429, 503):
         raise OverloadedError(detail) from exc
+
+
+def restore_image_tokens(input_ids: list[int], image_token_id: int) -> list[int]:
+    """The mesh's prompt with each image position back to the model's image token.
+
+    The processor fills an image's positions with placeholder ids derived from its hash (so
+    the KV router and the simulator see the image); SGLang derives its own pad values from
+    ``mm_hashes`` and finds the image's positions by the model's image token
+    (``ModelConfig.image_token_id``), so that is what it must be given."""
+    return [image_token_id if is_placeholder(t) else t for t in input_ids]
+
+
+def _torch_features(image_data: Any) -> Any:
+    """SGLang's scheduler takes a ``precomputed_embedding`` item's ``feature`` as a torch
+    tensor (``mm_schedule`` checks ``isinstance(..., torch.Tensor)``); the mapping builds
+    numpy arrays, so the conversion happens here, where torch is installed."""
+    import torch
+
+    out = []
+    for item in image_data:
+        if isinstance(item, dict) and not isinstance(item.get("feature"), torch.Tensor):
+            item = {**item, "feature": torch.from_numpy(item["feature"].copy())}
+        out.append(item)
+    return out

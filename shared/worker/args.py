@@ -3,10 +3,11 @@
 ``sglmesh worker [SGLang flags] [mesh flags]`` picks the role from the flags as SGLang and the
 reference do: no ``--disaggregation-mode`` (or ``null``, ``agg``, ``pd``) is an aggregated
 worker, ``decode`` a disaggregated decode worker, ``prefill`` a prefill worker. The encoder
-roles (``--embedding-worker``, ``--multimodal-encode-worker``, ``--disaggregation-mode
-encode``) belong to the encode service; ``--embedding-worker`` (the reference's flag) also sets
-SGLang's ``--is-embedding``. Parsing goes mesh flags first, then worker flags, then the
-engine's (SGLang's own parser when sglang is importable), each taking only its own flags.
+roles (``--embedding-worker``; ``--multimodal-encode-worker``, or the reference's
+``--enable-multimodal --disaggregation-mode encode``) belong to the encode service;
+``--embedding-worker`` (the reference's flag) also sets SGLang's ``--is-embedding``. Parsing
+goes mesh flags first, then worker flags, then the engine's (SGLang's own parser when sglang
+is importable), each taking only its own flags.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -208,6 +209,8 @@ class WorkerConfig:
     worker: WorkerFlags
     engine: EngineArgs
     endpoint: EndpointId
+    # An image encode worker (``--multimodal-encode-worker``), not a text-embedding one.
+    vision: bool = False
 
 
 _COMPONENTS = {PREFILL: "prefill", ENCODE: "encode"}
@@ -216,6 +219,34 @@ _COMPONENTS = {PREFILL: "prefill", ENCODE: "encode"}
 def default_endpoint(mesh: MeshConfig, role: str) -> EndpointId:
     component = _COMPONENTS.get(role, "backend")
     return mesh.endpoint or EndpointId(mesh.namespace, component, "generate")
+
+
+def is_multimodal_encode(argv: Sequence[str]) -> bool:
+    """``--multimodal-encode-worker``, or the reference's ``--enable-multimodal
+    --disaggregation-mode encode``: an image encode worker (the encode service)."""
+    if any(a.split("=", 1)[0] == _MULTIMODAL_ENCODE_FLAG for a in argv):
+        return True
+    return _flag_value(argv, "--disaggregation-mode") == ENCODE
+
+
+def _without_encoder_flags(argv: Sequence[str]) -> list[str]:
+    """The command line minus the encoder role flags, which no engine parser knows."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in (_MULTIMODAL_ENCODE_FLAG, EMBEDDING_WORKER_FLAG, "--enable-multimodal"):
+            continue
+        if arg == "--disaggregation-mode" and i + 1 < len(argv) and argv[i + 1] == ENCODE:
+            skip = True
+            continue
+        if arg == f"--disaggregation-mode={ENCODE}":
+            continue
+        out.append(arg)
+    return out
 
 
 def _without_embedding_flag(argv: Sequence[str]) -> list[str]:
@@ -235,10 +266,13 @@ def parse_worker_args(
     role: str | None = None,
     env: Mapping[str, str] | None = None,
     use_sglang: bool | None = None,
+    vision_model: Callable[[], str] | None = None,
 ) -> WorkerConfig:
     """Parse a whole worker command line; exits 2 with one clear line on bad input.
 
     ``role`` pins the role (``python -m services.prefill``); otherwise the flags choose it.
+    ``vision_model`` gives an image encode worker's default model path and name (the encode
+    service knows its encoder; without it image encode flags are refused).
     """
     environ: Mapping[str, str] = os.environ if env is None else env
     args = list(sys.argv[1:] if argv is None else argv)
@@ -251,7 +285,11 @@ def parse_worker_args(
             parents=[parser],
             allow_abbrev=False,
             description="An LLM worker. The role follows --disaggregation-mode "
-            "(null|agg|pd: aggregated, prefill, decode). Mesh and worker flags:",
+            "(null|agg|pd: aggregated, prefill, decode); --enable-multimodal makes it take "
+            "images. --embedding-worker runs a text-embedding worker and "
+            "--multimodal-encode-worker (or --enable-multimodal --disaggregation-mode encode) "
+            "an image encode worker: the encode service (sglmesh encode --help). "
+            "Mesh and worker flags:",
         )
         helper.print_help()
         print("\nEngine flags (the mesh's, then SGLang's):\n")
@@ -267,21 +305,21 @@ def parse_worker_args(
     if chosen == ENCODE and role != ENCODE:
         _die(prog, "encoder flags run the encode service: use sglmesh encode (or sglmesh worker)")
     chosen = role or chosen
+    vision = chosen == ENCODE and is_multimodal_encode(args)
     if chosen == ENCODE:
-        if _MULTIMODAL_ENCODE_FLAG in args or _flag_value(args, "--disaggregation-mode") == ENCODE:
-            _die(
-                prog,
-                "multimodal encode workers (--multimodal-encode-worker, --disaggregation-mode "
-                "encode) are not available yet; --embedding-worker serves text embeddings",
-            )
-        args = _without_embedding_flag(args)
+        args = _without_encoder_flags(args) if vision else _without_embedding_flag(args)
     if role == PREFILL and _flag_value(args, "--disaggregation-mode") is None:
         args = [*args, "--disaggregation-mode", "prefill"]
     ns, rest = parser.parse_known_args(args)
     mesh = mesh_config_from_namespace(ns, environ, parser=parser)
     worker = _worker_flags(ns, environ, parser)
 
+    if vision and vision_model is None:
+        _die(prog, "image encode workers run the encode service: use sglmesh worker or encode")
+
     def default_model() -> str:
+        if vision and vision_model is not None:
+            return vision_model()
         if chosen == ENCODE:
             from shared.embedding_model import prepare_embedding_model
 
@@ -295,7 +333,7 @@ def parse_worker_args(
             normalize_mode(rest),
             prog=prog,
             env=environ,
-            embedding=chosen == ENCODE,
+            embedding=chosen == ENCODE and not vision,
             default_model=default_model,
             use_sglang=use_sglang,
         )
@@ -315,4 +353,5 @@ def parse_worker_args(
         worker=worker,
         engine=engine,
         endpoint=default_endpoint(mesh, chosen),
+        vision=vision,
     )

@@ -119,6 +119,7 @@ def model_card(info: EngineInfo, config: WorkerConfig, instance_id: int) -> Mode
         bos_token_id=bos if isinstance(bos, int) else None,
         tool_call_parser=config.worker.dyn_tool_call_parser,
         reasoning_parser=config.worker.dyn_reasoning_parser,
+        input_modalities=["text", "image"] if args.enable_multimodal else ["text"],
     )
 
 

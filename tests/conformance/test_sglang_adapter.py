@@ -25,6 +25,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 if importlib.util.find_spec("sglang") is None:
@@ -37,6 +38,7 @@ if importlib.util.find_spec("sglang") is None:
 if importlib.util.find_spec("triton") is None:
     sys.path.insert(0, str(Path(__file__).parent / "stubs"))
 
+from proto.multimodal import MultimodalItem
 from proto.request import (
     BootstrapInfo,
     OutputOptions,
@@ -49,6 +51,7 @@ from shared.engine import args as engine_args
 from shared.engine.args import BUILTIN_SGLANG_FLAGS, parse_engine_args
 from shared.engine.mapping import to_generate_kwargs
 from shared.engine.sglang_engine import EMBEDDING_REQUEST_FIELDS, ENCODE_KWARGS, GENERATE_KWARGS
+from shared.multimodal import MM_PAD_SHIFT, from_array, image_hash, placeholder_ids
 
 SGLANG_ROOT = Path(next(iter(importlib.util.find_spec("sglang").submodule_search_locations or [])))
 
@@ -258,6 +261,71 @@ def test_mapping_output_is_what_the_adapter_passes(
             skip_tokenizer_init=skip_tokenizer_init,
         )
         assert set(kwargs) <= GENERATE_KWARGS, set(kwargs) - GENERATE_KWARGS
+
+
+# -- images (E/PD): precomputed embeddings, as SGLang 0.5.23 takes them --------------------------
+
+BASE_PROCESSOR_PY = "srt/multimodal/processors/base_processor.py"
+SCHEDULE_BATCH_PY = "srt/managers/schedule_batch.py"
+
+
+def _image_request() -> PreprocessedRequest:
+    h1, h2 = image_hash(b"one"), image_hash(b"two")
+    emb = from_array(np.ones((3, 8), np.float32), "float16")
+    ids = [5, *placeholder_ids(h1, 3), 6, *placeholder_ids(h2, 3), 7]
+    return _req(
+        token_ids=ids,
+        mm_items=[
+            MultimodalItem(hash=h1, offset=1, length=3, embedding=emb),
+            MultimodalItem(hash=h2, offset=5, length=3, embedding=emb),
+        ],
+    )
+
+
+def _strings(fn: ast.AST) -> set[str]:
+    return {
+        n.value for n in ast.walk(fn) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    }
+
+
+def test_image_keywords_exist_and_carry_one_precomputed_embedding_item() -> None:
+    kwargs = to_generate_kwargs(_image_request(), rid="r", disaggregation_mode="null", dp_rank=None)
+    assert {"image_data", "mm_hashes"} <= set(kwargs) <= GENERATE_KWARGS
+    gen = _class(IO_STRUCT_PY, "GenerateReqInput")
+    assert {"image_data", "mm_hashes"} <= _struct_fields(gen)
+    # SGLang recognises the item's format string...
+    processor = _class(BASE_PROCESSOR_PY, "BaseMultimodalProcessor")
+    fmt = _method(processor, "_get_preprocessed_input_format")
+    (item,) = kwargs["image_data"]
+    assert item["format"] in _strings(fmt)
+    # ...and, for a preprocessed format, wants exactly one item per modality (all the images'
+    # embeddings concatenated), which is what the mapping sends.
+    one = ast.unparse(_method(processor, "_validate_one_modality"))
+    assert "len(data_list) != 1" in one
+    assert item["feature"].shape == (6, 8) and kwargs["mm_hashes"] == [
+        i.hash for i in _image_request().mm_items or []
+    ]
+
+
+def test_multimodal_data_item_and_pad_shift_match_sglang() -> None:
+    item = _class(SCHEDULE_BATCH_PY, "MultimodalDataItem")
+    assert {"hash", "pad_value", "offsets", "precomputed_embeddings", "format"} <= _struct_fields(
+        item
+    )
+    shift = next(
+        node.value
+        for node in _tree(SCHEDULE_BATCH_PY).body
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "MM_PAD_SHIFT_VALUE" for t in node.targets)
+    )
+    assert isinstance(shift, ast.Constant) and shift.value == MM_PAD_SHIFT
+    # The adapter writes each image position back as the model's image token, which SGLang's
+    # model config reads from the checkpoint's config.
+    config = ast.unparse(_class("srt/configs/model_config.py", "ModelConfig"))
+    assert "self.image_token_id =" in config
+    assert "model_config" in ast.unparse(
+        _class("srt/managers/tokenizer_manager.py", "TokenizerManager")
+    )
 
 
 def test_sampling_params_are_sglang_sampling_params() -> None:

@@ -187,16 +187,22 @@ class Worker(_Process):
 
 class Encoder(_Process):
     """``python -m sglmesh worker --embedding-worker ...``: an embedding worker on the CPU
-    engine, with its system server on a free port."""
+    engine, with its system server on a free port. ``model`` None: no ``--model-path``, and
+    ``flags`` choose the role (``--multimodal-encode-worker`` for the image encoder)."""
 
     def __init__(
-        self, cfg: MeshConfig, model: Path, log_dir: Path, *flags: str, name: str = "encoder"
+        self,
+        cfg: MeshConfig,
+        model: Path | None,
+        log_dir: Path,
+        *flags: str,
+        name: str = "encoder",
     ) -> None:
         self.system_port = free_port()
         self.base = f"http://127.0.0.1:{self.system_port}"
+        role = ["--embedding-worker", "--model-path", str(model)] if model is not None else []
         args = [
-            sys.executable, "-m", "sglmesh", "worker", "--embedding-worker",
-            "--model-path", str(model),
+            sys.executable, "-m", "sglmesh", "worker", *role,
             *mesh_flags(cfg),
             "--system-host", "127.0.0.1",
             "--system-port", str(self.system_port),
@@ -297,7 +303,7 @@ class Mesh:
         await asyncio.gather(*(w.wait_ready() for w in new))
         return new
 
-    async def add_encoders(self, model: Path, *specs: tuple[str, ...]) -> list[Encoder]:
+    async def add_encoders(self, model: Path | None, *specs: tuple[str, ...]) -> list[Encoder]:
         """One embedding worker per ``specs`` item (its extra flags), ready on return."""
         new = [Encoder(self.cfg, model, self.log_dir, *flags) for flags in specs]
         self.encoders.extend(new)

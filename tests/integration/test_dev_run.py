@@ -239,6 +239,28 @@ def test_run_serves_chat_then_stop_leaves_nothing(dev: Dev, mode: str) -> None:
     assert (dev.run_dir / "processor.log").stat().st_size > 0
 
 
+def test_run_multimodal_serves_the_printed_image_line(dev: Dev) -> None:
+    started = dev.run("agg", "--multimodal")
+    assert started.returncode == 0, started.stdout + started.stderr
+    names = [p["name"] for p in dev.state()["processes"]]
+    assert names == ["processor", "publisher", "worker-1", "worker-2", "encoder", "vision"]
+    assert "(sim engine)" in started.stdout  # the default model is text-only
+    line = next(x for x in started.stdout.splitlines() if '"image_url"' in x)
+    words = shlex.split(line.strip())
+    url = next(w for w in words if w.startswith("http://"))
+    answer = json.loads(_post_json(url, json.loads(words[words.index("-d") + 1])))
+    assert answer["usage"]["prompt_tokens"] > 257, answer  # the image's tokens are counted
+    assert answer["choices"][0]["message"]["content"]
+    assert dev.stop().returncode == 0
+    assert dev.pid_files() == []
+
+
+def test_run_multimodal_refuses_the_torch_engine(dev: Dev) -> None:
+    refused = dev.run("agg", "--multimodal", "--engine", "torch")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "text-only" in refused.stderr and not (dev.run_dir / "mesh.json").exists()
+
+
 def test_stop_when_nothing_runs(dev: Dev) -> None:
     result = dev.stop()
     assert result.returncode == 0, result.stderr

@@ -389,8 +389,8 @@ def test_bad_flags_fail_at_once_with_one_clear_line(tmp_path: Path) -> None:
     assert bad.stderr.startswith("sglmesh worker: error:"), bad.stderr
     unknown = run("--engine", "sim", "--model-path", str(tmp_path), "--no-such-flag", "1")
     assert unknown.returncode == 2 and "--no-such-flag" in unknown.stderr
-    encode = run("--multimodal-encode-worker")
-    assert encode.returncode == 2 and "not available yet" in encode.stderr
+    encode = run("--multimodal-encode-worker", "--model-path", str(tmp_path))
+    assert encode.returncode == 2 and "takes the vision encoder's .onnx" in encode.stderr
     embed = run("--embedding-worker", "--engine", "sim")
     assert embed.returncode == 2 and "--engine sim generates tokens only" in embed.stderr
     helptext = run("--help")

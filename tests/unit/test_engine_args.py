@@ -57,6 +57,7 @@ SGLANG_0_5_23: dict[str, tuple[tuple[str, ...], Any, tuple[str, ...] | None, boo
     "page_size": (("--page-size",), None, None, False),
     "disable_radix_cache": (("--disable-radix-cache",), False, None, True),
     "random_seed": (("--random-seed",), None, None, False),
+    "enable_multimodal": (("--enable-multimodal",), None, None, True),
     "tp_size": (("--tp-size", "--tensor-parallel-size"), 1, None, False),
     "pp_size": (("--pp-size", "--pipeline-parallel-size"), 1, None, False),
     "dp_size": (("--dp-size", "--data-parallel-size"), 1, None, False),

@@ -17,6 +17,7 @@ import uuid
 import msgspec
 from aiohttp import web
 
+from proto.multimodal import Tensor
 from proto.openai import ChatCompletionRequest, CompletionRequest
 from proto.request import PreprocessedRequest
 from proto.response import EngineOutput
@@ -25,6 +26,7 @@ from services.processor.chat_output import ChatParsing, chat_tools
 from services.processor.context import RequestContext, Serving
 from services.processor.failures import Failure
 from services.processor.fields import decode_openai
+from services.processor.images import image_parts
 from services.processor.models import ServedModel
 from services.processor.respond import OutputAssembler
 from services.processor.writers import Generation, Outputs, write_stream, write_unary
@@ -45,7 +47,12 @@ async def chat(s: Serving, ctx: RequestContext) -> web.StreamResponse:
     pre = model.preprocessor
     assert pre is not None
     parsing = chat_tools(req, pre.card, pre.special_tokens)
-    preq = await s.prepare(ctx, pre.preprocess_chat, req, parsing.guide)
+    parts = image_parts(req)
+    images: list[tuple[str, Tensor]] = []
+    if parts:
+        s.images.check(model, parts)
+        images = [(e.hash, e.embedding) for e in await s.images.encode_all(parts)]
+    preq = await s.prepare(ctx, pre.preprocess_chat, req, parsing.guide, images)
     if parsing.reasoning is not None:
         tail = pre.tokenizer.decode(preq.token_ids[-_PROMPT_TAIL:], skip_special_tokens=False)
         parsing = parsing.after_prompt(tail)

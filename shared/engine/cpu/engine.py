@@ -53,6 +53,7 @@ from shared.engine.cpu.scheduler import Scheduler, SchedulerConfig
 from shared.engine.cpu.transfer import BootstrapServer
 from shared.engine.cpu.transfer import KvReceiver as TcpKvReceiver
 from shared.engine.protocol import EngineInfo
+from shared.multimodal import is_placeholder, pad_values
 
 if TYPE_CHECKING:
     from shared.engine.args import EngineArgs
@@ -183,6 +184,9 @@ class CpuEngine:
     """
 
     kind = "cpu"
+    # Image embeddings in the prompt (``image_data``): the simulator takes them; the torch
+    # runner serves a text-only model and refuses them.
+    accepts_images = False
     default_max_total_tokens = 400_000
 
     def __init__(self, config: CpuConfig) -> None:
@@ -392,16 +396,25 @@ class CpuEngine:
         bootstrap_host: str | None,
         bootstrap_port: int | None,
         bootstrap_room: int | None,
+        image_data: Any = None,
+        mm_hashes: Any = None,
     ) -> Req:
         if not isinstance(input_ids, list) or not input_ids:
             raise BadRequest("input_ids must be a non-empty list of token ids")
+        text_ids = input_ids
+        if image_data is not None or mm_hashes is not None:
+            text_ids = self._check_images(input_ids, image_data, mm_hashes)
         try:
             lo = min(input_ids)
-            hi = max(input_ids)
+            hi = max(text_ids) if text_ids else 0
         except TypeError:
             raise BadRequest("input_ids must be integers") from None
-        if not isinstance(lo, int) or lo < 0 or hi >= 2**32:
+        if not isinstance(lo, int) or lo < 0 or max(input_ids) >= 2**32:
             raise BadRequest("token ids must be integers in [0, 2**32)")
+        if text_ids is input_ids and is_placeholder(hi):
+            raise BadRequest(
+                f"token id {hi} is an image placeholder, but the request carries no image_data"
+            )
         if self.vocab_size is not None and hi >= self.vocab_size:
             raise BadRequest(
                 f"token id {hi} is outside the model's vocabulary ({self.vocab_size} tokens)"
@@ -433,6 +446,40 @@ class CpuEngine:
             req.min_new_tokens = min(req.min_new_tokens, 1)
         return req
 
+    def _check_images(self, input_ids: list[int], image_data: Any, mm_hashes: Any) -> list[int]:
+        """Images the SGLang way: ``image_data`` is one ``precomputed_embedding`` item (the
+        images' embeddings concatenated, tokens x hidden), ``mm_hashes`` one hex hash per
+        image, and each image's positions in ``input_ids`` hold its placeholder values
+        (``shared.multimodal``). Returns the text tokens; raises BadRequest otherwise."""
+        if not self.accepts_images:
+            raise BadRequest(
+                f"the {self.kind} engine serves a text-only model: image inputs are refused"
+            )
+        items = image_data if isinstance(image_data, list) else [image_data]
+        if len(items) != 1 or not isinstance(items[0], dict):
+            raise BadRequest("image_data must be one precomputed_embedding item")
+        item = items[0]
+        feature: Any = item.get("feature")
+        if item.get("format") != "precomputed_embedding" or getattr(feature, "ndim", 0) != 2:
+            raise BadRequest("image_data must be {format: precomputed_embedding, feature: 2-D}")
+        if not isinstance(mm_hashes, list) or not mm_hashes:
+            raise BadRequest("mm_hashes must list one hash per image")
+        allowed: set[int] = set()
+        for h in mm_hashes:
+            try:
+                allowed.update(pad_values(h))
+            except (TypeError, ValueError):
+                raise BadRequest(f"mm_hashes holds {h!r}, not a hex hash") from None
+        placeholders = [t for t in input_ids if isinstance(t, int) and is_placeholder(t)]
+        if len(placeholders) != feature.shape[0]:
+            raise BadRequest(
+                f"the prompt holds {len(placeholders)} image positions but the embeddings "
+                f"cover {feature.shape[0]}"
+            )
+        if not set(placeholders) <= allowed:
+            raise BadRequest("the prompt's image positions do not match mm_hashes")
+        return [t for t in input_ids if not (isinstance(t, int) and is_placeholder(t))]
+
     async def async_generate(
         self,
         *,
@@ -440,6 +487,8 @@ class CpuEngine:
         sampling_params: dict[str, Any],
         rid: str,
         stream: bool = True,
+        image_data: Any = None,
+        mm_hashes: Any = None,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         logprob_start_len: int = -1,
@@ -463,6 +512,8 @@ class CpuEngine:
                 bootstrap_host=bootstrap_host,
                 bootstrap_port=bootstrap_port,
                 bootstrap_room=bootstrap_room,
+                image_data=image_data,
+                mm_hashes=mm_hashes,
             )
             await self._prepare(req)
         except BadRequest as exc:

@@ -66,6 +66,7 @@ class SimEngine(CpuEngine):
     """The simulated SGLang engine (see the module docstring)."""
 
     kind = "sim"
+    accepts_images = True
     default_max_total_tokens = 400_000
     config: SimConfig
 
