@@ -33,7 +33,6 @@ from shared.runtime.system_server import SystemServer
 from tests.integration import mesh
 from tests.integration.mesh import runtime
 
-
 _PLANE = ["tcp"]  # the response plane of the running test (set by the fixture below)
 
 
