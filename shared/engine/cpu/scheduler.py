@@ -231,6 +231,7 @@ class Scheduler:
         self._decode_since_report = 0
         self._metrics_due = False
         self._published_at = 0.0
+        self._publish_timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._released = False
         self._closed = False
@@ -255,6 +256,9 @@ class Scheduler:
         """Stop stepping; every open stream ends with an abort."""
         self._closed = True
         self._wake.set()
+        if self._publish_timer is not None:
+            self._publish_timer.cancel()
+            self._publish_timer = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -407,9 +411,8 @@ class Scheduler:
                 if batch is None:
                     if not self._idle_reported:
                         self._idle_reported = True
-                        self._metrics_due = False
-                        self._publish_events()
-                        self._publish_metrics()
+                        self._metrics_due = True  # the idle report
+                        self._publish_soon()
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -554,13 +557,7 @@ class Scheduler:
         if batch.prefill or self._decode_since_report >= self.config.decode_log_interval:
             self._decode_since_report = 0
             self._metrics_due = True
-        now = time.monotonic()
-        if now - self._published_at >= self.config.publish_interval:
-            self._published_at = now
-            self._publish_events()
-            if self._metrics_due:
-                self._metrics_due = False
-                self._publish_metrics()
+        self._publish_soon(now_only=True)
 
     def _decode_batch(
         self,
@@ -984,6 +981,28 @@ class Scheduler:
                 self._decoding.remove(req)
 
     # ----- publishing -----
+
+    def _publish_soon(self, *, now_only: bool = False) -> None:
+        """Publish pending events (and the metrics report, if one is due) now if the last
+        publication is ``publish_interval`` old, else -- unless ``now_only`` (a busy step:
+        the next step will look again) -- when it is."""
+        wait = self._published_at + self.config.publish_interval - time.monotonic()
+        if wait <= 0:
+            self._published_at = time.monotonic()
+            if self._publish_timer is not None:
+                self._publish_timer.cancel()
+                self._publish_timer = None
+            self._publish_events()
+            if self._metrics_due:
+                self._metrics_due = False
+                self._publish_metrics()
+        elif not now_only and self._publish_timer is None:
+            self._publish_timer = asyncio.get_running_loop().call_later(wait, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._publish_timer = None
+        if not self._closed:
+            self._publish_soon()
 
     def _publish_events(self) -> None:
         events = self.cache.take_events()
