@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SGL_VENV := .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-kv bench-router bench-embed bench-structured bench-multimodal model infra-up infra-down infra-status run-agg run-disagg stop clean
+.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-reference bench-kv bench-router bench-embed bench-structured bench-multimodal model infra-up infra-down infra-status run-agg run-disagg stop clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -76,6 +76,11 @@ bench-torch: $(STAMP)
 # The processor end to end: 1 and 4 workers, concurrency 1/16/64 (bench/results/serve.json).
 bench-serve: $(STAMP)
 	$(BIN)/python bench/serve.py
+
+# Side by side with the reference (NVIDIA Dynamo) on the shared anchor harness, both in one run
+# (bench/results/reference.json); says how to install the reference when it is absent.
+bench-reference: $(STAMP)
+	bash bench/reference.sh
 
 # KV-aware routing against round-robin, random and an oracle (bench/results/kv_routing.json).
 bench-kv: $(STAMP)

@@ -61,6 +61,8 @@ from proto.plane import (
     Frame,
     FrameKind,
     RequestEnvelope,
+    StreamFrame,
+    StreamHello,
 )
 from proto.request import (
     BYPASS_REMOTE_PREFILL_ANNOTATION,
@@ -152,6 +154,8 @@ __all__ = [
     "SglangKvMetrics",
     "StopConditions",
     "StorageMedium",
+    "StreamFrame",
+    "StreamHello",
     "TopLogprob",
     "WorkerType",
     "ZmqEndpoints",

@@ -15,8 +15,11 @@ it, grant it credit, and notice if it vanishes from discovery.
 - ``ERROR``: the last frame; carries an :class:`ErrorBody`.
 
 The caller talks back to the instance on its control subject with :class:`Control` messages
-(cancel, credit). Every frame is a msgpack array so the per-chunk overhead is a few bytes;
-chunks stay as raw msgpack (``msgspec.Raw``) until the consumer decodes them with its own type.
+(cancel, credit). When the request names the caller's response server (``reply_addr``), the
+same frames travel on a direct TCP connection instead, as :class:`StreamFrame` s after a
+:class:`StreamHello`, and the caller's controls come back on that connection. Every frame is
+a msgpack array so the per-chunk overhead is a few bytes; chunks stay as raw msgpack
+(``msgspec.Raw``) until the consumer decodes them with its own type.
 """
 
 from __future__ import annotations
@@ -80,6 +83,10 @@ class RequestEnvelope(msgspec.Struct, array_like=True):
     request_id: str
     body: msgspec.Raw
     window: int = 0
+    # The caller's response server ("host:port", see ``shared.runtime.response_plane``) and
+    # the token a connection to it must present; empty: answer on the NATS reply subject.
+    reply_addr: str = ""
+    reply_token: str = ""
 
 
 class Frame(msgspec.Struct, array_like=True):
@@ -88,6 +95,23 @@ class Frame(msgspec.Struct, array_like=True):
     chunks: list[msgspec.Raw] = []
     error: ErrorBody | None = None
     instance_id: int | None = None
+
+
+class StreamHello(msgspec.Struct, array_like=True, frozen=True):
+    """The first message a responder sends on a direct response connection: the caller's
+    token (from the request envelope, so only an instance the caller addressed over the
+    authenticated request plane has it) and the responder's instance id."""
+
+    token: str
+    instance_id: int
+
+
+class StreamFrame(msgspec.Struct, array_like=True):
+    """A :class:`Frame` on a direct response connection, naming its stream (the suffix of
+    the NATS reply subject the request carried)."""
+
+    stream_id: str
+    frame: Frame
 
 
 class ControlKind(enum.IntEnum):

@@ -78,6 +78,10 @@ _LOG_LEVELS = {
     "critical": "critical",
 }
 _LOG_FORMATS = ("json", "text")
+# How responders answer: "tcp" on a direct connection to the caller's response server,
+# "nats" on the reply subject, "auto" tcp unless NATS is reached over TLS (the direct
+# connection has no TLS of its own).
+RESPONSE_PLANES = ("auto", "tcp", "nats")
 _NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 _ETCD_SCHEMES = ("http", "https")
 
@@ -226,6 +230,13 @@ def _check_log_format(value: object) -> str:
     return fmt
 
 
+def _check_response_plane(value: object) -> str:
+    plane = value.strip().lower() if isinstance(value, str) else None
+    if plane not in RESPONSE_PLANES:
+        raise ValueError(f"unknown response plane {value!r}; expected auto, tcp or nats")
+    return plane
+
+
 def _finite(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{what} must be a number, got {value!r}")
@@ -271,6 +282,9 @@ class MeshConfig:
     graceful_shutdown_grace_period: float = 5.0
     heartbeat_interval: float = 0.5
     stream_timeout: float = 5.0
+    response_plane: str = "auto"
+    response_host: str = ""
+    response_port: int = 0
     engine_request_limit: int = 0
     log_level: str = "info"
     log_format: str = "json"
@@ -344,6 +358,16 @@ class MeshConfig:
                 f"engine_request_limit must be >= 0 (0 = unlimited), "
                 f"got {self.engine_request_limit}"
             )
+        put("response_plane", _check_response_plane(self.response_plane))
+        if not isinstance(self.response_host, str):
+            raise ValueError(f"response_host must be a string, got {self.response_host!r}")
+        put("response_host", self.response_host.strip())
+        if _integer(self.response_port, "response_port") != 0:
+            _check_port(self.response_port, "response")
+        if self.response_plane == "tcp" and self.nats_tls:
+            raise ValueError(
+                "response_plane tcp has no TLS while NATS is reached over TLS; use nats or auto"
+            )
         put("log_level", _check_log_level(self.log_level))
         put("log_format", _check_log_format(self.log_format))
         if (self.nats_user is None) != (self.nats_password is None):
@@ -355,6 +379,20 @@ class MeshConfig:
                 getattr(self, f"{plane}_tls_key") is None
             ):
                 raise ValueError(f"{plane}_tls_cert and {plane}_tls_key go together")
+
+    @property
+    def nats_tls(self) -> bool:
+        """Whether NATS is reached over TLS (a tls:// server, or a CA or certificate given)."""
+        return (
+            self.nats_tls_ca is not None
+            or self.nats_tls_cert is not None
+            or any(s.startswith("tls://") for s in self.nats_servers)
+        )
+
+    @property
+    def direct_responses(self) -> bool:
+        """Whether responses stream back on direct TCP connections (``response_plane``)."""
+        return self.response_plane == "tcp" or (self.response_plane == "auto" and not self.nats_tls)
 
     @property
     def etcd_tls(self) -> bool:
@@ -414,6 +452,14 @@ def _conv_port(text: str) -> int:
     # Negative = disabled, as the reference reads DYN_SYSTEM_PORT. Kept negative here (the
     # config turns it into None) because None in the namespace means "flag not given".
     return value if value < 0 else _check_port(value, "system")
+
+
+def _conv_response_port(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a port number, got {text!r}") from None
+    return 0 if value == 0 else _check_port(value, "response")
 
 
 def _conv_dyn_log(text: str) -> str:
@@ -520,6 +566,29 @@ _OPTIONS: tuple[Flag, ...] = (
         _DEFAULT.stream_timeout,
         "SECONDS",
         "silence after which a responder is considered dead; must exceed the heartbeat interval",
+    ),
+    Flag(
+        "response_plane",
+        _check_response_plane,
+        _DEFAULT.response_plane,
+        "{auto,tcp,nats}",
+        "how responders stream answers back: tcp (a direct connection to this process's "
+        "response server), nats (reply subjects), auto (tcp unless NATS uses TLS)",
+    ),
+    Flag(
+        "response_host",
+        non_empty("a host"),
+        _DEFAULT.response_host,
+        "HOST",
+        "address this process's response server binds and advertises to responders",
+        default_text="the local address that reaches NATS",
+    ),
+    Flag(
+        "response_port",
+        _conv_response_port,
+        _DEFAULT.response_port,
+        "PORT",
+        "port of this process's response server; 0 = any free port",
     ),
     Flag(
         "engine_request_limit",

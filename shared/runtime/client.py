@@ -37,6 +37,7 @@ from shared.runtime.errors import (
 )
 
 if TYPE_CHECKING:
+    from shared.runtime.response_plane import CallerConnection
     from shared.runtime.runtime import DistributedRuntime
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class ResponseStream:
         self.sent_at = time.perf_counter()
         self.last_recv = time.monotonic()
         self.acked = False
+        # The responder's direct connection, once a frame came on it (controls go back there).
+        self.conn: CallerConnection | None = None
 
     # -- called by the runtime's inbox dispatcher -------------------------------------------
     def _deliver(self, frame: Frame) -> None:
@@ -190,6 +193,10 @@ class ResponseStream:
 
     async def _send_control(self, kind: ControlKind, value: int = 0) -> None:
         if self.instance_id is None:
+            return
+        conn = self.conn
+        if conn is not None and not conn.closed:
+            conn.send_control(Control(self.request_id, kind, value))
             return
         if self.instance_id == self._runtime.instance_id:
             await self._runtime.handle_control(Control(self.request_id, kind, value))
@@ -385,9 +392,14 @@ class Client:
         )
         rt.client_streams[stream_id] = stream
         self.streams.add(stream)
-        data = rt.encoder.encode(RequestEnvelope(request_id, body, window))
+        local = rt.served_here(self.eid) if instance_id == rt.instance_id else None
+        server = rt.response_server
+        if server is not None and local is None:
+            envelope = RequestEnvelope(request_id, body, window, server.address, server.token)
+        else:
+            envelope = RequestEnvelope(request_id, body, window)
+        data = rt.encoder.encode(envelope)
         try:
-            local = rt.served_here(self.eid) if instance_id == rt.instance_id else None
             if local is not None:
                 # A process calling itself (a worker's health canary): the request is handed
                 # over here, so no credential needs the right to call workers; the answer

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from proto.discovery import InstanceRecord, instance_key
-from proto.plane import ErrorBody, ErrorCode, Frame, FrameKind, RequestEnvelope
+from proto.plane import ErrorBody, ErrorCode, Frame, FrameKind, RequestEnvelope, StreamFrame
 from shared.config import EndpointId
 from shared.runtime import metrics
 from shared.runtime.errors import MeshError
 
 if TYPE_CHECKING:
+    from shared.runtime.response_plane import ResponderConnection
     from shared.runtime.runtime import DistributedRuntime
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class ServerStream:
 
     __slots__ = (
         "acked",
+        "conn",
         "credit",
         "ctx",
         "last_send",
@@ -84,6 +86,7 @@ class ServerStream:
         "request_id",
         "runtime",
         "seq",
+        "stream_id",
         "window",
     )
 
@@ -100,6 +103,9 @@ class ServerStream:
         self.last_send = time.monotonic()
         self.credit = asyncio.Event()
         self.ctx = Context(request_id, runtime.instance_id)
+        # Set when the caller named its response server: frames go there, not to ``reply``.
+        self.conn: ResponderConnection | None = None
+        self.stream_id = reply[reply.rfind(".") + 1 :]
 
     def can_send_data(self) -> bool:
         return self.window <= 0 or self.seq <= self.acked + self.window
@@ -111,7 +117,14 @@ class ServerStream:
         frame = Frame(seq=self.seq, kind=kind, **fields)
         self.seq += 1
         self.last_send = time.monotonic()
-        await self.runtime.publish(self.reply, self.runtime.encoder.encode(frame))
+        conn = self.conn
+        if conn is None:
+            await self.runtime.publish(self.reply, self.runtime.encoder.encode(frame))
+            return
+        # A closed connection has stopped this stream already (the caller failed its side).
+        conn.send(self.runtime.encoder.encode(StreamFrame(self.stream_id, frame)))
+        if conn.paused:
+            await conn.drain()
 
     async def flush_data(self) -> None:
         if self.pending:
@@ -285,7 +298,7 @@ class ServedEndpoint:
         self.streams[env.request_id] = stream
         self.runtime.server_streams[env.request_id] = stream
         self._drained.clear()
-        stream.ctx._task = asyncio.create_task(self._run(stream, request))
+        stream.ctx._task = asyncio.create_task(self._run(stream, request, env))
 
     async def _ack_if_quiet(self, stream: ServerStream) -> None:
         # Runs one loop iteration after the handler started: a handler that answered at once
@@ -294,10 +307,14 @@ class ServedEndpoint:
         if stream.seq == 0 and stream.request_id in self.streams:
             await stream.send(FrameKind.ACK)
 
-    async def _run(self, stream: ServerStream, request: Any) -> None:
+    async def _run(self, stream: ServerStream, request: Any, env: RequestEnvelope) -> None:
         started = time.perf_counter()
         self._m_requests.inc()
         self._m_inflight.inc()
+        if env.reply_addr and self.runtime.config.direct_responses:
+            stream.conn = await self.runtime.responder_connections.get(
+                env.reply_addr, env.reply_token
+            )
         asyncio.get_running_loop().call_soon(self.runtime.spawn, self._ack_if_quiet(stream))
         encode = self.runtime.encoder.encode
         error: ErrorBody | None = None

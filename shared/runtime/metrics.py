@@ -61,3 +61,12 @@ client_quarantines_total = Counter(
     "Instances taken out of routing because they were found dead while their lease lived",
     ["endpoint"],
 )
+response_fallbacks_total = Counter(
+    "sglmesh_response_fallbacks_total",
+    "Times a responder could not reach a caller's response server and answered over NATS",
+)
+response_connections = Gauge(
+    "sglmesh_response_connections",
+    "Open direct response connections, by side (caller: accepted; responder: opened)",
+    ["side"],
+)

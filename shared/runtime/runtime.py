@@ -35,6 +35,13 @@ from shared.runtime.errors import (
 )
 from shared.runtime.etcd import EtcdSession
 from shared.runtime.planes_auth import etcd_auth, nats_auth_options
+from shared.runtime.response_plane import (
+    CallerConnection,
+    ResponderConnection,
+    ResponderConnections,
+    ResponseServer,
+    local_address_towards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +86,14 @@ class DistributedRuntime:
         self._probing: set[int] = set()
         self._connected = asyncio.Event()
         self._reconnected_at = -1e9
+        # Direct response streams (response_plane.py): the server this process's callers'
+        # answers arrive on (started with the first client), and this process's connections
+        # to other callers' servers.
+        self.response_server: ResponseServer | None = None
+        self._response_server_lock = asyncio.Lock()
+        self.responder_connections = ResponderConnections(
+            self.instance_id, self.encoder, self._on_direct_control, self._on_responder_lost
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, *, connect_timeout: float = 10.0) -> None:
@@ -178,6 +193,9 @@ class DistributedRuntime:
             await client.close()
         if self._ticker is not None:
             self._ticker.cancel()
+        self.responder_connections.close()
+        if self.response_server is not None:
+            await self.response_server.close()
         await self.etcd.close(revoke=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.nats.drain(), 2.0)
@@ -199,10 +217,63 @@ class DistributedRuntime:
         return Endpoint(self, eid)
 
     async def client(self, name: str | EndpointId, endpoint: str | None = None) -> Client:
+        await self._start_response_server()
         client = Client(self, self.endpoint(name, endpoint).id)
         await client.start()
         self.clients.append(client)
         return client
+
+    async def _start_response_server(self) -> None:
+        if not self.config.direct_responses or self.response_server is not None:
+            return
+        async with self._response_server_lock:
+            if self.response_server is not None:
+                return
+            host = self.config.response_host
+            if not host:
+                url = self.nats.connected_url
+                host = local_address_towards(
+                    (url.hostname if url else None) or "127.0.0.1",
+                    (url.port if url else None) or 4222,
+                )
+            server = ResponseServer(self.encoder, self._on_direct_frame, self._on_caller_lost)
+            await server.start(host, self.config.response_port)
+            self.response_server = server
+
+    def _on_direct_frame(self, conn: CallerConnection, stream_id: str, frame: Frame) -> None:
+        stream = self.client_streams.get(stream_id)
+        if stream is not None:
+            if stream.instance_id is not None and stream.instance_id != conn.instance_id:
+                return  # another instance's connection: not this stream's responder
+            stream.conn = conn
+            stream._deliver(frame)
+        elif frame.instance_id is not None and frame.kind not in _FINAL_KINDS:
+            # The caller gave up before the responder acknowledged: cancel the orphan.
+            conn.send_control(Control(f"{self._id_prefix}-{stream_id}", ControlKind.CANCEL))
+
+    def _on_caller_lost(self, conn: CallerConnection) -> None:
+        for stream in list(self.client_streams.values()):
+            if stream.conn is conn:
+                stream._fail(
+                    ResponderDeadError(
+                        f"the response connection from instance {conn.instance_id:x} closed"
+                    )
+                )
+
+    def _on_direct_control(self, ctl: Control) -> None:
+        stream = self.server_streams.get(ctl.request_id)
+        if stream is None:
+            return
+        if ctl.kind is ControlKind.CANCEL:
+            stream.ctx._stop(StopReason.CALLER)
+        elif ctl.kind is ControlKind.CREDIT:
+            self.spawn(stream.grant(ctl.value))
+
+    def _on_responder_lost(self, conn: ResponderConnection) -> None:
+        # The caller is gone (or its connection is): nobody reads these streams any more.
+        for stream in list(self.server_streams.values()):
+            if stream.conn is conn:
+                stream.ctx._stop(StopReason.CALLER_GONE)
 
     async def add_served(self, served: ServedEndpoint, *, register: bool) -> None:
         self.served.append(served)

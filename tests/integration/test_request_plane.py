@@ -1,4 +1,7 @@
-"""The request plane on real NATS and etcd: streaming, routing, cancel, errors, limits."""
+"""The request plane on real NATS and etcd: streaming, routing, cancel, errors, limits.
+
+Every test runs twice: answers on direct TCP connections (the default) and on NATS reply
+subjects (``--response-plane nats``, the fallback and the TLS setting)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import collections
 import gc
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -27,7 +30,22 @@ from shared.runtime import (
     RouterMode,
 )
 from shared.runtime.system_server import SystemServer
-from tests.integration.mesh import make_config, runtime
+from tests.integration import mesh
+from tests.integration.mesh import runtime
+
+_PLANE = ["tcp"]  # the response plane of the running test (set by the fixture below)
+
+
+@pytest.fixture(autouse=True, params=["tcp", "nats"])
+def response_plane(request: pytest.FixtureRequest) -> Iterator[str]:
+    _PLANE[0] = request.param
+    yield request.param
+    _PLANE[0] = "tcp"
+
+
+def make_config(nats: NatsServer, etcd: EtcdServer, **overrides: Any) -> Any:
+    overrides.setdefault("response_plane", _PLANE[0])
+    return mesh.make_config(nats, etcd, **overrides)
 
 
 async def counting_handler(request: dict[str, Any], ctx: Context) -> AsyncIterator[Any]:

@@ -95,6 +95,8 @@ async def test_event_stream_rebuilds_the_cache_and_late_subscribers_catch_up(kin
         assert await engine.flush_cache()
         await workload("b", count)
         scheduler = engine.schedulers[0]
+        # Gone idle: the last events go out once the publication interval has passed.
+        await asyncio.sleep(scheduler.config.publish_interval * 4 + 0.05)
         publisher = engine.publishers[0]
         last_seq = publisher.next_seq - 1
         # A subscriber that joins now has missed every batch: it catches up through replay.

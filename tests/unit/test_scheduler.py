@@ -54,7 +54,8 @@ def make_scheduler(**overrides: Any) -> tuple[Scheduler, EventSink, MetricsSink]
         cost=overrides.pop("cost", None),
         output_len_mean=overrides.pop("output_len_mean", 0.0),
     )
-    cfg: dict[str, Any] = {"page_size": 16, "max_total_tokens": 65536}
+    # Publication on every step unless a test is about coalescing it.
+    cfg: dict[str, Any] = {"page_size": 16, "max_total_tokens": 65536, "publish_interval": 0.0}
     cfg.update(overrides)
     sched = Scheduler(SchedulerConfig(**cfg), runner, event_sink=events, metrics_sink=metrics)
     sched.start()
@@ -471,3 +472,33 @@ async def test_max_new_tokens_zero_is_prefill_only() -> None:
     assert sched.stats.prefill_tokens == 40
     check_pool(sched)
     await sched.close()
+
+
+def stored_hashes(sink: EventSink) -> list[int]:
+    return [h for e in sink.events if isinstance(e, BlockStored) for h in e.block_hashes]
+
+
+async def test_publications_are_coalesced_while_busy_and_flushed_when_idle() -> None:
+    reqs = [make_request(f"r{i}", prompt(160, 1000 * (i + 1)), max_new_tokens=8) for i in range(4)]
+    # Chunked prefill stores a page per step: every step publishes a batch and a report.
+    each, each_events, each_metrics = make_scheduler(publish_interval=0.0, chunked_prefill_size=16)
+    await run_all(each, reqs)
+    await asyncio.sleep(0)
+    steps = each.stats.steps
+    assert len(each_events.batches) > 20
+    # Coalesced: nothing while busy after the first step, the rest soon after going idle.
+    reqs = [make_request(f"r{i}", prompt(160, 1000 * (i + 1)), max_new_tokens=8) for i in range(4)]
+    slow, slow_events, slow_metrics = make_scheduler(publish_interval=0.3, chunked_prefill_size=16)
+    started = time.monotonic()
+    await run_all(slow, reqs)
+    assert time.monotonic() - started < 0.3
+    assert len(slow_events.batches) <= 1  # the first step's
+    await asyncio.sleep(0.4)  # idle: the rest once the interval has passed
+    assert slow.stats.steps == steps
+    assert len(slow_events.batches) <= 3
+    # The same blocks stored, in the same order (the cache merges a chain's stores taken at once).
+    assert stored_hashes(slow_events) == stored_hashes(each_events)
+    assert len(slow_metrics.reports) < len(each_metrics.reports)
+    assert slow_metrics.reports[-1].request_active_slots == 0  # the idle report
+    await each.close()
+    await slow.close()

@@ -30,10 +30,14 @@ One step (``_plan`` -> ``runner.forward`` -> ``_apply``):
 Pages are allocated and freed only between steps, on the event loop, so a forward running in
 another thread never sees its pages change under it (an abort during a step frees them after).
 
-KV events are taken from the cache after every step and published when there are any (the
-router sees a stored prefix one step after it exists). ``KvMetrics`` go out after every step
+KV events are taken from the cache after a step and published when there are any (the
+router sees a stored prefix one step after it exists). ``KvMetrics`` go out after a step
 with prefill work, every ``decode_log_interval`` decode steps and when the scheduler goes
-idle, as SGLang reports them; ``kv_active_blocks``/``kv_total_blocks`` are tokens, as SGLang
+idle, as SGLang reports them. Both at most once per ``publish_interval`` (5 ms) while busy,
+and at once when idle: SGLang publishes per step, and its GPU steps take milliseconds, but a
+simulated step at a high speedup takes microseconds, and a message per step per worker then
+cost more CPU (worker, publisher, NATS, router) than the requests themselves.
+``kv_active_blocks``/``kv_total_blocks`` are tokens, as SGLang
 computes them.
 
 Disaggregation: in ``prefill`` mode a finished prefill keeps its KV while a separate task
@@ -51,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -110,6 +115,8 @@ class SchedulerConfig:
     chunked_prefill_size: int = 8192
     disaggregation_mode: str = "null"  # "null" | "prefill" | "decode"
     decode_log_interval: int = 40
+    # Seconds between KV-event and load-metric publications while busy (0: every step).
+    publish_interval: float = 0.005
     dp_rank: int = 0
     init_new_token_ratio: float = INIT_NEW_TOKEN_RATIO
     min_new_token_ratio: float = MIN_NEW_TOKEN_RATIO
@@ -131,6 +138,8 @@ class SchedulerConfig:
             )
         if self.decode_log_interval < 1:
             raise ValueError("decode_log_interval must be >= 1")
+        if not self.publish_interval >= 0:
+            raise ValueError("publish_interval must be >= 0")
 
     @property
     def total_pages(self) -> int:
@@ -220,6 +229,9 @@ class Scheduler:
         self._new_token_ratio = config.init_new_token_ratio
         self._cache_hit_rate = 0.0
         self._decode_since_report = 0
+        self._metrics_due = False
+        self._published_at = 0.0
+        self._publish_timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._released = False
         self._closed = False
@@ -244,6 +256,9 @@ class Scheduler:
         """Stop stepping; every open stream ends with an abort."""
         self._closed = True
         self._wake.set()
+        if self._publish_timer is not None:
+            self._publish_timer.cancel()
+            self._publish_timer = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -396,8 +411,8 @@ class Scheduler:
                 if batch is None:
                     if not self._idle_reported:
                         self._idle_reported = True
-                        self._publish_events()
-                        self._publish_metrics()
+                        self._metrics_due = True  # the idle report
+                        self._publish_soon()
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -539,10 +554,10 @@ class Scheduler:
         if finished_any:
             self._decoding = [r for r in self._decoding if r.state == DECODING]
 
-        self._publish_events()
         if batch.prefill or self._decode_since_report >= self.config.decode_log_interval:
             self._decode_since_report = 0
-            self._publish_metrics()
+            self._metrics_due = True
+        self._publish_soon(now_only=True)
 
     def _decode_batch(
         self,
@@ -966,6 +981,28 @@ class Scheduler:
                 self._decoding.remove(req)
 
     # ----- publishing -----
+
+    def _publish_soon(self, *, now_only: bool = False) -> None:
+        """Publish pending events (and the metrics report, if one is due) now if the last
+        publication is ``publish_interval`` old, else -- unless ``now_only`` (a busy step:
+        the next step will look again) -- when it is."""
+        wait = self._published_at + self.config.publish_interval - time.monotonic()
+        if wait <= 0:
+            self._published_at = time.monotonic()
+            if self._publish_timer is not None:
+                self._publish_timer.cancel()
+                self._publish_timer = None
+            self._publish_events()
+            if self._metrics_due:
+                self._metrics_due = False
+                self._publish_metrics()
+        elif not now_only and self._publish_timer is None:
+            self._publish_timer = asyncio.get_running_loop().call_later(wait, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._publish_timer = None
+        if not self._closed:
+            self._publish_soon()
 
     def _publish_events(self) -> None:
         events = self.cache.take_events()

@@ -1,0 +1,341 @@
+"""Direct response streams: responders stream a request's frames to the caller over TCP.
+
+Why: a streamed 64-token answer is ~10 frames and a credit; on NATS each one is a publish in
+the worker, a routing step in nats-server and a parse in the caller. Profiled under load (c=16,
+one worker), NATS publishing and reading took about a quarter of both the processor's and the
+worker's CPU, and nats-server another 0.5-0.7 ms per request. The request itself still goes
+over NATS (discovery by subject, queue groups, "no responders", the planes' credentials); its
+answer comes back on one TCP connection per (responder, caller) pair, multiplexed by stream
+id, and the caller's credit and cancels go back on the same connection. The reference made
+the same move (its 1.6 default streams responses over direct TCP).
+
+Wire: every message is a 4-byte big-endian length and a msgpack body. A responder opens the
+connection with a :class:`~proto.plane.StreamHello` carrying the caller's token, which it can
+only have learned from a request envelope on the authenticated request plane; then it sends
+:class:`~proto.plane.StreamFrame` s, and the caller sends :class:`~proto.plane.Control` s.
+Writes are coalesced into one socket write per event-loop iteration and connection.
+
+Failure: a lost connection fails the caller's streams on it as retryable (migration takes
+them on) and stops the responder's handlers as for a caller gone: a killed worker is noticed
+at once, not after the stream timeout. A responder that cannot connect answers on the NATS
+reply subject instead (logged and counted, and not retried for a while).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from proto.plane import Control, Frame, StreamFrame, StreamHello
+from shared.runtime import metrics
+
+__all__ = [
+    "CallerConnection",
+    "ResponderConnection",
+    "ResponderConnections",
+    "ResponseServer",
+    "local_address_towards",
+]
+
+log = logging.getLogger(__name__)
+
+_LEN = struct.Struct(">I")
+# One message is one frame; frames carry token chunks (or an embedding), never megabytes.
+MAX_MESSAGE = 64 * 1024 * 1024
+CONNECT_TIMEOUT = 2.0
+# After a failed connect, answers to that caller go over NATS for this long before a retry.
+RETRY_AFTER = 10.0
+
+_HELLO_DECODER = msgspec.msgpack.Decoder(StreamHello)
+_FRAME_DECODER = msgspec.msgpack.Decoder(StreamFrame)
+_CONTROL_DECODER = msgspec.msgpack.Decoder(Control)
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """The local IP this machine uses to reach ``host`` (a UDP "connect" sends nothing):
+    the interface that reaches NATS is the one the mesh's other processes can reach."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port))
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _split(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class _Framed(asyncio.Protocol):
+    """Length-prefixed messages both ways; subclasses take each message in :meth:`_message`."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._inbuf = bytearray()
+        self._out = bytearray()
+        self._flush_scheduled = False
+        self._writable: asyncio.Event | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; they have its methods.
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inbuf:
+            self._inbuf += data
+            data = bytes(self._inbuf)
+            self._inbuf.clear()
+        # Messages are decoded from the immutable ``data``: msgspec.Raw chunks point into it.
+        pos, end = 0, len(data)
+        while end - pos >= 4 and not self.closed:
+            (size,) = _LEN.unpack_from(data, pos)
+            if size > MAX_MESSAGE:
+                self.abort(f"a message of {size} bytes (limit {MAX_MESSAGE})")
+                return
+            stop = pos + 4 + size
+            if stop > end:
+                break
+            try:
+                self._message(data[pos + 4 : stop])
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self.abort(f"undecodable message: {exc}")
+                return
+            pos = stop
+        if pos < end:
+            self._inbuf += data[pos:]
+
+    def _message(self, body: bytes) -> None:
+        raise NotImplementedError
+
+    def send(self, data: bytes) -> None:
+        """Queue one message; everything queued in this loop iteration goes in one write."""
+        if self.closed:
+            return
+        out = self._out
+        out += _LEN.pack(len(data))
+        out += data
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed or self.transport is None or not self._out:
+            return
+        data, self._out = self._out, bytearray()
+        self.transport.write(data)
+
+    @property
+    def paused(self) -> bool:
+        return self._writable is not None and not self._writable.is_set()
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.Event()
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None:
+            self._writable.set()
+
+    async def drain(self) -> None:
+        """Wait while the socket's send buffer is over its high-water mark."""
+        if self._writable is not None and not self.closed:
+            await self._writable.wait()
+
+    def abort(self, why: str) -> None:
+        log.warning("closing a response connection: %s", why)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self._flush()
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._writable is not None:
+            self._writable.set()  # nobody waits on a dead connection
+        self._lost()
+
+    def _lost(self) -> None:
+        pass
+
+
+# -- the caller's side -------------------------------------------------------------------------
+
+
+class CallerConnection(_Framed):
+    """A responder's connection to this caller: frames in, controls out."""
+
+    def __init__(self, server: ResponseServer) -> None:
+        super().__init__()
+        self._server = server
+        self.instance_id: int | None = None
+
+    def _message(self, body: bytes) -> None:
+        if self.instance_id is None:
+            hello = _HELLO_DECODER.decode(body)
+            if not hmac.compare_digest(hello.token, self._server.token):
+                self.abort("a responder presented a wrong token")
+                return
+            self.instance_id = hello.instance_id
+            self._server.connections.add(self)
+            metrics.response_connections.labels("caller").inc()
+            return
+        msg = _FRAME_DECODER.decode(body)
+        self._server.on_frame(self, msg.stream_id, msg.frame)
+
+    def send_control(self, control: Control) -> None:
+        self.send(self._server.encoder.encode(control))
+
+    def _lost(self) -> None:
+        self._server.connections.discard(self)
+        if self.instance_id is not None:
+            metrics.response_connections.labels("caller").dec()
+            self._server.on_lost(self)
+
+
+class ResponseServer:
+    """The TCP server a caller's responders stream to (one per process that calls)."""
+
+    def __init__(
+        self,
+        encoder: msgspec.msgpack.Encoder,
+        on_frame: Callable[[CallerConnection, str, Frame], None],
+        on_lost: Callable[[CallerConnection], None],
+    ) -> None:
+        self.encoder = encoder
+        self.on_frame = on_frame
+        self.on_lost = on_lost
+        self.token = secrets.token_urlsafe(24)
+        self.address = ""
+        self.connections: set[CallerConnection] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: CallerConnection(self), host=host, port=port, reuse_address=True
+        )
+        bound = self._server.sockets[0].getsockname()[1]
+        self.address = _join(host, int(bound))
+        log.info("response server listening", extra={"address": self.address})
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close()
+        self.connections.clear()
+
+
+# -- the responder's side ----------------------------------------------------------------------
+
+
+class ResponderConnection(_Framed):
+    """This responder's connection to one caller: frames out, controls in."""
+
+    def __init__(self, pool: ResponderConnections, addr: str) -> None:
+        super().__init__()
+        self._pool = pool
+        self.addr = addr
+
+    def _message(self, body: bytes) -> None:
+        self._pool.on_control(_CONTROL_DECODER.decode(body))
+
+    def _lost(self) -> None:
+        self._pool.lost(self)
+
+
+class ResponderConnections:
+    """Connections to callers, one per caller address, opened on a caller's first request."""
+
+    def __init__(
+        self,
+        instance_id: int,
+        encoder: msgspec.msgpack.Encoder,
+        on_control: Callable[[Control], None],
+        on_lost: Callable[[ResponderConnection], None],
+    ) -> None:
+        self._instance_id = instance_id
+        self._encoder = encoder
+        self.on_control = on_control
+        self._on_lost = on_lost
+        self._conns: dict[str, ResponderConnection] = {}
+        self._connecting: dict[str, asyncio.Task[ResponderConnection | None]] = {}
+        self._unreachable: dict[str, float] = {}
+
+    async def get(self, addr: str, token: str) -> ResponderConnection | None:
+        """The connection to ``addr`` (opened now if need be), or None: answer over NATS."""
+        conn = self._conns.get(addr)
+        if conn is not None and not conn.closed:
+            return conn
+        if time.monotonic() < self._unreachable.get(addr, 0.0):
+            return None
+        task = self._connecting.get(addr)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._connect(addr, token))
+            self._connecting[addr] = task
+        return await asyncio.shield(task)
+
+    async def _connect(self, addr: str, token: str) -> ResponderConnection | None:
+        loop = asyncio.get_running_loop()
+        try:
+            host, port = _split(addr)
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: ResponderConnection(self, addr), host, port),
+                CONNECT_TIMEOUT,
+            )
+        except (OSError, ValueError, TimeoutError) as exc:
+            self._unreachable[addr] = time.monotonic() + RETRY_AFTER
+            metrics.response_fallbacks_total.inc()
+            log.warning(
+                "cannot reach a caller's response server; answering it over NATS",
+                extra={"address": addr, "error": str(exc) or type(exc).__name__},
+            )
+            return None
+        finally:
+            self._connecting.pop(addr, None)
+        conn.send(self._encoder.encode(StreamHello(token, self._instance_id)))
+        self._conns[addr] = conn
+        metrics.response_connections.labels("responder").inc()
+        return conn
+
+    def lost(self, conn: ResponderConnection) -> None:
+        if self._conns.get(conn.addr) is conn:
+            del self._conns[conn.addr]
+        metrics.response_connections.labels("responder").dec()
+        self._on_lost(conn)
+
+    def close(self) -> None:
+        for task in self._connecting.values():
+            task.cancel()
+        for conn in list(self._conns.values()):
+            conn.close()
+        self._conns.clear()
+
+    def __len__(self) -> int:
+        return len(self._conns)

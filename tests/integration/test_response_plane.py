@@ -1,0 +1,198 @@
+"""The direct response plane on real NATS, etcd and TCP (``shared/runtime/response_plane.py``).
+
+- answers travel on the TCP connection, not on NATS (a third client watching the caller's
+  inbox sees nothing), and controls come back on it (a cancel stops the handler);
+- a connection with a wrong token is closed and its frames reach no stream;
+- a responder that cannot reach the caller's server answers over NATS instead, counted;
+- a killed responder fails its streams at once (the connection closes), long before the
+  stream timeout, as retryable;
+- a caller whose connection goes away stops the responder's handlers (caller gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+
+from proto.plane import Frame, FrameKind, StreamFrame, StreamHello
+from shared.infra import EtcdServer, NatsServer
+from shared.runtime import Context, RouterMode
+from shared.runtime import metrics as runtime_metrics
+from shared.runtime.endpoint import StopReason
+from shared.runtime.errors import ResponderDeadError
+from tests.integration.mesh import Responder, make_config, runtime
+
+
+async def counting(request: dict[str, Any], ctx: Context) -> AsyncIterator[int]:
+    for i in range(request["n"]):
+        yield i
+        await asyncio.sleep(request.get("delay", 0))
+
+
+async def test_answers_and_controls_use_the_direct_connection(
+    nats_server: NatsServer, etcd_server: EtcdServer
+) -> None:
+    cfg = make_config(nats_server, etcd_server, response_plane="tcp")
+    stopped: list[StopReason | None] = []
+
+    async def endless(request: dict[str, Any], ctx: Context) -> AsyncIterator[int]:
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+                await asyncio.sleep(0.001)
+        finally:
+            stopped.append(ctx.stop_reason)
+
+    async with runtime(cfg) as worker, runtime(cfg) as caller:
+        await worker.endpoint("backend", "generate").serve(counting)
+        await worker.endpoint("backend", "endless").serve(endless)
+        client = await caller.client("backend", "generate")
+        endless_client = await caller.client("backend", "endless")
+        await client.wait_for_instances(1, timeout=5)
+        await endless_client.wait_for_instances(1, timeout=5)
+        watcher = await nats.connect(nats_server.url)
+        seen: list[str] = []
+
+        async def on_msg(msg: Any) -> None:
+            seen.append(msg.subject)
+
+        try:
+            await watcher.subscribe(f"{caller.inbox}.>", cb=on_msg)
+            await watcher.flush()
+            for _ in range(3):
+                got = [c async for c in await client.generate({"n": 500}, window=8)]
+                assert got == list(range(500))
+            stream = await endless_client.generate({})
+            for _ in range(20):
+                await stream.__anext__()
+            await stream.aclose()  # the cancel goes back on the connection
+            for _ in range(100):
+                if stopped:
+                    break
+                await asyncio.sleep(0.02)
+            await watcher.flush()
+        finally:
+            await watcher.close()
+        assert stopped == [StopReason.CALLER]
+        assert seen == [], f"frames went over NATS: {seen[:5]}"
+        server = caller.response_server
+        assert server is not None
+        assert [c.instance_id for c in server.connections] == [worker.instance_id]
+
+
+async def test_a_wrong_token_is_refused(nats_server: NatsServer, etcd_server: EtcdServer) -> None:
+    cfg = make_config(nats_server, etcd_server, response_plane="tcp")
+    async with runtime(cfg) as worker, runtime(cfg) as caller:
+        await worker.endpoint("backend", "generate").serve(counting)
+        client = await caller.client("backend", "generate")
+        await client.wait_for_instances(1, timeout=5)
+        server = caller.response_server
+        assert server is not None
+        host, _, port = server.address.rpartition(":")
+        # A stream that waits for its answer; a forger tries to end it with its own frame.
+        stream = await client.generate({"n": 3, "delay": 0.3})
+        encoder = msgspec.msgpack.Encoder()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        for message in (
+            StreamHello("not-the-token", worker.instance_id),
+            StreamFrame(stream.request_id.rsplit("-", 1)[1], Frame(0, FrameKind.END, [])),
+        ):
+            data = encoder.encode(message)
+            writer.write(struct.pack(">I", len(data)) + data)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the caller
+        writer.close()
+        assert [c async for c in stream] == [0, 1, 2]
+        assert all(c.instance_id == worker.instance_id for c in server.connections)
+
+
+async def test_an_unreachable_caller_is_answered_over_nats(
+    nats_server: NatsServer, etcd_server: EtcdServer
+) -> None:
+    cfg = make_config(nats_server, etcd_server, response_plane="tcp")
+    async with runtime(cfg) as worker, runtime(cfg) as caller:
+        await worker.endpoint("backend", "generate").serve(counting)
+        client = await caller.client("backend", "generate")
+        await client.wait_for_instances(1, timeout=5)
+        server = caller.response_server
+        assert server is not None
+        with socket.socket() as closed:  # a port nobody listens on
+            closed.bind(("127.0.0.1", 0))
+            server.address = f"127.0.0.1:{closed.getsockname()[1]}"
+        before = runtime_metrics.response_fallbacks_total._value.get()
+        for _ in range(2):
+            assert [c async for c in await client.generate({"n": 50})] == list(range(50))
+        # One failed connect, then NATS for a while without retrying each request.
+        assert runtime_metrics.response_fallbacks_total._value.get() == before + 1
+        assert len(worker.responder_connections) == 0
+
+
+async def test_a_killed_responder_fails_its_streams_at_once(
+    nats_server: NatsServer, etcd_server: EtcdServer
+) -> None:
+    # Heartbeats and the stream timeout are far away: only the connection can tell.
+    cfg = make_config(
+        nats_server, etcd_server, response_plane="tcp", heartbeat_interval=10, stream_timeout=60
+    )
+    responder = Responder(cfg, f"{cfg.namespace}.backend.generate")
+    try:
+        async with runtime(cfg) as caller:
+            client = await caller.client("backend", "generate")
+            await client.wait_for_instances(1, timeout=5)
+            stream = await client.generate({"n": 1000, "delay": 0.05}, mode=RouterMode.ROUND_ROBIN)
+            await stream.__anext__()
+            responder.signal(signal.SIGKILL)
+            started = time.monotonic()
+            with pytest.raises(ResponderDeadError) as failed:
+                async for _ in stream:
+                    pass
+            assert time.monotonic() - started < 2.0
+            assert failed.value.retryable
+    finally:
+        responder.stop()
+
+
+async def test_a_lost_caller_connection_stops_the_handlers(
+    nats_server: NatsServer, etcd_server: EtcdServer
+) -> None:
+    cfg = make_config(nats_server, etcd_server, response_plane="tcp")
+    stopped: asyncio.Queue[StopReason | None] = asyncio.Queue()
+
+    async def slow(request: dict[str, Any], ctx: Context) -> AsyncIterator[int]:
+        try:
+            for i in range(request.get("n", 1000)):
+                yield i
+                await asyncio.sleep(0.02)
+        finally:
+            stopped.put_nowait(ctx.stop_reason)
+
+    async with runtime(cfg) as worker, runtime(cfg) as caller:
+        await worker.endpoint("backend", "generate").serve(slow)
+        client = await caller.client("backend", "generate")
+        await client.wait_for_instances(1, timeout=5)
+        streams = [await client.generate({}) for _ in range(3)]
+        for stream in streams:
+            await stream.__anext__()
+        server = caller.response_server
+        assert server is not None
+        for conn in list(server.connections):
+            conn.abort("test: the caller's side goes away")
+        reasons = [await asyncio.wait_for(stopped.get(), 5) for _ in streams]
+        assert reasons == [StopReason.CALLER_GONE] * 3
+        for stream in streams:
+            with pytest.raises(ResponderDeadError):
+                async for _ in stream:
+                    pass
+        # The next request opens a new connection and is answered on it.
+        assert [c async for c in await client.generate({"n": 3})] == [0, 1, 2]
