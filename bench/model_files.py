@@ -58,6 +58,7 @@ def _ms(values: list[float]) -> dict[str, float]:
 
 async def _bench_etcd(etcd: EtcdServer, model: Path, rounds: int, tmp: Path) -> dict[str, Any]:
     publish, fetch = [], []
+
     def db_size() -> int:
         return sum(p.stat().st_size for p in etcd.data_dir.rglob("db"))
 
@@ -103,7 +104,7 @@ async def _bench_jetstream(nats_url: str, model: Path, rounds: int) -> dict[str,
         js = nc.jetstream()
         t0 = time.perf_counter()
         store = await js.object_store(f"bench{r}")
-        for name, path in sources:
+        for name, _ in sources:
             got = await store.get(name)
             assert got.data is not None
             hashlib.sha256(got.data).hexdigest()  # the same check the etcd path does

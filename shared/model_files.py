@@ -37,7 +37,7 @@ from pathlib import Path
 
 import aetcd
 
-from proto.discovery import ModelFile
+from proto.discovery import ModelCard, ModelFile
 
 __all__ = [
     "CHUNK_BYTES",
@@ -45,9 +45,10 @@ __all__ = [
     "PUBLISHED_FILES",
     "ModelFilesError",
     "cached_directory",
+    "card_file_sources",
     "fetch_model_files",
+    "file_matches",
     "files_sum",
-    "local_files_match",
     "publish_model_files",
     "read_model_files",
 ]
@@ -88,6 +89,25 @@ def _marker(namespace: str, sha: str) -> bytes:
 
 def _chunk(namespace: str, sha: str, index: int) -> bytes:
     return f"/{namespace}/files/{sha}/{index:04d}".encode()
+
+
+def card_file_sources(card: ModelCard) -> list[tuple[str, Path]]:
+    """Where each of a card's files lies on its worker: the chat template and custom template
+    at the card's paths, the rest in the tokenizer directory, else the model directory."""
+    tokenizer_dir = Path(card.tokenizer_path or card.model_path).expanduser()
+    model_dir = Path(card.model_path).expanduser()
+    sources = []
+    for name in PUBLISHED_FILES:
+        if name == "chat_template.jinja":
+            if card.chat_template_path:
+                sources.append((name, Path(card.chat_template_path).expanduser()))
+        elif name == "custom_chat_template.jinja":
+            if card.custom_template_path:
+                sources.append((name, Path(card.custom_template_path).expanduser()))
+        else:
+            first = tokenizer_dir / name
+            sources.append((name, first if first.is_file() else model_dir / name))
+    return sources
 
 
 def read_model_files(sources: Sequence[tuple[str, Path]]) -> list[tuple[ModelFile, bytes]]:
@@ -140,17 +160,13 @@ def _check_refs(files: Sequence[ModelFile]) -> None:
         names.add(ref.name)
 
 
-def _file_matches(path: Path, ref: ModelFile) -> bool:
+def file_matches(path: Path, ref: ModelFile) -> bool:
+    """Whether ``path`` holds exactly the bytes ``ref`` describes."""
     try:
         data = path.read_bytes()
     except OSError:
         return False
     return len(data) == ref.size and _sha256(data) == ref.sha256
-
-
-def local_files_match(directory: Path, files: Sequence[ModelFile]) -> bool:
-    """Whether ``directory`` holds every listed file with the listed bytes."""
-    return bool(files) and all(_file_matches(directory / ref.name, ref) for ref in files)
 
 
 def cached_directory(cache_dir: Path, files: Sequence[ModelFile]) -> Path:
@@ -169,16 +185,21 @@ async def _fetch_one(client: aetcd.Client, namespace: str, ref: ModelFile) -> by
     if not 0 < count <= MAX_FILE_BYTES // CHUNK_BYTES + 1:
         raise ModelFilesError(f"{ref.name}: malformed file store entry ({count} chunks)")
     unpack = zlib.decompressobj()
-    parts = []
+    parts: list[bytes] = []
+    have = 0
     for index in range(count):
         got = await client.get(_chunk(namespace, ref.sha256, index))
         if got is None:
             raise ModelFilesError(f"{ref.name}: chunk {index} of {count} is missing")
         # Never inflate more than the card says, whatever the store holds.
         try:
-            parts.append(unpack.decompress(got.value, ref.size + 1 - sum(map(len, parts))))
+            part = unpack.decompress(got.value, ref.size + 1 - have)
         except zlib.error as exc:
             raise ModelFilesError(f"{ref.name}: corrupt data in the file store: {exc}") from None
+        parts.append(part)
+        have += len(part)
+        if have > ref.size:
+            break
     data = b"".join(parts)
     if len(data) != ref.size or _sha256(data) != ref.sha256:
         raise ModelFilesError(
@@ -212,7 +233,7 @@ async def fetch_model_files(
     fetched = 0
     for ref in files:
         path = directory / ref.name
-        if await asyncio.to_thread(_file_matches, path, ref):
+        if await asyncio.to_thread(file_matches, path, ref):
             continue
         data = await _fetch_one(client, namespace, ref)
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import msgspec
 from proto.discovery import ModelCard, RuntimeConfig, WorkerType, ZmqEndpoints, model_key
 from shared.engine.args import EngineArgs
 from shared.engine.protocol import EngineInfo
-from shared.model_files import PUBLISHED_FILES, files_sum, publish_model_files
+from shared.model_files import card_file_sources, files_sum, publish_model_files
 from shared.runtime import DistributedRuntime
 from shared.worker.args import AGGREGATED, DECODE, PREFILL, WorkerConfig
 
@@ -127,30 +127,12 @@ def model_card(info: EngineInfo, config: WorkerConfig, instance_id: int) -> Mode
     )
 
 
-def _file_sources(card: ModelCard) -> list[tuple[str, Path]]:
-    """Where each published file comes from: the tokenizer directory, else the model's."""
-    tokenizer_dir = Path(card.tokenizer_path or card.model_path).expanduser()
-    model_dir = Path(card.model_path).expanduser()
-    sources = []
-    for name in PUBLISHED_FILES:
-        if name == "chat_template.jinja":
-            if card.chat_template_path:
-                sources.append((name, Path(card.chat_template_path)))
-        elif name == "custom_chat_template.jinja":
-            if card.custom_template_path:
-                sources.append((name, Path(card.custom_template_path).expanduser()))
-        else:
-            first = tokenizer_dir / name
-            sources.append((name, first if first.is_file() else model_dir / name))
-    return sources
-
-
 async def with_model_files(runtime: DistributedRuntime, card: ModelCard) -> ModelCard:
     """Publish the card's files through etcd and list them (and their hash) in the card."""
     if not (card.tokenizer_path or card.model_path):
         return card
     files = await publish_model_files(
-        runtime.etcd.client, runtime.config.namespace, _file_sources(card)
+        runtime.etcd.client, runtime.config.namespace, card_file_sources(card)
     )
     if not files:
         return card

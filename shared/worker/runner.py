@@ -168,9 +168,7 @@ def worker_main(config: WorkerConfig, role: WorkerRole[E]) -> int:
                 await runtime.endpoint(
                     EndpointId(eid.namespace, eid.component, "clear_kv_blocks")
                 ).serve(clear.generate, request_type=dict)
-            card = await with_model_files(
-                runtime, role.card(engine, config, runtime.instance_id)
-            )
+            card = await with_model_files(runtime, role.card(engine, config, runtime.instance_id))
             await register_model(runtime, card)
         except Exception as exc:
             await engine.shutdown()
