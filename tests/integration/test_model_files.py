@@ -36,9 +36,9 @@ CHANGED_TEMPLATE = "{% for m in messages %}hello world hello world {{ m['content
 async def _chat(p: Processor, model: str = MODEL) -> tuple[int, Any]:
     body = {"model": model, "messages": [{"role": "user", "content": "tell a story"}],
             "max_tokens": 4}  # fmt: skip
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{p.v1}/chat/completions", json=body) as resp:
-            return resp.status, await resp.json(content_type=None)
+    url = f"{p.v1}/chat/completions"
+    async with aiohttp.ClientSession() as http, http.post(url, json=body) as resp:
+        return resp.status, await resp.json(content_type=None)
 
 
 def _fetched_dirs(cache: Path) -> list[Path]:
