@@ -7,7 +7,8 @@ cannot take the rendering as it is, so this script adapts it, and each adaptatio
 
 - StatefulSet (NATS and etcd as 3-member clusters: per-pod DNS names through headless
   Services, volumeClaimTemplates): not supported; each becomes ONE Pod named after its
-  Service, etcd as a single member and NATS without cluster routes.
+  Service, etcd as a single member with its data in the container (an emptyDir in its place
+  fails: "error listing data dir") and NATS without cluster routes.
 - Job (etcd-auth): not supported; it becomes a Pod with the Job's restartPolicy.
 - Deployments become Pods named after their Service: podman names a Deployment's pod
   ``<name>-pod`` and answers DNS for pod names only (no Services, no cluster IPs), and runs
@@ -99,11 +100,13 @@ def adapt(docs: list[dict[str, Any]], creds: Path, http_port: int) -> list[dict[
             if pod["metadata"]["name"] == "etcd":
                 container["image"] = INFRA_IMAGE
                 container["command"] = [
-                    "etcd", "--name=etcd", "--data-dir=/var/lib/etcd",
+                    "etcd", "--name=etcd", "--data-dir=/tmp/etcd-data",
                     "--listen-client-urls=http://0.0.0.0:2379",
                     "--advertise-client-urls=http://etcd:2379",
                 ]  # fmt: skip
-                spec["volumes"] = [{"name": "data", "emptyDir": {}}]
+                # Its volumeClaimTemplate has no counterpart, and on an emptyDir etcd 3.4
+                # (root, every capability dropped) fails "error listing data dir".
+                container.pop("volumeMounts", None)
                 container.pop("env", None)
             if pod["metadata"]["name"] == "nats":
                 container["image"] = INFRA_IMAGE
@@ -159,7 +162,8 @@ def main() -> int:
                     var.pop("valueFrom")
                     var["value"] = api_key  # kube play's secretKeyRef reads podman secrets
     played.write_text(yaml.safe_dump_all(adapt(docs, _secrets(root, api_key), http_port)))
-    subprocess.run([*PODMAN, "network", "create", "--ignore", NETWORK], check=True)
+    # podman 4.3 has no --ignore: an existing network is fine.
+    subprocess.run([*PODMAN, "network", "create", NETWORK], capture_output=True)
     started = time.monotonic()
     play = subprocess.run([*PODMAN, "kube", "play", "--network", NETWORK, str(played)],
                           capture_output=True, text=True)  # fmt: skip
@@ -189,7 +193,7 @@ def main() -> int:
         if not ok:
             print(f"no chat answer within {args.timeout:.0f} s: {last}")
         subprocess.run([*PODMAN, "pod", "ps"], check=False)
-        for pod in ("processor", "worker", "etcd-auth"):
+        for pod in ("processor", "worker", "etcd-auth", "etcd", "nats"):
             logs = subprocess.run([*PODMAN, "pod", "logs", "--tail", "5", pod],
                                   capture_output=True, text=True)  # fmt: skip
             print(f"--- {pod} ---\n{logs.stdout[-1500:]}{logs.stderr[-500:]}")
