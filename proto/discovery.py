@@ -163,6 +163,15 @@ class EmbeddingInfo(msgspec.Struct, omit_defaults=True, kw_only=True):
         return None
 
 
+class ModelFile(msgspec.Struct, frozen=True, kw_only=True):
+    """One of a model's tokenizer/config/template files, published through the mesh
+    (``shared/model_files.py``): fetched by ``sha256`` and checked against it."""
+
+    name: str  # one of shared.model_files.PUBLISHED_FILES
+    sha256: str  # lowercase hex
+    size: int
+
+
 class ModelCard(msgspec.Struct, omit_defaults=True, kw_only=True):
     """What a processor needs to serve a model: how to tokenize and template it, which APIs it
     is on, and which endpoint to route it to."""
@@ -188,7 +197,11 @@ class ModelCard(msgspec.Struct, omit_defaults=True, kw_only=True):
     endpoint: str = ""
     eos_token_ids: list[int] = []
     bos_token_id: int | None = None
+    # The hash of ``files`` (shared.model_files.files_sum): a new value is a changed model.
     mdc_sum: str | None = None
+    # The files a processor needs, published by the worker: it fetches them by hash instead
+    # of reading ``tokenizer_path`` (which it may not have). Empty: read the paths.
+    files: list[ModelFile] = []
     # Embedding models (``model_type`` ["embedding"]) only.
     embedding: EmbeddingInfo | None = None
     # ``--dyn-tool-call-parser`` / ``--dyn-reasoning-parser``: the processor parses the output

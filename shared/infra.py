@@ -470,9 +470,10 @@ class _ManagedServer:
 
 
 class NatsServer(_ManagedServer):
-    """A nats-server on loopback (core NATS only: the request plane needs no JetStream).
+    """A nats-server on loopback (core NATS by default: the request plane needs no JetStream).
 
-    Without JetStream there is no state to keep, so `data_dir` only holds the log.
+    Without JetStream there is no state to keep, so `data_dir` only holds the log;
+    ``jetstream=True`` (the model-files benchmark) stores its streams under `data_dir`.
     """
 
     _binary_name = "nats-server"
@@ -486,9 +487,11 @@ class NatsServer(_ManagedServer):
         log_file: Path | None = None,
         host: str = LOOPBACK,
         config_file: Path | None = None,
+        jetstream: bool = False,
     ) -> None:
         self._config_file = config_file
-        if data_dir is None and log_file is None:
+        self._jetstream = jetstream
+        if data_dir is None and (log_file is None or jetstream):
             data_dir = _scratch_dir(self, "sglmesh-nats-")
         self._data_dir = data_dir
         if log_file is None:
@@ -508,7 +511,11 @@ class NatsServer(_ManagedServer):
         # Long option names: Debian's older nats-server accepts the same ones. The config
         # file (users and permissions, see shared/infra_auth.py) comes first: flags win.
         config = ["--config", str(self._config_file)] if self._config_file else []
-        return [self._binary, *config, "--addr", self._host, "--port", str(self._port)]
+        command = [self._binary, *config, "--addr", self._host, "--port", str(self._port)]
+        if self._jetstream:
+            assert self._data_dir is not None
+            command += ["--jetstream", "--store_dir", str(self._data_dir / "jetstream")]
+        return command
 
     def _prepare(self) -> None:
         if self._data_dir is not None:

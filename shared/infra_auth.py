@@ -12,7 +12,7 @@ Roles and what they may do (``*`` is any namespace on NATS; etcd keys are per na
   messages; subscribe to its own inbox, control subject and the relayed events; read etcd.
 - ``worker``: subscribe to endpoint subjects (queue group and direct) and its control subject;
   publish only into callers' inboxes (its replies); read and write its instance records and
-  model cards.
+  model cards, and publish its model files (``files/``, shared/model_files.py).
 - ``publisher``: publish the relayed events and replies; serve ``<ns>.publisher.*``; read the
   instances, write its own records.
 - ``admin`` (``sglmesh status``, operators): ask the publishers; read etcd.
@@ -82,7 +82,7 @@ _ETCD_PERMISSIONS: dict[str, tuple[list[str], list[str]]] = {
     "processor": ([""], []),
     "worker": (
         [],
-        ["instances/backend/", "instances/prefill/", "instances/encode/", "models/"],
+        ["instances/backend/", "instances/prefill/", "instances/encode/", "models/", "files/"],
     ),
     "publisher": (["instances/"], ["instances/publisher/"]),
     "admin": ([""], []),

@@ -51,6 +51,7 @@ class ProcessorFlags:
     preprocess_threads: int = 2
     preprocess_queue: int = 64
     model_root: tuple[str, ...] = ()
+    model_cache_dir: str | None = None
     custom_jinja_template: str | None = None
     retry_after: int = 1
 
@@ -131,6 +132,15 @@ def _directories(text: str) -> tuple[str, ...]:
     return dirs
 
 
+def _cache_dir(text: str) -> str:
+    if not text.strip():
+        raise ValueError("expected a directory, got an empty string")
+    path = os.path.realpath(os.path.expanduser(text.strip()))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path!r} exists and is not a directory")
+    return path
+
+
 def _template_file(text: str) -> str:
     path = os.path.expandvars(os.path.expanduser(text.strip()))
     if not os.path.isfile(path):
@@ -184,6 +194,10 @@ _FLAGS: tuple[Flag, ...] = (
     Flag("model_root", _directories, (), "DIR[,DIR...]",
          "directories the processor may read model files (tokenizer, chat template) from; "
          "a model card pointing elsewhere is refused",
+         default_text="the default model cache"),
+    Flag("model_cache_dir", _cache_dir, None, "DIR",
+         "where model files fetched through the mesh (tokenizer, config, chat template, "
+         "checked by hash) are cached; created if missing",
          default_text="the default model cache"),
     Flag("custom_jinja_template", _template_file, None, "FILE",
          "a chat template file used for every model instead of the model's own",

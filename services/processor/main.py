@@ -8,6 +8,8 @@ period, then leave.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from services.processor.app import ProcessorApp
 from services.processor.args import ProcessorConfig, parse_processor_args
 from services.processor.dispatch import Dispatcher
@@ -51,6 +53,7 @@ def start_processor(config: ProcessorConfig) -> ServiceMain:
             runtime,
             custom_template=flags.custom_jinja_template,
             model_roots=flags.model_root or (str(default_cache_dir()),),
+            cache_dir=Path(flags.model_cache_dir or default_cache_dir()),
             on_worker_left=worker_left,
         )
         images = ImageEncoder(registry, config.images, migration_limit=flags.migration_limit)

@@ -6,6 +6,12 @@ loaded and its workers satisfy their needs: at least one aggregated worker, or a
 prefill and one decode worker (with both kinds present the disaggregated pair is used), or,
 for an embedding model, at least one embedding worker.
 
+A card that lists its model files (``ModelCard.files``) is loaded from them: from the card's
+local paths when they lie under ``--model-root`` and hold the very same bytes, else fetched by
+hash through etcd into ``--model-cache-dir`` (``shared/model_files.py``), so a processor needs
+no model volume. A card with a new ``mdc_sum`` (the files' hash) is a changed model: its
+preprocessor is loaded again, from newly fetched files.
+
 Model names are remembered after their last worker leaves, so a request for a model that was
 served a moment ago gets 503 ("no workers"), not 404 ("no such model").
 """
@@ -16,13 +22,22 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from proto.discovery import EmbeddingInfo, InstanceRecord, ModelCard, WorkerType, models_prefix
 from proto.multimodal import VisionInfo
 from proto.openai import RequestError
 from services.processor.preprocess import ModelPreprocessor, PreprocessorLoadError
 from shared.config import parse_endpoint
+from shared.model_files import (
+    ModelFilesError,
+    card_file_sources,
+    fetch_model_files,
+    file_matches,
+)
 from shared.router import WorkerCandidate
 from shared.runtime import Client, DistributedRuntime
 from shared.runtime.discovery import PrefixWatcher
@@ -86,6 +101,8 @@ class ServedModel:
     preprocessor: ModelPreprocessor | None = None
     load_error: str | None = None
     created: int = 0
+    # The mdc_sum (files' hash) the preprocessor was loaded for.
+    files_sum: str | None = None
 
     @property
     def cards(self) -> list[ModelCard]:
@@ -140,10 +157,12 @@ class ModelRegistry:
         *,
         custom_template: str | None = None,
         model_roots: Sequence[str] | None = None,
+        cache_dir: Path | None = None,
         on_worker_left: Callable[[int], None] | None = None,
     ) -> None:
         self._on_worker_left = on_worker_left
         self._model_roots = model_roots
+        self._cache_dir = cache_dir
         self._runtime = runtime
         self._custom_template = custom_template
         self._watcher: PrefixWatcher[ModelCard] = PrefixWatcher(
@@ -296,24 +315,29 @@ class ModelRegistry:
         try:
             async with self._lock:
                 await self._load(model, pool, card)
-        except PreprocessorLoadError as exc:
+        except (PreprocessorLoadError, ModelFilesError) as exc:
             # The detail (file paths) goes to the log; clients get a reason without it.
             model.load_error = _LOAD_FAILED
+            model.preprocessor = None
             log.error("cannot load model", extra={"model": model.name, "error": str(exc)})
         except Exception:
             log.exception("preparing model failed", extra={"model": model.name})
             model.load_error = _LOAD_FAILED
+            model.preprocessor = None
         self._changed.set()
 
     async def _load(self, model: ServedModel, pool: WorkerPool, card: ModelCard) -> None:
         if pool.client is None:
             pool.client = await self._client(card.endpoint or pool.endpoint)
-        if model.preprocessor is None and model.load_error is None:
+        changed = card.mdc_sum != model.files_sum
+        if changed or (model.preprocessor is None and model.load_error is None):
+            model.files_sum, model.load_error = card.mdc_sum, None
+            card, roots = await self._model_files(card)
             model.preprocessor = await asyncio.to_thread(
                 ModelPreprocessor.from_card,
                 card,
                 custom_template=self._template_text(),
-                roots=self._model_roots,
+                roots=roots,
             )
             log.info(
                 "model servable" if model.servable else "model loaded",
@@ -322,6 +346,50 @@ class ModelRegistry:
                     "context_length": model.preprocessor.context_length,
                 },
             )
+
+    async def _model_files(self, card: ModelCard) -> tuple[ModelCard, Sequence[str] | None]:
+        """The card to load the preprocessor from, and the roots its paths must lie under:
+        the card itself when it lists no files or its local files match them; else a copy
+        pointing into the fetched cache directory, confined to that directory."""
+        if not card.files or await asyncio.to_thread(self._local_files_match, card):
+            return card, self._model_roots
+        if self._cache_dir is None:
+            raise ModelFilesError("no --model-cache-dir to fetch the model's files into")
+        directory, fetched = await fetch_model_files(
+            self._runtime.etcd.client, self._runtime.config.namespace, card.files, self._cache_dir
+        )
+        log.info(
+            "model files fetched through the mesh" if fetched else "model files cached",
+            extra={"model": card.name, "files": len(card.files), "fetched": fetched,
+                   "directory": str(directory)},
+        )  # fmt: skip
+        names = {ref.name for ref in card.files}
+
+        def cached(name: str) -> str | None:
+            return str(directory / name) if name in names else None
+
+        local = msgspec.structs.replace(
+            card,
+            model_path=str(directory),
+            tokenizer_path=str(directory),
+            chat_template_path=cached("chat_template.jinja"),
+            custom_template_path=cached("custom_chat_template.jinja"),
+        )
+        return local, (str(directory),)
+
+    def _local_files_match(self, card: ModelCard) -> bool:
+        """Whether every listed file is on this machine, under the model roots, unchanged."""
+        roots = [Path(root).resolve() for root in self._model_roots or ()]
+        paths = dict(card_file_sources(card))
+        for ref in card.files:
+            path = paths.get(ref.name)
+            if path is None:
+                return False
+            real = path.resolve()
+            confined = self._model_roots is None or any(real.is_relative_to(r) for r in roots)
+            if not confined or not file_matches(real, ref):
+                return False
+        return True
 
     async def _client(self, endpoint: str) -> Client:
         client = self._clients.get(endpoint)

@@ -32,7 +32,9 @@ __all__ = ["EtcdAuth", "EtcdClient", "auth_enabled", "auth_is_disabled"]
 log = logging.getLogger(__name__)
 
 _AUTHENTICATE = "/etcdserverpb.Auth/Authenticate"
-_TOKEN_ERRORS = ("invalid auth token", "auth token is expired")
+# "user name is empty": authentication was turned on after this process connected without
+# it (Kubernetes' etcd-auth Job finishing after the pods start); log in now.
+_TOKEN_ERRORS = ("invalid auth token", "auth token is expired", "user name is empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +102,7 @@ class _Auth:
 
     async def authenticate(self, stale: str | None = None) -> None:
         async with self._lock:
-            if self.token != stale or self.disabled:
+            if self.token != stale:
                 return  # another call renewed it meanwhile
             try:
                 resp = await self._stub.Authenticate(
@@ -117,6 +119,7 @@ class _Auth:
                     return
                 raise
             self.token = resp.token
+            self.disabled = False
 
     def details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         if self.token is None or details.method == _AUTHENTICATE:

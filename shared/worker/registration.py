@@ -2,7 +2,9 @@
 
 Both live under the process's etcd lease, so a crashed worker's model disappears with it. The
 numbers come from the running engine (its KV pool, batch limits, bootstrap port), never from
-flags alone, so a router plans with what the engine actually has.
+flags alone, so a router plans with what the engine actually has. Before the card is written,
+the model's tokenizer, config and template files are published by hash
+(``shared/model_files.py``) and listed in it, so no processor needs the model's directory.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from proto.discovery import ModelCard, RuntimeConfig, WorkerType, ZmqEndpoints, model_key
 from shared.engine.args import EngineArgs
 from shared.engine.protocol import EngineInfo
+from shared.model_files import card_file_sources, files_sum, publish_model_files
 from shared.runtime import DistributedRuntime
 from shared.worker.args import AGGREGATED, DECODE, PREFILL, WorkerConfig
 
@@ -121,6 +126,18 @@ def model_card(info: EngineInfo, config: WorkerConfig, instance_id: int) -> Mode
         reasoning_parser=config.worker.dyn_reasoning_parser,
         input_modalities=["text", "image"] if args.enable_multimodal else ["text"],
     )
+
+
+async def with_model_files(runtime: DistributedRuntime, card: ModelCard) -> ModelCard:
+    """Publish the card's files through etcd and list them (and their hash) in the card."""
+    if not (card.tokenizer_path or card.model_path):
+        return card
+    files = await publish_model_files(
+        runtime.etcd.client, runtime.config.namespace, card_file_sources(card)
+    )
+    if not files:
+        return card
+    return msgspec.structs.replace(card, files=files, mdc_sum=files_sum(files))
 
 
 async def register_model(runtime: DistributedRuntime, card: ModelCard) -> str:

@@ -35,7 +35,12 @@ from shared.worker.engine_routes import register_engine_routes
 from shared.worker.handlers import ClearKvBlocksHandler
 from shared.worker.health import Canary, CanaryProbe, canary_payload, generate_probe
 from shared.worker.metrics import WorkerMetrics, install_engine_metrics, metrics_source
-from shared.worker.registration import instance_fields, model_card, register_model
+from shared.worker.registration import (
+    instance_fields,
+    model_card,
+    register_model,
+    with_model_files,
+)
 
 __all__ = ["Handler", "WorkerRole", "llm_role", "worker_main"]
 
@@ -163,7 +168,7 @@ def worker_main(config: WorkerConfig, role: WorkerRole[E]) -> int:
                 await runtime.endpoint(
                     EndpointId(eid.namespace, eid.component, "clear_kv_blocks")
                 ).serve(clear.generate, request_type=dict)
-            card = role.card(engine, config, runtime.instance_id)
+            card = await with_model_files(runtime, role.card(engine, config, runtime.instance_id))
             await register_model(runtime, card)
         except Exception as exc:
             await engine.shutdown()

@@ -189,3 +189,28 @@ async def test_mesh_serves_with_role_credentials_across_an_etcd_restart(
     finally:
         await processor.shutdown(grace=0.5)
         await worker.shutdown(grace=0.5)
+
+
+async def test_a_client_that_connected_before_etcd_auth_was_on_logs_in_after(
+    tmp_path: Path,
+) -> None:
+    """Kubernetes starts the pods and the etcd-auth Job together: a processor may connect
+    while etcd is still anonymous, and must log in with its credentials once auth is on
+    (podman kube play of the agg overlay found it failing "user name is empty" for good)."""
+    creds = ensure_credentials(tmp_path)
+    with EtcdServer(data_dir=tmp_path / "etcd-data") as etcd_server:
+        values = read_credentials_file(str(creds.env_file("processor")))
+        cfg = MeshConfig(
+            etcd_endpoints=[etcd_server.endpoint],
+            etcd_user=values["SGLMESH_ETCD_USER"],
+            etcd_password=values["SGLMESH_ETCD_PASSWORD"],
+        )
+        session = EtcdSession(cfg.etcd_hostports(), 5, auth=etcd_auth(cfg))
+        await session.start()
+        try:
+            await session.client.get_prefix(f"/{NAMESPACE}/models/".encode())
+            await enable_etcd_auth("127.0.0.1", etcd_server.port, creds, NAMESPACE)
+            # Anonymous reads are refused now; this client's own are not.
+            await session.client.get_prefix(f"/{NAMESPACE}/models/".encode())
+        finally:
+            await session.close()

@@ -7,7 +7,9 @@ environment it is given there (Kubernetes: the ConfigMap's settings and the cont
 variables; compose: the service's environment and the image's entrypoint). What a pod or
 container has and a test host has not is substituted, nothing else:
 
-- ``sglmesh`` is this interpreter's ``-m sglmesh``; ``/models`` is the local model cache;
+- ``sglmesh`` is this interpreter's ``-m sglmesh``; ``/models`` is the local model cache
+  (the workers'; the processor has none, and fetches the model's files through the mesh into
+  a temp directory standing for its ``model-cache`` emptyDir);
 - the mesh's servers are the test's (with a namespace of its own);
 - the credentials Secret is left out (the test servers have no users; authentication is tested
   in test_planes_auth.py), in compose the ``--credentials`` flags with it;
@@ -102,6 +104,7 @@ def _local(arg: str, models: Path) -> str:
     return arg
 
 
+CACHE = "/var/cache/sglmesh"  # the processor's model-cache emptyDir (Kubernetes)
 Spec = tuple[list[str], dict[str, str]]  # a shipped command line and its environment
 # The LLM workers of a topology (each with its publisher sidecar in its pod / network namespace).
 WORKERS = {"agg": ("worker",), "disagg": ("prefill", "decode")}
@@ -285,6 +288,8 @@ async def test_shipped_lines_route_on_the_workers_kv_events_and_load(
                 argv, env = specs[role]
                 environ = {**hermetic_env(), **env, **mesh, "TMPDIR": str(tmp), **extra}
                 local = _local(_shift_ports(argv, shift), model.parent)
+                # The processor's model-cache emptyDir is its pod's own.
+                local = [str(tmp / "model-cache") if a == CACHE else a for a in local]
                 child = _Child(role, [*prefix, *local], environ, logs)
                 children.append(child)
                 return child
@@ -319,7 +324,16 @@ async def test_shipped_lines_route_on_the_workers_kv_events_and_load(
             # The processor's pod (container) has its own network namespace, where the system
             # port (the ConfigMap's 9090) is free; on this host a worker holds it.
             system_port = str(free_port())
-            ingress = start("processor", processor_tmp, [], {}, SGLMESH_SYSTEM_PORT=system_port)
+            # Its image has no model directory (SGLMESH_MODEL_CACHE names none): it fetches
+            # the model's files through the mesh, as in a pod.
+            ingress = start(
+                "processor",
+                processor_tmp,
+                [],
+                {},
+                SGLMESH_SYSTEM_PORT=system_port,
+                SGLMESH_MODEL_CACHE=str(processor_tmp / "no-models"),
+            )
             served = json.loads(
                 await _wait(
                     "http://127.0.0.1:8000/v1/models",
@@ -330,6 +344,9 @@ async def test_shipped_lines_route_on_the_workers_kv_events_and_load(
             )
             assert [m["id"] for m in served["data"]] == [DEFAULT_MODEL_NAME]
             await _wait("http://127.0.0.1:8000/health", ingress, _ok, children)
+            # Served from files fetched through the mesh (k8s: its emptyDir; compose: the cache).
+            fetched = list(processor_tmp.glob("*/mesh/*/tokenizer.json"))
+            assert len(fetched) == 1, (fetched, everyone())
 
             prompt = "tell me a long story about the sun and the moon and the stars " * 8
             body = {"model": DEFAULT_MODEL_NAME, "prompt": prompt, "max_tokens": 4}

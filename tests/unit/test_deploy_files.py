@@ -292,9 +292,14 @@ def test_build_stage_installs_the_project_and_bakes_the_default_models() -> None
     assert f"chmod -R a+rX {cache}" in runs
     assert "torch" in runs, "the build must fail if a dependency pulled torch"
     assert _model_dir().startswith("/")
-    for target in ("processor", "prefill", "decode", "encode"):
+    for target in ("prefill", "decode", "encode"):
         assert _copied_from(target).get(cache) == "build", f"{target} has no {cache}"
-    assert cache not in _copied_from("publisher"), "the publisher needs no model"
+    for target in ("processor", "publisher"):
+        assert cache not in _copied_from(target), f"the {target} needs no model"
+    # The processor fetches model files through the mesh into its (writable) home.
+    fetched = _env(_target("processor"))["SGLMESH_MODEL_CACHE_DIR"]
+    assert fetched.startswith("/home/sglmesh/"), fetched
+    assert _flag(_image_command_line("processor"), "--model-root") is None
 
 
 def test_only_the_encode_image_adds_torch_and_it_is_the_pinned_cpu_build() -> None:
@@ -636,20 +641,32 @@ def test_gpu_overlay_gives_workers_gpus_and_the_model_to_both_sides(overlay: str
         assert any(
             v["name"] in shm and v["emptyDir"]["medium"] == "Memory" for v in spec["volumes"]
         )
-        # The model path is a mount of the same claim in the worker and the processor.
+        # The model path is a mount of the claim in the worker, and only there: the processor
+        # fetches the tokenizer and template through the mesh.
         model = _flag(main["args"], "--model-path")
         claims = {
             v["name"]: v["persistentVolumeClaim"]["claimName"]
             for v in spec["volumes"] if "persistentVolumeClaim" in v
         }  # fmt: skip
-        proc_claims = {
-            v["name"]: v["persistentVolumeClaim"]["claimName"]
-            for v in processor["volumes"] if "persistentVolumeClaim" in v
-        }  # fmt: skip
         (mount,) = [m for m in main["volumeMounts"] if m["mountPath"] == model]
-        (proc_mount,) = [m for m in proc["volumeMounts"] if m["mountPath"] == model]
-        assert claims[mount["name"]] == proc_claims[proc_mount["name"]]
         assert _k8s(overlay, "PersistentVolumeClaim", claims[mount["name"]])
+        assert not [m for m in proc["volumeMounts"] if m["mountPath"] == model]
+    assert not [v for v in processor["volumes"] if "persistentVolumeClaim" in v]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_processor_has_no_model_volume_and_caches_fetched_files(overlay: str) -> None:
+    """Model files come through the mesh: no claim, no --model-root, and the cache directory
+    is a volume of its own (writable whatever the image's filesystem)."""
+    pod = _k8s(overlay, "Deployment", "processor")["spec"]["template"]["spec"]
+    (proc,) = pod["containers"]
+    assert not [v for v in pod["volumes"] if set(v) - {"name", "secret", "emptyDir"}], pod
+    assert "--model-root" not in proc["args"]
+    cache = _flag(proc["args"], "--model-cache-dir")
+    (mount,) = [m for m in proc["volumeMounts"] if m["mountPath"] == cache]
+    assert not mount.get("readOnly")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume
 
 
 # --------------------------------------------------------------------------------------------
@@ -721,6 +738,10 @@ def test_compose_sglmesh_service(name: str) -> None:
     port = _url_port(" ".join(service["healthcheck"]["test"]))
     flag = "--http-port" if name == "processor" else "--system-port"
     assert _flag(argv, flag) == str(port)
+    if name == "processor":
+        # No model volume: the tokenizer and template come through the mesh.
+        assert "--model-root" not in argv
+        assert [v.split(":")[0] for v in service["volumes"]] == ["credentials"]
 
 
 @pytest.mark.parametrize("name", LLM_WORKERS)
@@ -868,13 +889,18 @@ COMMAND_LINES = list(_command_lines())
 
 
 def _model_paths(source: str) -> set[str]:
-    """Where a command line's model may be: baked into the images, or (gpu overlay) a volume
-    mounted at the same path in its container and the processor's."""
+    """Where a command line's model may be: baked into the images, or (gpu overlay) a claim
+    mounted in its own container (the processor fetches the model's files through the mesh)."""
     overlay = source.split()[1]
     if not source.startswith("k8s ") or overlay not in GPU:
         return set()
-    pod = _k8s(overlay, "Deployment", "processor")["spec"]["template"]
-    return {m["mountPath"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts", [])}
+    pod = _k8s(overlay, "Deployment", source.split()[2].split("/")[0])["spec"]["template"]
+    claims = {v["name"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    return {
+        m["mountPath"]
+        for c in pod["spec"]["containers"] for m in c.get("volumeMounts", [])
+        if m["name"] in claims
+    }  # fmt: skip
 
 
 def test_the_command_lines_are_found() -> None:
