@@ -119,8 +119,8 @@ def read_model_files(sources: Sequence[tuple[str, Path]]) -> list[tuple[ModelFil
             raise ModelFilesError(f"{name!r} is not a model file the mesh publishes")
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
-            continue
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # absent, or the model "directory" is one file (an ONNX vision encoder)
         except OSError as exc:
             raise ModelFilesError(f"cannot read {path}: {exc}") from exc
         if len(data) > MAX_FILE_BYTES:

@@ -85,13 +85,15 @@ async def _wait_image_encoder(proc: Processor, timeout: float = 60) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     tiny = data_url(encode(pattern(0, (16, 16))))
     body = {"model": VL, "messages": _messages(tiny), "max_tokens": 1}
+    last = ""
     async with aiohttp.ClientSession() as http:
         while True:
             async with http.post(f"{proc.v1}/chat/completions", json=body) as resp:
                 if resp.status == 200:
                     return
                 assert resp.status == 503, await resp.text()
-            assert asyncio.get_running_loop().time() < deadline, "no image encoder in time"
+                last = await resp.text()
+            assert asyncio.get_running_loop().time() < deadline, f"no image encoder in time: {last}"
             await asyncio.sleep(0.2)
 
 
