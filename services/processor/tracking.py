@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from services.processor import metrics
 from services.processor.respond import OutputAssembler
+from shared.histograms import observe_many
 
 __all__ = ["RequestTracker"]
 
@@ -15,7 +15,7 @@ class RequestTracker:
     """One request's metrics: ``bind`` when its model is known, ``finish`` when answered."""
 
     __slots__ = (
-        "_itl",
+        "_itl_pending",
         "arrived",
         "endpoint",
         "first_at",
@@ -28,7 +28,7 @@ class RequestTracker:
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.model = "unknown"
-        self._itl: Any = None
+        self._itl_pending: list[float] = []
         self.status = 0
         self.arrived = time.perf_counter()
         self.first_at: float | None = None
@@ -45,11 +45,8 @@ class RequestTracker:
             self.first_token()
             return
         now = time.perf_counter()
-        if count:
-            itl = self._itl
-            if itl is None:  # looked up once per request, not per write
-                itl = self._itl = metrics.inter_token_latency.labels(self.model)
-            itl.observe((now - self.last_at) / count)
+        if count:  # observed together when the request ends (observe_many)
+            self._itl_pending.append((now - self.last_at) / count)
         self.last_at = now
 
     def done(self, assembler: OutputAssembler) -> None:
@@ -70,6 +67,9 @@ class RequestTracker:
             metrics.client_disconnects.labels(self.model).inc()
 
     def finish(self) -> None:
+        if self._itl_pending:
+            observe_many(metrics.inter_token_latency.labels(self.model), self._itl_pending)
+            self._itl_pending = []
         if self.model != "unknown":
             metrics.inflight.labels(self.model).dec()
         metrics.requests.labels(self.model, self.endpoint, str(self.status or 500)).inc()

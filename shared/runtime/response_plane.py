@@ -17,8 +17,9 @@ Writes are coalesced into one socket write per event-loop iteration and connecti
 
 Failure: a lost connection fails the caller's streams on it as retryable (migration takes
 them on) and stops the responder's handlers as for a caller gone: a killed worker is noticed
-at once, not after the stream timeout. A responder that cannot connect answers on the NATS
-reply subject instead (logged and counted, and not retried for a while).
+at once, not after the stream timeout. A responder connects in the background on a caller's
+first request, which it answers on the NATS reply subject meanwhile; one that cannot connect
+keeps answering there (logged and counted, retried with a growing back-off).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ _LEN = struct.Struct(">I")
 # One message is one frame; frames carry token chunks (or an embedding), never megabytes.
 MAX_MESSAGE = 64 * 1024 * 1024
 CONNECT_TIMEOUT = 2.0
-# After a failed connect, answers to that caller go over NATS for this long before a retry.
+# After a failed connect, answers to that caller go over NATS for this long before a retry,
+# doubling up to MAX_RETRY_AFTER while it stays unreachable.
 RETRY_AFTER = 10.0
+MAX_RETRY_AFTER = 300.0
 
 _HELLO_DECODER = msgspec.msgpack.Decoder(StreamHello)
 _FRAME_DECODER = msgspec.msgpack.Decoder(StreamFrame)
@@ -285,23 +288,23 @@ class ResponderConnections:
         self.on_control = on_control
         self._on_lost = on_lost
         self._conns: dict[str, ResponderConnection] = {}
-        self._connecting: dict[str, asyncio.Task[ResponderConnection | None]] = {}
-        self._unreachable: dict[str, float] = {}
+        self._connecting: dict[str, asyncio.Task[None]] = {}
+        self._retry_at: dict[str, float] = {}
+        self._backoff: dict[str, float] = {}
 
-    async def get(self, addr: str, token: str) -> ResponderConnection | None:
-        """The connection to ``addr`` (opened now if need be), or None: answer over NATS."""
+    def get(self, addr: str, token: str) -> ResponderConnection | None:
+        """The open connection to ``addr``, or None: answer this stream over NATS. A missing
+        connection is opened in the background, so no request waits for a connect (and a
+        caller unreachable by TCP costs nothing but its fallback)."""
         conn = self._conns.get(addr)
         if conn is not None and not conn.closed:
             return conn
-        if time.monotonic() < self._unreachable.get(addr, 0.0):
-            return None
-        task = self._connecting.get(addr)
-        if task is None:
+        if addr not in self._connecting and time.monotonic() >= self._retry_at.get(addr, 0.0):
             task = asyncio.get_running_loop().create_task(self._connect(addr, token))
             self._connecting[addr] = task
-        return await asyncio.shield(task)
+        return None
 
-    async def _connect(self, addr: str, token: str) -> ResponderConnection | None:
+    async def _connect(self, addr: str, token: str) -> None:
         loop = asyncio.get_running_loop()
         try:
             host, port = _split(addr)
@@ -310,19 +313,22 @@ class ResponderConnections:
                 CONNECT_TIMEOUT,
             )
         except (OSError, ValueError, TimeoutError) as exc:
-            self._unreachable[addr] = time.monotonic() + RETRY_AFTER
+            # Backing off: 10 s, 20 s, ... up to 5 minutes between attempts.
+            wait = min(self._backoff.get(addr, RETRY_AFTER / 2) * 2, MAX_RETRY_AFTER)
+            self._backoff[addr] = wait
+            self._retry_at[addr] = time.monotonic() + wait
             metrics.response_fallbacks_total.inc()
             log.warning(
                 "cannot reach a caller's response server; answering it over NATS",
-                extra={"address": addr, "error": str(exc) or type(exc).__name__},
+                extra={"address": addr, "error": str(exc) or type(exc).__name__, "retry_in": wait},
             )
-            return None
+            return
         finally:
             self._connecting.pop(addr, None)
+        self._backoff.pop(addr, None)
         conn.send(self._encoder.encode(StreamHello(token, self._instance_id)))
         self._conns[addr] = conn
         metrics.response_connections.labels("responder").inc()
-        return conn
 
     def lost(self, conn: ResponderConnection) -> None:
         if self._conns.get(conn.addr) is conn:

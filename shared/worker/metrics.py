@@ -36,6 +36,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from shared.engine.registry import engine_kind
+from shared.histograms import observe_many
 
 __all__ = [
     "GEN_THROUGHPUT_WINDOW",
@@ -164,6 +165,7 @@ class WorkerMetrics:
         self._feeds_sglang = sglang_source == "scheduler"
         self._ttft = sglang_ttft.labels(model_name)
         self._itl = sglang_itl.labels(model_name)
+        self._itl_pending: list[float] = []
         self._prompt = sglang_prompt_tokens.labels(model_name)
         self._generated = sglang_generation_tokens.labels(model_name)
         self._cached = sglang_cached_tokens.labels(model_name)
@@ -174,6 +176,9 @@ class WorkerMetrics:
         inflight_requests.labels(role).inc()
 
     def request_finished(self, role: str, error_kind: str | None) -> None:
+        if self._itl_pending:
+            pending, self._itl_pending = self._itl_pending, []
+            observe_many(self._itl, pending)
         inflight_requests.labels(role).dec()
         if error_kind is not None:
             errors_total.labels(role, error_kind).inc()
@@ -186,8 +191,9 @@ class WorkerMetrics:
             self._ttft.observe(max(seconds, 0.0))
 
     def inter_token(self, seconds: float) -> None:
+        # Buffered, and observed when a request ends (observe_many: one update per bucket).
         if self._feeds_sglang:
-            self._itl.observe(max(seconds, 0.0))
+            self._itl_pending.append(seconds if seconds > 0.0 else 0.0)
 
     def tokens(self, prompt: int, cached: int, generated: int) -> None:
         if not self._feeds_sglang:
