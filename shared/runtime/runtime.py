@@ -261,13 +261,8 @@ class DistributedRuntime:
                 )
 
     def _on_direct_control(self, ctl: Control) -> None:
-        stream = self.server_streams.get(ctl.request_id)
-        if stream is None:
-            return
-        if ctl.kind is ControlKind.CANCEL:
-            stream.ctx._stop(StopReason.CALLER)
-        elif ctl.kind is ControlKind.CREDIT:
-            self.spawn(stream.grant(ctl.value))
+        # Called from the connection's data_received (not a coroutine).
+        self.spawn(self.handle_control(ctl))
 
     def _on_responder_lost(self, conn: ResponderConnection) -> None:
         # The caller is gone (or its connection is): nobody reads these streams any more.

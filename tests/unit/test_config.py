@@ -117,6 +117,9 @@ EXPECTED_FIELDS = {
     "graceful_shutdown_grace_period": 5.0,
     "heartbeat_interval": 0.5,
     "stream_timeout": 5.0,
+    "response_plane": "auto",
+    "response_host": "",
+    "response_port": 0,
     "engine_request_limit": 0,
     "log_level": "info",
     "log_format": "json",
@@ -141,6 +144,23 @@ def test_mesh_config_fields_and_defaults() -> None:
     assert dataclasses.asdict(MeshConfig()) == EXPECTED_FIELDS
     with pytest.raises(dataclasses.FrozenInstanceError):
         MeshConfig().lease_ttl = 3  # type: ignore[misc]
+
+
+def test_response_plane_settings() -> None:
+    assert MeshConfig().direct_responses
+    assert MeshConfig(response_plane=" TCP ").response_plane == "tcp"
+    assert not MeshConfig(response_plane="nats").direct_responses
+    # auto: NATS reached over TLS keeps answers on NATS (the direct stream has no TLS).
+    assert not MeshConfig(nats_url="tls://n:4222").direct_responses
+    with pytest.raises(ValueError, match="no TLS"):
+        MeshConfig(response_plane="tcp", nats_url="tls://n:4222")
+    with pytest.raises(ValueError, match="response plane"):
+        MeshConfig(response_plane="udp")
+    with pytest.raises(ValueError, match="response port"):
+        MeshConfig(response_port=70000)
+    cfg, _ = parse_mesh_args([], prog="svc", env={"SGLMESH_RESPONSE_PLANE": "nats",
+                                                   "SGLMESH_RESPONSE_PORT": "9400"})  # fmt: skip
+    assert (cfg.response_plane, cfg.response_port) == ("nats", 9400)
 
 
 def test_mesh_config_normalises() -> None:
