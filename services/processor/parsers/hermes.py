@@ -9,15 +9,14 @@ argument string does not cut the call short. A complete call whose closing tag n
 
 from __future__ import annotations
 
-from .json_scan import JsonEndScanner
 from .tool_base import (
     INVALID,
     NEED_MORE,
+    JsonCallScan,
     Parsed,
     Region,
     RegionResult,
     ToolCallFormat,
-    call_from_json_text,
     skip_whitespace,
 )
 
@@ -30,22 +29,13 @@ class TaggedJsonRegion(Region):
     def __init__(self, open_tag: str, close_tag: str) -> None:
         self._open = open_tag
         self._close = close_tag
-        self._scanner: JsonEndScanner | None = None
+        self._call = JsonCallScan()
 
     def parse(self, text: str, final: bool) -> RegionResult:
-        start = skip_whitespace(text, len(self._open))
-        if start == len(text):
-            return NEED_MORE
-        if text[start] != "{":
-            return INVALID
-        if self._scanner is None:
-            self._scanner = JsonEndScanner(start)
-        end = self._scanner.end(text)
-        if end is None:
-            return NEED_MORE
-        call = call_from_json_text(text[start:end])
-        if call is None:
-            return INVALID
+        found = self._call.scan(text, skip_whitespace(text, len(self._open)))
+        if not isinstance(found, tuple):
+            return found
+        call, end = found
         after = skip_whitespace(text, end)
         rest = text[after:]
         if rest.startswith(self._close):

@@ -9,15 +9,12 @@ a leading JSON object that is not a call (an answer in JSON) is content.
 
 from __future__ import annotations
 
-from .json_scan import JsonEndScanner
 from .tool_base import (
-    INVALID,
-    NEED_MORE,
+    JsonCallScan,
     Parsed,
     Region,
     RegionResult,
     ToolCallFormat,
-    call_from_json_text,
     skip_whitespace,
 )
 
@@ -29,7 +26,7 @@ PYTHON_TAG = "<|python_tag|>"
 class _JsonCallRegion(Region):
     def __init__(self, marker: str | None) -> None:
         self._marker = marker
-        self._scanner: JsonEndScanner | None = None
+        self._call = JsonCallScan(("parameters", "arguments"))
 
     def parse(self, text: str, final: bool) -> RegionResult:
         start = skip_whitespace(text, len(self._marker or ""))
@@ -37,18 +34,10 @@ class _JsonCallRegion(Region):
             start = skip_whitespace(text, start + 1)
             if start == len(text) and final:
                 return Parsed((), len(text))  # a trailing separator after the last call
-        if start == len(text):
-            return NEED_MORE
-        if text[start] != "{":
-            return INVALID
-        if self._scanner is None:
-            self._scanner = JsonEndScanner(start)
-        end = self._scanner.end(text)
-        if end is None:
-            return NEED_MORE
-        call = call_from_json_text(text[start:end], ("parameters", "arguments"))
-        if call is None:
-            return INVALID
+        found = self._call.scan(text, start)
+        if not isinstance(found, tuple):
+            return found
+        call, end = found
         return Parsed((call,), end)
 
 

@@ -34,10 +34,13 @@ from typing import Any, Final
 
 from proto.tool_call import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
 
+from .json_scan import JsonEndScanner
+
 __all__ = [
     "INVALID",
     "NEED_MORE",
     "IdFactory",
+    "JsonCallScan",
     "Parsed",
     "ParsedCall",
     "Region",
@@ -161,6 +164,33 @@ def call_from_json_text(
     except (ValueError, RecursionError):
         return None
     return call_from_object(obj, argument_keys)
+
+
+class JsonCallScan:
+    """One JSON call object in a region of a growing text: where it starts (after the
+    region's marker and separators, which the region skips), where it ends (bracket counting
+    that resumes where it stopped) and the call it holds."""
+
+    __slots__ = ("_keys", "_scanner")
+
+    def __init__(self, argument_keys: tuple[str, ...] = ("arguments", "parameters")) -> None:
+        self._keys = argument_keys
+        self._scanner: JsonEndScanner | None = None
+
+    def scan(self, text: str, start: int) -> tuple[ParsedCall, int] | _Signal:
+        """``(call, end)``, or NEED_MORE (the object is not complete yet) or INVALID (no
+        object at ``start``, or not a call)."""
+        if start == len(text):
+            return NEED_MORE
+        if text[start] != "{":
+            return INVALID
+        if self._scanner is None:
+            self._scanner = JsonEndScanner(start)
+        end = self._scanner.end(text)
+        if end is None:
+            return NEED_MORE
+        call = call_from_json_text(text[start:end], self._keys)
+        return INVALID if call is None else (call, end)
 
 
 def _random_call_id(index: int) -> str:
