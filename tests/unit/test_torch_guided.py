@@ -178,6 +178,24 @@ async def test_regex_ebnf_and_bad_specs(engines: Any) -> None:
     assert len(ids) == 4 and meta["finish_reason"]["type"] == "length"
 
 
+async def test_a_stuck_grammar_ends_the_request_with_an_error(engines: Any) -> None:
+    # "yes" completes the grammar, which then allows only eos; min_new_tokens forbids eos,
+    # so no token fits: the request must end with an error naming guided decoding, not
+    # sample past the mask to its limit. A guided row beside it and the engine go on.
+    engine = await engines()
+    (stuck, meta), (ok, ok_meta) = await asyncio.gather(
+        generate(engine, prompt(0), "stuck", temperature=0, regex="yes", min_new_tokens=8),
+        generate(engine, prompt(1), "ok", temperature=0, regex="(yes|no)!"),
+    )
+    reason = meta["finish_reason"]
+    assert reason["type"] == "abort" and reason["status_code"] == 500, meta
+    assert reason["message"].startswith("guided decoding could not continue"), reason
+    assert len(stuck) < 8 and text(stuck).startswith("yes"), text(stuck)
+    assert re.fullmatch(r"(yes|no)!", text(ok)) and ok_meta["finish_reason"]["type"] == "stop"
+    ids, meta = await generate(engine, prompt(3), "after", temperature=0, max_new_tokens=4)
+    assert len(ids) == 4 and meta["finish_reason"]["type"] == "length"
+
+
 async def test_constrained_rows_leave_the_others_alone(engines: Any) -> None:
     engine = await engines()
     greedy = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}

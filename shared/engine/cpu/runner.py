@@ -51,6 +51,9 @@ class StepOutput:
     logprobs: list[TokenLogprob | None] | None = None
     # Seconds the step took (modelled by the simulated runner, measured by the torch runner).
     seconds: float = 0.0
+    # Sampled rows whose request cannot go on (a guided row whose grammar is stuck), by row
+    # index, with why: the scheduler ends them with an error and drops their token.
+    failed: dict[int, str] | None = None
 
 
 class KvPayload(Protocol):

@@ -512,6 +512,12 @@ class Scheduler:
         stats.steps += 1
         stats.forward_seconds += out.seconds
         finished_any = False
+        if out.failed:
+            for i, why in out.failed.items():
+                req = batch.sample[i]
+                self._release_decode_peer(req)
+                self._terminate(req, _abort(why, 500))
+            finished_any = True
         sampled: dict[int, int] = {id(r): i for i, r in enumerate(batch.sample)}
         tokens = out.tokens
         logprobs = out.logprobs

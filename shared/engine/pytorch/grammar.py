@@ -142,15 +142,19 @@ class GrammarState:
                 log.warning("guided decoding stopped following its grammar: %s", self.error)
             self.consumed += 1
 
-    def fill(self, bitmask: torch.Tensor, row: int, stop_ids: Sequence[int]) -> None:
+    def fill(self, bitmask: torch.Tensor, row: int, stop_ids: Sequence[int]) -> str | None:
+        """Write the row's allowed tokens; returns why the request cannot go on (its matcher
+        is stuck: a token it could not take, or nothing allowed), else None. A stuck row is
+        masked to the stop tokens so sampling stays defined; the caller ends the request."""
         if self.error is None:
             self.matcher.fill(bitmask, row)
             if bool((bitmask[row] != 0).any()):
-                return
-        # A stuck matcher: only a stop token, so the request ends instead of sampling NaNs.
+                return None
+            self.error = self.matcher.failed() or "no token fits the grammar here"
         bitmask[row] = 0
         for token in stop_ids:
             bitmask[row, token // 32] |= _bit(token % 32)
+        return f"guided decoding could not continue: {_one_line(self.error)}"
 
 
 def _bit(i: int) -> int:

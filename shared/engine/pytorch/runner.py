@@ -63,7 +63,7 @@ class _Plan:
                 out = req.output_ids
                 stops = sorted(req.stop_ids)
                 self.guided.append((i, state, list(out), len(out), stops))
-        self.bitmask: Future[torch.Tensor] | None = None
+        self.bitmask: Future[tuple[torch.Tensor, dict[int, str]]] | None = None
 
 
 def _sample_row(req: Req) -> SampleRow:
@@ -84,14 +84,18 @@ def _sample_row(req: Req) -> SampleRow:
 _Guided = list[tuple[int, GrammarState, list[int], int, list[int]]]
 
 
-def _fill(guided: _Guided, vocab_size: int) -> torch.Tensor:
+def _fill(guided: _Guided, vocab_size: int) -> tuple[torch.Tensor, dict[int, str]]:
     """Catch each guided row's matcher up on its outputs and compute its next-token bitmask
-    (on the mask thread, while the forward runs)."""
+    (on the mask thread, while the forward runs); also the rows whose grammar is stuck, by
+    sampled-row index, with why (the scheduler ends those requests)."""
     bitmask = torch.empty((len(guided), bitmask_words(vocab_size)), dtype=torch.int32)
-    for k, (_, state, pending, total, stops) in enumerate(guided):
+    stuck: dict[int, str] = {}
+    for k, (row, state, pending, total, stops) in enumerate(guided):
         state.sync(pending, total)
-        state.fill(bitmask, k, stops)
-    return bitmask
+        why = state.fill(bitmask, k, stops)
+        if why is not None:
+            stuck[row] = why
+    return bitmask, stuck
 
 
 def _mask(logits: torch.Tensor, guided: _Guided, bitmask: torch.Tensor) -> None:
@@ -158,15 +162,17 @@ class TorchRunner:
             ).last_hidden_state
             tokens: list[int] = []
             logprobs = None
+            stuck: dict[int, str] = {}
             if plan.rows:
                 logits = self.model.lm_head(hidden[0].index_select(0, plan.sample_index))
                 if plan.bitmask is not None:
                     logits = logits.float()
-                    _mask(logits, plan.guided, plan.bitmask.result())
+                    bitmask, stuck = plan.bitmask.result()
+                    _mask(logits, plan.guided, bitmask)
                 tokens, lps = sample(logits, plan.rows)
                 if any(lp is not None for lp in lps):
                     logprobs = lps
-        return StepOutput(tokens, logprobs, time.perf_counter() - started)
+        return StepOutput(tokens, logprobs, time.perf_counter() - started, failed=stuck or None)
 
     def kv_nbytes(self, num_tokens: int) -> int:
         return self.cache.nbytes(num_tokens)
