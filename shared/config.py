@@ -362,8 +362,7 @@ class MeshConfig:
         if not isinstance(self.response_host, str):
             raise ValueError(f"response_host must be a string, got {self.response_host!r}")
         put("response_host", self.response_host.strip())
-        if _integer(self.response_port, "response_port") != 0:
-            _check_port(self.response_port, "response")
+        _check_port(_integer(self.response_port, "response_port"), "response")
         if self.response_plane == "tcp" and self.nats_tls:
             raise ValueError(
                 "response_plane tcp has no TLS while NATS is reached over TLS; use nats or auto"
@@ -444,22 +443,22 @@ def _conv_grace(text: str) -> float:
     return max(0.0, float_converter()(text))
 
 
-def _conv_port(text: str) -> int:
+def _parse_port(text: str) -> int:
     try:
-        value = int(text.strip())
+        return int(text.strip())
     except ValueError:
         raise ValueError(f"expected a port number, got {text!r}") from None
+
+
+def _conv_port(text: str) -> int:
+    value = _parse_port(text)
     # Negative = disabled, as the reference reads DYN_SYSTEM_PORT. Kept negative here (the
     # config turns it into None) because None in the namespace means "flag not given".
     return value if value < 0 else _check_port(value, "system")
 
 
 def _conv_response_port(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a port number, got {text!r}") from None
-    return 0 if value == 0 else _check_port(value, "response")
+    return _check_port(_parse_port(text), "response")  # 0 (any free port) is in range
 
 
 def _conv_dyn_log(text: str) -> str:

@@ -311,7 +311,7 @@ class ServedEndpoint:
         started = time.perf_counter()
         self._m_requests.inc()
         self._m_inflight.inc()
-        if env.reply_addr and self.runtime.config.direct_responses:
+        if env.reply_addr and self.runtime.direct_responses:
             stream.conn = self.runtime.responder_connections.get(env.reply_addr, env.reply_token)
         asyncio.get_running_loop().call_soon(self.runtime.spawn, self._ack_if_quiet(stream))
         encode = self.runtime.encoder.encode

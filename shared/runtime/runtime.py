@@ -89,6 +89,7 @@ class DistributedRuntime:
         # Direct response streams (response_plane.py): the server this process's callers'
         # answers arrive on (started with the first client), and this process's connections
         # to other callers' servers.
+        self.direct_responses = config.direct_responses  # read per request: computed once
         self.response_server: ResponseServer | None = None
         self._response_server_lock = asyncio.Lock()
         self.responder_connections = ResponderConnections(
@@ -224,7 +225,7 @@ class DistributedRuntime:
         return client
 
     async def _start_response_server(self) -> None:
-        if not self.config.direct_responses or self.response_server is not None:
+        if not self.direct_responses or self.response_server is not None:
             return
         async with self._response_server_lock:
             if self.response_server is not None:
