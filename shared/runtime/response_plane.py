@@ -1,7 +1,7 @@
 """Direct response streams: responders stream a request's frames to the caller over TCP.
 
 Why: a streamed 64-token answer is ~10 frames and a credit; on NATS each one is a publish in
-the worker, a routing step in nats-server and a parse in the caller. Profiled under load (c=16,
+the worker, a routing step in nats-server and a parse in the caller. In a py-spy profile (c=16,
 one worker), NATS publishing and reading took about a quarter of both the processor's and the
 worker's CPU, and nats-server another 0.5-0.7 ms per request. The request itself still goes
 over NATS (discovery by subject, queue groups, "no responders", the planes' credentials); its

@@ -36,9 +36,8 @@ with prefill work, every ``decode_log_interval`` decode steps and when the sched
 idle, as SGLang reports them. Both at most once per ``publish_interval`` (20 ms) while busy,
 and within it once idle: SGLang publishes per step, and its GPU steps take milliseconds, but a
 simulated step at a high speedup takes microseconds, and a message per step per worker then
-cost more CPU (worker, publisher, NATS, router) than the requests themselves (4 simulated
-workers at c=64: 5 ms -> 20 ms took 0.39 ms of CPU per request off workers, publisher and
-NATS; the torch engine's steps take longer than that anyway).
+cost more CPU (worker, publisher, NATS, router) than the requests themselves (the KV rows
+of ``make bench-reference`` show it; the torch engine's steps take longer than 20 ms anyway).
 ``kv_active_blocks``/``kv_total_blocks`` are tokens, as SGLang
 computes them.
 
