@@ -42,7 +42,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -525,6 +525,34 @@ def _block_size(pool: WorkerPool, instance_id: int) -> int:
 
 def _handler_error(message: str) -> MeshError:
     return MeshError(message, code=ErrorCode.HANDLER_ERROR)
+
+
+@contextlib.asynccontextmanager
+async def worker_stream(
+    pool: WorkerPool,
+    instance_id: int,
+    request: Any,
+    response_type: Any,
+    excluded: set[int],
+    active: ActiveRequest,
+) -> AsyncIterator[ResponseStream]:
+    """One idempotent call to one worker (an embedding, an image encode), for
+    :func:`with_retries`: a mesh failure excludes the worker from the next attempt, and the
+    load bookkeeping and the stream end however the call ends."""
+    stream = None
+    try:
+        assert pool.client is not None
+        stream = await pool.client.generate(
+            request, instance_id=instance_id, response_type=response_type
+        )
+        yield stream
+    except MeshError:
+        excluded.add(instance_id)
+        raise
+    finally:
+        active.finish()
+        if stream is not None:
+            await stream.aclose()
 
 
 async def with_retries(

@@ -47,7 +47,7 @@ from proto.embedding import (
 )
 from proto.openai import RequestError
 from services.processor import metrics
-from services.processor.dispatch import with_retries
+from services.processor.dispatch import with_retries, worker_stream
 from services.processor.models import ServedModel, WorkerPool
 from services.processor.preprocess import ModelPreprocessor
 from shared.router import LoadTracker, RouterMode, Selector
@@ -253,13 +253,8 @@ class EmbeddingDispatcher:
         iid = chosen.instance_id
         metrics.routing_decisions.labels(model.name, WorkerType.EMBEDDING.value, f"{iid:x}").inc()
         active = self.tracker.begin(iid, tokens, 1)
-        stream = None
         got = 0
-        try:
-            assert pool.client is not None
-            stream = await pool.client.generate(
-                body, instance_id=iid, response_type=EmbeddingOutput
-            )
+        async with worker_stream(pool, iid, body, EmbeddingOutput, excluded, active) as stream:
             async for out in stream:
                 for offset, vector in enumerate(out.embeddings):
                     position = out.index + offset
@@ -269,13 +264,6 @@ class EmbeddingDispatcher:
                     got += 1
             if got != count:
                 raise MeshError(f"worker {iid:x} answered {got} of {count} inputs")
-        except MeshError:
-            excluded.add(iid)
-            raise
-        finally:
-            active.finish()
-            if stream is not None:
-                await stream.aclose()
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from aiohttp.resolver import DefaultResolver
 from proto.multimodal import ImageEncodeOutput, ImageEncodeRequest, Tensor, VisionInfo
 from proto.openai import ChatCompletionRequest, RequestError
 from services.processor import metrics
-from services.processor.dispatch import with_retries
+from services.processor.dispatch import with_retries, worker_stream
 from services.processor.models import ModelRegistry, ServedModel, WorkerPool
 from shared.flags import Flag, float_converter, int_converter, parse_bool
 from shared.multimodal import from_array, image_hash, to_array
@@ -481,22 +481,10 @@ class ImageEncoder:
         chosen = self._selector.select(candidates, excluded)
         iid = chosen.instance_id
         active = self.tracker.begin(iid, 1, 1)
-        stream = None
-        try:
-            assert pool.client is not None
-            stream = await pool.client.generate(
-                request, instance_id=iid, response_type=ImageEncodeOutput
-            )
+        async with worker_stream(pool, iid, request, ImageEncodeOutput, excluded, active) as stream:
             async for out in stream:
                 if out.hash != request.hash or len(out.embedding.shape) != 2:
                     raise MeshError(f"image encode worker {iid:x} answered another image")
                 self.encoded += 1
                 return from_array(to_array(out.embedding), WIRE_DTYPE)
             raise MeshError(f"image encode worker {iid:x} answered nothing")
-        except MeshError:
-            excluded.add(iid)
-            raise
-        finally:
-            active.finish()
-            if stream is not None:
-                await stream.aclose()
