@@ -4,7 +4,9 @@ What the reference does: its SGLang encode worker (``--enable-multimodal --disag
 encode``) sets ``ServerArgs.encoder_only`` and builds SGLang's ``MMEncoder`` in-process -- no
 ``sgl.Engine`` -- to turn images into the vision tower's embeddings. We drive the same encoder
 the way SGLang's own encoder server does (``sglang/srt/disaggregation/encoder/http_server.py``),
-minus its HTTP: publish the ``ServerArgs`` for the ``encoder`` role, ``launch_local_runtime``
+minus its HTTP (the reference's own call, ``MMEncoder._encode``, is private and gone from
+SGLang 0.5.23, where the encoder lives in ``disaggregation/encoder/``): publish the
+``ServerArgs`` for the ``encoder`` role, ``launch_local_runtime``
 (the rank-0 ``MMEncoder`` in this process, tensor-parallel followers as child processes, an
 ``EncoderScheduler`` that batches concurrent requests), then ``scheduler.submit`` one request
 per image. SGLang stages the result for a later transfer in ``encoder.req_states[rid]``: an

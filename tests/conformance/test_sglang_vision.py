@@ -255,6 +255,13 @@ def test_image_encode_command_lines_give_encoder_only_server_args(
     assert sa.disaggregation_mode == "null"
     assert sa.model_path == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert config.worker.engine.model_name == "Qwen/Qwen2.5-VL-7B-Instruct"
+    # --enable-multimodal is the role flag here (taken off): SGLang decides, and for a VL model
+    # outside its short list of opt-in architectures it turns multimodal on (as the reference
+    # sets it for its encode worker).
+    assert sa.enable_multimodal is None
+    config_source = ast.unparse(_def("srt/configs/model_config.py", "ModelConfig"))
+    disabled = config_source.split("mm_disabled_models = [", 1)[1].split("]", 1)[0]
+    assert "Qwen2_5_VL" not in disabled and "enable_multimodal = True" in config_source
     # The model family is one SGLang's encoder disaggregation serves.
     hook = ast.unparse(
         _def("srt/arg_groups/pd_disaggregation_hook.py", "handle_encoder_disaggregation")
