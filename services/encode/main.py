@@ -6,8 +6,10 @@ CPU sentence-embedding engine or on SGLang (``--is-embedding``) with a GPU. It r
 embedding model card, so the processor serves the model on ``/v1/embeddings``, and runs the
 shared worker lifecycle (``shared.worker.runner``): leased discovery, ``/health`` with a real
 embedding canary, ``/metrics``, graceful SIGTERM drain. With ``--multimodal-encode-worker``
-it is an image encode worker instead (``services.encode.vision``): pixels in, ViT embeddings
-out, for the processor to hand to the LLM workers.
+it is an image encode worker instead: pixels in, vision embeddings out, for the processor to
+hand to the LLM workers, from the ViT on onnxruntime (``services.encode.vision``) or SGLang's
+encoder-only path on GPUs (``services.encode.sglang_vision``), as the image encoders'
+registry (``services.encode.vision_engines``) chooses.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from services.encode.registration import (
     embedding_probe,
 )
 from services.encode.vision import (
-    VisionEngine,
     VisionHandler,
     vision_card,
     vision_instance_fields,
     vision_probe,
 )
+from services.encode.vision_engines import ImageEncoder, VisionSettings, vision_engine
 from shared.engine.args import EngineArgs
 from shared.worker.runner import WorkerRole, worker_main
 
@@ -77,18 +79,22 @@ def encode_role(config: EncodeConfig) -> WorkerRole[Any]:
     )
 
 
-def vision_role(config: EncodeConfig) -> WorkerRole[VisionEngine]:
+def vision_role(config: EncodeConfig) -> WorkerRole[ImageEncoder]:
     """The image encode worker's part of the shared worker lifecycle."""
     model = config.worker.engine.model_name
+    kind = vision_engine(config.engine)
 
-    def create(args: EngineArgs) -> VisionEngine:
-        return VisionEngine(
-            args.model_path,
+    def create(args: EngineArgs) -> ImageEncoder:
+        log.info("image encoder selected", extra={"engine": kind.name,
+                                                  "reason": config.engine_reason})  # fmt: skip
+        settings = VisionSettings(
             served_model_name=model,
             limits=config.limits,
+            image_size=config.image_size,
             threads=args.torch_threads,
             stats=EncodeMetrics(None, model),
         )
+        return kind.build(args, settings)
 
     return WorkerRole(
         create_engine=create,
@@ -96,7 +102,7 @@ def vision_role(config: EncodeConfig) -> WorkerRole[VisionEngine]:
             engine, model=model, metrics=EncodeMetrics(metrics, model)
         ),
         request_type=ImageEncodeRequest,
-        canary=lambda engine, cfg, card: vision_probe(model),
+        canary=lambda engine, cfg, card: vision_probe(model, engine.vision),
         card=vision_card,
         instance_fields=vision_instance_fields,
         clear_kv_blocks=False,

@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -41,6 +41,9 @@ from shared.runtime.endpoint import Context
 from shared.runtime.errors import InvalidRequestError
 from shared.worker.args import WorkerConfig
 from shared.worker.health import CanaryProbe
+
+if TYPE_CHECKING:
+    from services.encode.vision_engines import ImageEncoder
 
 __all__ = [
     "HIDDEN_STATE",
@@ -184,10 +187,11 @@ class VisionEngine:
 
 
 class VisionHandler:
-    """``generate`` for an image encode worker: one image's pixels in, its embeddings out."""
+    """``generate`` for an image encode worker: one image's pixels in, its embeddings out
+    (from any image encoder: this ViT, or SGLang's on GPUs)."""
 
     def __init__(
-        self, engine: VisionEngine, *, model: str, metrics: EmbeddingHooks | None = None
+        self, engine: ImageEncoder, *, model: str, metrics: EmbeddingHooks | None = None
     ) -> None:
         self._engine = engine
         self._model = model
@@ -203,13 +207,13 @@ class VisionHandler:
                 raise InvalidRequestError(f"image pixels must be uint8, got {request.pixels.dtype}")
             embedding = await self._engine.encode(to_array(request.pixels))
             if metrics is not None:
-                metrics.embedded(1, TOKENS, time.perf_counter() - started)
+                metrics.embedded(1, len(embedding), time.perf_counter() - started)
             if ctx.is_stopped():
                 raise asyncio.CancelledError
             yield ImageEncodeOutput(hash=request.hash, embedding=from_array(embedding))
 
 
-def vision_card(engine: VisionEngine, config: WorkerConfig, instance_id: int) -> ModelCard:
+def vision_card(engine: ImageEncoder, config: WorkerConfig, instance_id: int) -> ModelCard:
     """An encoder's card: no API of its own (``model_type`` empty); the processor finds it by
     ``worker_type`` and reads ``vision`` to fit images for it."""
     args = config.engine
@@ -228,32 +232,35 @@ def vision_card(engine: VisionEngine, config: WorkerConfig, instance_id: int) ->
     )
 
 
-def _runtime_config(engine: VisionEngine) -> RuntimeConfig:
+def _runtime_config(engine: ImageEncoder) -> RuntimeConfig:
     return RuntimeConfig(
         max_num_seqs=engine.limits.max_batch_size,
         worker_type=WorkerType.ENCODE,
-        engine_specific={"engine": ENGINE_NAME},
+        engine_specific={"engine": engine.info.engine},
     )
 
 
-def vision_instance_fields(engine: VisionEngine, config: WorkerConfig) -> dict[str, Any]:
+def vision_instance_fields(engine: ImageEncoder, config: WorkerConfig) -> dict[str, Any]:
     return {
         "model": config.engine.model_name,
         "worker_type": WorkerType.ENCODE,
         "runtime_config": _runtime_config(engine),
-        "metadata": {"engine": ENGINE_NAME, "role": config.role},
+        "metadata": {"engine": engine.info.engine, "role": config.role},
     }
 
 
-def vision_probe(model: str) -> CanaryProbe:
-    """A grey image in, embeddings of the model's shape out, or the worker is unhealthy."""
-    pixels = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 128, dtype=np.uint8)
+def vision_probe(model: str, vision: VisionInfo | None = None) -> CanaryProbe:
+    """A grey image in, embeddings of the model's shape out, or the worker is unhealthy.
+    ``vision``: what the worker's card announces (default: this ViT's)."""
+    info = vision or VisionInfo(image_size=IMAGE_SIZE, tokens=TOKENS, hidden_size=HIDDEN)
+    size = info.image_size
+    pixels = np.full((size, size, 3), 128, dtype=np.uint8)
     payload = ImageEncodeRequest(
         hash=image_hash(pixels.tobytes()), pixels=from_array(pixels), model=model
     )
 
     def failure(chunk: ImageEncodeOutput) -> str | None:
-        if chunk.embedding.shape != [TOKENS, HIDDEN]:
+        if chunk.embedding.shape != [info.tokens, info.hidden_size]:
             return f"answered embeddings of shape {chunk.embedding.shape}"
         return None
 

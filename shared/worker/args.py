@@ -339,14 +339,17 @@ def parse_worker_args(
         )
     except EngineSelectionError as exc:
         _die(prog, str(exc))
-    try:
-        kind, _reason = resolve(engine, environ)
-    except EngineSelectionError as exc:
-        _die(prog, str(exc))
-    # SGLang also takes hub ids ("org/name"); the CPU engines and any local path must exist.
-    local = not kind.hub_ids or engine.model_path.startswith(("/", ".", "~"))
-    if local and not os.path.exists(os.path.expanduser(engine.model_path)):
-        _die(prog, f"--model-path: {engine.model_path!r} does not exist")
+    # An image encode worker's engine and model come from the image encoders' registry
+    # (the encode service checks them); the LLM engines' is for everything else.
+    if not vision:
+        try:
+            kind, _reason = resolve(engine, environ)
+        except EngineSelectionError as exc:
+            _die(prog, str(exc))
+        # SGLang also takes hub ids ("org/name"); the CPU engines and a local path must exist.
+        local = not kind.hub_ids or engine.model_path.startswith(("/", ".", "~"))
+        if local and not os.path.exists(os.path.expanduser(engine.model_path)):
+            _die(prog, f"--model-path: {engine.model_path!r} does not exist")
     return WorkerConfig(
         role=chosen,
         mesh=mesh,

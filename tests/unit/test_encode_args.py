@@ -56,7 +56,8 @@ def test_embedding_worker_flag_is_taken_off_before_sglangs_parser(minilm: Path) 
         (["--json-model-override-args", "[1]"], "--json-model-override-args"),
         (["--json-model-override-args", "{bad"], "--json-model-override-args"),
         (["--multimodal-encode-worker"], "takes the vision encoder's .onnx file"),
-        (["--multimodal-encode-worker", "--engine", "sim"], "encoder_only path for GPUs"),
+        (["--multimodal-encode-worker", "--engine", "sim"], "an image encode worker runs sglang"),
+        (["--multimodal-encode-worker", "--engine", "sglang"], "--engine sglang needs"),
     ],
 )
 def test_bad_command_lines_are_one_clear_line(

@@ -196,6 +196,7 @@ def test_the_chart_lints_clean() -> None:
         ({"engine": "vllm"}, "/engine"),
         ({"model": {"path": "/data/model"}}, "/model/path"),
         ({"etcd": {"replicas": 2}}, "/etcd/replicas"),
+        ({"vision": {"imageSize": 10}}, "/vision/imageSize"),
     ],
 )
 def test_the_chart_refuses_bad_values(values: dict[str, Any], complaint: str) -> None:

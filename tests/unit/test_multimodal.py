@@ -221,6 +221,12 @@ def test_image_encode_worker_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         assert cfg.worker.engine.model_name == VISION_MODEL_NAME
         assert cfg.worker.engine.model_path == str(default_vision_model())
         assert cfg.worker.endpoint.component == "encode"
+    # A model named on the command line is served under its path (SGLang's default), not
+    # under the default ViT's name.
+    onnx = str(default_vision_model())
+    cfg = parse_encode_args(["--multimodal-encode-worker", "--model-path", onnx], env={},
+                            use_sglang=False)  # fmt: skip
+    assert cfg.worker.engine.model_name == onnx and cfg.engine == "onnxruntime"
 
 
 def test_embedding_cache_is_bounded_and_least_recently_used_first_out() -> None:

@@ -11,11 +11,16 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- end }}
 
-{{/* An sglmesh image: registry + name + tag (the gpu tag for GPU LLM workers). */}}
+{{/* An sglmesh image: registry + name + tag (the gpu tag for GPU LLM workers and, on SGLang,
+the image encode worker). */}}
 {{- define "sglmesh.image" -}}
 {{- $images := .root.Values.images -}}
 {{- $tag := $images.tag -}}
-{{- if and .root.Values.gpu.enabled (has .role (list "worker" "prefill" "decode")) -}}
+{{- $gpuRoles := list "worker" "prefill" "decode" -}}
+{{- if eq .root.Values.engine "sglang" -}}
+{{- $gpuRoles = append $gpuRoles "vision" -}}
+{{- end -}}
+{{- if and .root.Values.gpu.enabled (has .role $gpuRoles) -}}
 {{- $tag = .root.Values.gpu.imageTag -}}
 {{- end -}}
 {{ printf "%s%s:%s" $images.registry (index $images .image) $tag }}
