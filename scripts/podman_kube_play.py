@@ -56,7 +56,8 @@ sys.path.insert(0, str(ROOT))
 from shared.infra import free_port  # noqa: E402
 from shared.infra_auth import ensure_credentials  # noqa: E402
 
-PODMAN = ["podman", "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--runtime", "runc"]
+PODMAN = ["podman", "--storage-driver", "overlay", "--cgroup-manager", "cgroupfs",
+          "--runtime", "runc"]  # fmt: skip
 NETWORK = "sglmesh-kube"
 INFRA_IMAGE = "localhost/debian-python:3.11"  # Debian's nats-server 2.9 and etcd 3.4 inside
 DROPPED = {"Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
