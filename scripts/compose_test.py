@@ -61,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 from shared.infra import free_port  # noqa: E402
 
 BASE_IMAGE = "localhost/debian-python:3.11"
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TARGETS = ("processor", "prefill", "decode", "publisher", "encode")
 PROJECT = "sglmesh-compose-test"
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -147,7 +148,9 @@ def ensure_base(pm: Podman) -> None:
     shutil.copy("/etc/ssl/certs/ca-certificates.crt", rootfs / "etc/ssl/certs/ca-certificates.crt")
     tar = pm.workdir / "rootfs.tar"
     run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], pm.env)
-    pm.podman("import", "--change", "CMD=/usr/bin/python3", str(tar), BASE_IMAGE)
+    # A PATH of its own: podman run supplies one to an image without it, kube play does not.
+    pm.podman("import", "--change", f"ENV=PATH={BASE_PATH}", "--change", "CMD=/usr/bin/python3",
+              str(tar), BASE_IMAGE)  # fmt: skip
     shutil.rmtree(rootfs)
     tar.unlink()
     log(f"base image built in {time.monotonic() - started:.0f} s")
