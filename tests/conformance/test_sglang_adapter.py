@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
-import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,16 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-if importlib.util.find_spec("sglang") is None:
-    pytest.skip(
-        "sglang is not installed; run `make test-conformance` (separate venv)",
-        allow_module_level=True,
-    )
-
-# sglang.srt.utils.common imports triton unconditionally; without a GPU a stand-in will do.
-if importlib.util.find_spec("triton") is None:
-    sys.path.insert(0, str(Path(__file__).parent / "stubs"))
-
+import tests.conformance.sglang_present  # noqa: F401  (skips without sglang)
 from proto.multimodal import MultimodalItem
 from proto.request import (
     BootstrapInfo,

@@ -25,22 +25,13 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
-import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-if importlib.util.find_spec("sglang") is None:
-    pytest.skip(
-        "sglang is not installed; run `make test-conformance` (separate venv)",
-        allow_module_level=True,
-    )
-
-if importlib.util.find_spec("triton") is None:
-    sys.path.insert(0, str(Path(__file__).parent / "stubs"))
-
+import tests.conformance.sglang_present  # noqa: F401  (skips without sglang)
 from services.encode.args import ENCODER_ONLY_FLAG, parse_encode_args
 from services.encode.sglang_vision import encode_request
 
