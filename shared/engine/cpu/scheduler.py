@@ -517,11 +517,13 @@ class Scheduler:
                 self._release_decode_peer(req)
                 self._terminate(req, _abort(why, 500))
             finished_any = True
-        sampled: dict[int, int] = {id(r): i for i, r in enumerate(batch.sample)}
         tokens = out.tokens
         logprobs = out.logprobs
 
         if batch.prefill:
+            # Where each finishing prefill's token is (they come first in ``sample``).
+            first_decode = len(batch.sample) - len(batch.decode)
+            sampled = {id(r): i for i, r in enumerate(batch.sample[:first_decode])}
             stats.prefill_steps += 1
             computed = 0
             hit = 0
