@@ -290,7 +290,9 @@ class KvEventSubscriber:
         try:
             if timeout is None:
                 return await sock.recv_multipart()
-            return await asyncio.wait_for(sock.recv_multipart(), timeout)
+            # A deadline on this task, not wait_for's extra task per message.
+            async with asyncio.timeout(timeout):
+                return await sock.recv_multipart()
         except asyncio.CancelledError:
             # Closing a socket cancels its pending receive; that is not our task's cancellation.
             task = asyncio.current_task()

@@ -40,6 +40,18 @@ SSE_HEADERS = {
 _DONE = b"data: [DONE]\n\n"
 _encode = msgspec.json.Encoder().encode
 
+
+class _SseResponse(web.StreamResponse):
+    """An SSE response whose headers go out with its first event (aiohttp keeps them until
+    the first body write when this is off; versions without the switch send them at once),
+    and whose last events go out with the end of the chunked body (``write_eof``): a short
+    answer is one or two socket writes, not four. Each write to a local client is a syscall
+    and a wake-up of the reader, a per-request cost that shows with a connection per
+    request."""
+
+    _send_headers_immediately = False
+
+
 # Tagged batches of engine output: (stream index, outputs that arrived together).
 Outputs = AsyncGenerator[tuple[int, list[EngineOutput]], None]
 
@@ -81,7 +93,7 @@ async def write_unary(gen: Generation) -> web.Response:
 async def write_stream(request: web.Request, gen: Generation) -> web.StreamResponse:
     assembler, tracker = gen.assembler, gen.tracker
     rid, created, name, chat, logprobs = gen.rid, gen.created, gen.model, gen.chat, gen.logprobs
-    response = web.StreamResponse(headers=SSE_HEADERS)
+    response = _SseResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     offsets = [0] * len(assembler.choices)
     fast = FastChunks(rid, created, name, chat=chat)
@@ -109,6 +121,8 @@ async def write_stream(request: web.Request, gen: Generation) -> web.StreamRespo
                     await response.write(render(deltas))
                 if assembler.done:
                     break
+                if item is gen.first and not deltas:
+                    await response.write(b"")  # the headers: no event carried them
                 item = await anext(gen.outputs, None)
             deltas = assembler.finish_all()
             tail = render(deltas) if deltas else b""
@@ -117,8 +131,7 @@ async def write_stream(request: web.Request, gen: Generation) -> web.StreamRespo
         except Exception as exc:
             failure = failure_for(exc, gen.retry_after)
             tracker.status = failure.status
-            await response.write(b"data: " + failure.body + b"\n\n")
-            await response.write_eof()
+            await response.write_eof(b"data: " + failure.body + b"\n\n")
             return response
         if gen.include_usage:
             usage_chunk: Any = (
@@ -128,8 +141,7 @@ async def write_stream(request: web.Request, gen: Generation) -> web.StreamRespo
             )
             usage_chunk.usage = assembler.usage()
             tail += b"data: " + _encode(usage_chunk) + b"\n\n"
-        await response.write(tail + _DONE)
-        await response.write_eof()
+        await response.write_eof(tail + _DONE)
     except ConnectionError:
         # The client left mid-stream; the caller leaving its block closes the worker streams.
         tracker.disconnected()

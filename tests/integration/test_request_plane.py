@@ -68,6 +68,34 @@ async def test_ten_thousand_chunks_arrive_in_order_and_intact(
         assert chunk == {"i": i, "data": hashlib.sha256(str(i).encode()).hexdigest()}
 
 
+async def test_a_quiet_handler_is_acknowledged_before_its_first_chunk(
+    nats_server: NatsServer, etcd_server: EtcdServer
+) -> None:
+    """A handler that sends nothing for a while still tells the caller who serves it (a bare
+    ACK after a couple of milliseconds), so a cancel can reach it before the first chunk.
+    Heartbeats (which acknowledge too) are far apart here, so they cannot stand in for it."""
+    cfg = make_config(nats_server, etcd_server, heartbeat_interval=10.0, stream_timeout=30.0)
+    release = asyncio.Event()
+
+    async def quiet(request: dict[str, Any], ctx: Context) -> AsyncIterator[Any]:
+        await release.wait()
+        yield "late"
+
+    async with runtime(cfg) as worker, runtime(cfg) as caller:
+        await worker.endpoint("backend", "generate").serve(quiet)
+        client = await caller.client("backend", "generate")
+        await client.wait_for_instances(1, timeout=5)
+        stream = await client.generate({})
+        for _ in range(200):
+            assert stream.ready() == []
+            if stream.acked:
+                break
+            await asyncio.sleep(0.01)
+        assert stream.acked and stream.instance_id == worker.instance_id
+        release.set()
+        assert [chunk async for chunk in stream] == ["late"]
+
+
 async def test_concurrent_streams_over_four_instances(
     nats_server: NatsServer, etcd_server: EtcdServer
 ) -> None:

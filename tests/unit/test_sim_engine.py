@@ -21,6 +21,7 @@ from proto.request import FAKE_BOOTSTRAP_HOST
 from shared.engine.cpu.kv_events import KvEventSubscriber
 from shared.engine.cpu.scheduler import SENDING
 from shared.engine.protocol import Engine
+from shared.engine.sim import runner as sim_runner
 from shared.engine.sim.engine import SimConfig, SimEngine
 from shared.engine.sim.tokens import TokenGenerator, Vocabulary, prompt_hash
 
@@ -179,6 +180,56 @@ async def test_stream_and_non_stream(model_dir: Path) -> None:
     )
     assert len(ids4) == 48 and meta4["finish_reason"]["type"] == "length"
     await engine.shutdown()
+
+
+async def test_fast_steps_share_a_timeslice(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps of microseconds (a speedup in the thousands) run on without handing the loop
+    back until a timeslice is used up: a stream takes the tokens of several steps in one item,
+    the same tokens; the loop still runs every timeslice. A timeslice of 0 yields per step."""
+    kw: dict[str, Any] = {
+        "input_ids": [3, 4, 5],
+        "sampling_params": {"max_new_tokens": 48, "ignore_eos": True},
+    }
+    results: dict[float, tuple[list[int], int]] = {}
+    for timeslice in (0.0, 30.0):
+        monkeypatch.setattr(sim_runner, "TIMESLICE_S", timeslice)
+        engine = SimEngine(config(model_dir, speedup_ratio=1e9))
+        await engine.start()
+        try:
+            ids, meta, n = await generate(engine, rid=f"r{timeslice}", **kw)
+        finally:
+            await engine.shutdown()
+        assert meta["finish_reason"] == {"type": "length", "length": 48}
+        results[timeslice] = (ids, n)
+    assert results[0.0][0] == results[30.0][0] and len(results[0.0][0]) == 48
+    assert results[0.0][1] == 48  # one item per step
+    assert results[30.0][1] <= 2  # the first step yields (fresh runner), the rest run on
+
+    # The default timeslice keeps the loop turning during a long run of quick steps.
+    monkeypatch.undo()
+    engine = SimEngine(config(model_dir, speedup_ratio=1e9))
+    await engine.start()
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    try:
+        long_kw = {**kw, "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}}
+        ids, _, n = await generate(engine, rid="long", **long_kw)
+    finally:
+        done = True
+        await task
+        await engine.shutdown()
+    assert len(ids) == 1500 and n < 1500
+    assert ticks >= 3
 
 
 @pytest.mark.parametrize(

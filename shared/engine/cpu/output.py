@@ -57,6 +57,26 @@ class OutputChannel:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def merge_token(self, token: int, completion_tokens: int, reason: Any) -> bool:
+        """Add one token (no logprobs) to the increment the consumer has not read yet, as
+        :meth:`push` would merge it, without building the item: the scheduler's per-token
+        work while a stream is behind. False if there is no unread item to add it to (the
+        caller pushes a new one). The unread item must carry no logprobs."""
+        if self._closed:
+            return True  # dropped, as push drops it
+        items = self._items
+        if not items:
+            return False
+        last = items[-1]
+        last["output_ids"].append(token)
+        meta = last["meta_info"]
+        meta["completion_tokens"] = completion_tokens
+        meta["finish_reason"] = reason
+        if reason is not None:
+            self._closed = True
+        # A waiter exists only while nothing is unread: nobody to wake.
+        return True
+
     def close(self) -> None:
         """End the stream without a final item (only for teardown paths)."""
         self._closed = True

@@ -517,11 +517,13 @@ class Scheduler:
                 self._release_decode_peer(req)
                 self._terminate(req, _abort(why, 500))
             finished_any = True
-        sampled: dict[int, int] = {id(r): i for i, r in enumerate(batch.sample)}
         tokens = out.tokens
         logprobs = out.logprobs
 
         if batch.prefill:
+            # Where each finishing prefill's token is (they come first in ``sample``).
+            first_decode = len(batch.sample) - len(batch.decode)
+            sampled = {id(r): i for i, r in enumerate(batch.sample[:first_decode])}
             stats.prefill_steps += 1
             computed = 0
             hit = 0
@@ -592,20 +594,24 @@ class Scheduler:
                 reason = {"type": "stop", "matched": tok}
             else:
                 reason = None
-            meta: dict[str, Any] = {
-                "id": req.rid,
-                "finish_reason": reason,
-                "prompt_tokens": req.prompt_len,
-                "completion_tokens": n,
-                "cached_tokens": req.cached_tokens,
-            }
-            if req.return_logprob:
-                _logprob_meta(meta, req, [tok], [logprobs[k] if logprobs is not None else None])
-            item = {"text": "", "output_ids": [tok], "index": 0, "meta_info": meta}
-            if reason is None:
-                req.channel.push(item)
-            else:
-                req.channel.push(item, final=True)
+            channel = req.channel
+            # A stream that has not read its last increment yet takes the token into it (what
+            # push would merge) without a new item: the common case when steps are quicker
+            # than the streams (a fast simulated engine, a busy worker).
+            if req.return_logprob or not channel.merge_token(tok, n, reason):
+                meta: dict[str, Any] = {
+                    "id": req.rid,
+                    "finish_reason": reason,
+                    "prompt_tokens": req.prompt_len,
+                    "completion_tokens": n,
+                    "cached_tokens": req.cached_tokens,
+                }
+                if req.return_logprob:
+                    lp = logprobs[k] if logprobs is not None else None
+                    _logprob_meta(meta, req, [tok], [lp])
+                item = {"text": "", "output_ids": [tok], "index": 0, "meta_info": meta}
+                channel.push(item, final=reason is not None)
+            if reason is not None:
                 self._release(req, insert=True)
                 req.state = DONE
                 del self.requests[req.rid]

@@ -8,6 +8,14 @@ function of (seed, prompt, position), so a disaggregated pair produces exactly w
 aggregated engine produces and tests can assert exact outputs.
 
 Steps sleep against a running deadline, so the scheduler's own CPU time does not add up.
+A step whose remaining time is under ``MIN_SLEEP_S`` is not slept out on its own (the deadline
+carries it): at speedups in the thousands a step lasts microseconds, the next step's tokens
+are ready before the streams could take this one's, and the scheduler runs on for up to
+``TIMESLICE_S`` before it hands the loop back, so each stream wakes once for the tokens of
+several steps (one item, one frame) as it would reading an engine in another process. The
+py-spy profile of a worker at c=64 showed the per-step wake-ups of every stream (their task,
+three generator layers, a frame each) as most of its CPU. Realistic step times (>= 1 ms)
+sleep every step, as before; speedup 0 yields after every step.
 ``min_new_tokens`` masks stop tokens as SGLang's penalizer does: a masked draw is replaced by
 another ordinary token. Logprobs are made up but well formed (``TokenGenerator.logprobs``).
 
@@ -27,7 +35,13 @@ from shared.engine.cpu.runner import ForwardBatch, StepOutput
 from shared.engine.sim.cost import CostModel
 from shared.engine.sim.tokens import TokenGenerator, Vocabulary, prompt_hash
 
-__all__ = ["SimRunner"]
+__all__ = ["MIN_SLEEP_S", "TIMESLICE_S", "SimRunner"]
+
+# A simulated step shorter than this (what remains of it on the running deadline) is not
+# slept out on its own: the deadline carries it to the next step that is.
+MIN_SLEEP_S = 1e-3
+# ... but the scheduler still hands the event loop back at least this often.
+TIMESLICE_S = 5e-4
 
 
 class _StandInKv:
@@ -77,6 +91,7 @@ class SimRunner:
         self.output_len_mean = output_len_mean
         self.kv_bytes_per_token = kv_bytes_per_token
         self._next_t = 0.0
+        self._yielded_at = 0.0
 
     @property
     def kv_layout(self) -> str:
@@ -110,8 +125,16 @@ class SimRunner:
             if self._next_t < now:
                 self._next_t = now
             self._next_t += seconds / speedup
-            delay = self._next_t - loop.time()
-            await asyncio.sleep(delay if delay > 0 else 0)
+            delay = self._next_t - now
+            if delay >= MIN_SLEEP_S or now - self._yielded_at >= TIMESLICE_S:
+                # A step worth a timer, or the timeslice is used up: let the streams and
+                # the sockets run.
+                await asyncio.sleep(delay if delay > 0 else 0)
+                self._yielded_at = loop.time()
+            # else: the simulated GPU is far quicker than this process (speedups in the
+            # thousands), so the next step's tokens are ready before the streams could
+            # take this one's: run on, and each stream takes the tokens of several steps
+            # in one item, as from an engine in another process.
         else:
             await asyncio.sleep(0)
         tokens: list[int] = []
