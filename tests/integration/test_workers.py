@@ -168,7 +168,12 @@ async def test_aggregated_worker_streams_tokens_with_usage_and_registers_its_mod
     assert usage.prompt_tokens_details.cached_tokens >= 32
     assert token_ids(again) == token_ids(chunks)[:4]  # same seed, same prompt
 
-    kvs = list(await rt.etcd.client.get_prefix(models_prefix(cfg.namespace).encode()))
+    # The card follows the instance record: the worker publishes its model files first (to
+    # etcd, a few MB), so it may land after the first answers.
+    deadline = asyncio.get_running_loop().time() + 10
+    while not (kvs := list(await rt.etcd.client.get_prefix(models_prefix(cfg.namespace).encode()))):
+        assert asyncio.get_running_loop().time() < deadline, "no model card within 10 s"
+        await asyncio.sleep(0.05)
     (card,) = [msgspec.msgpack.decode(kv.value, type=ModelCard) for kv in kvs]
     assert (card.name, card.aliases) == ("tiny", ["tiny-chat"])
     assert card.kv_cache_block_size == 16 and card.runtime_config is not None
