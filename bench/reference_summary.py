@@ -3,7 +3,9 @@
 Per cell (routing, workers, connection mode, concurrency) and system: medians over the
 repeats of req/s and of CPU ms per request of every process of the stack (front, workers,
 NATS, etcd, the publisher), then the ratios sglmesh / reference. A cell meets the goal when
-req/s >= 1.0x and total CPU per request <= 1.0x.
+req/s >= 1.0x and total CPU per request <= 1.0x. Also the SSE text events per request of each
+system: the reference sends one per token; sglmesh sends the tokens a stream has ready when it
+wakes in one event, so on a fast simulator it sends fewer (and less work per request).
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     for name in sorted({n for r in got for n in r["server_cpu_ms_per_req"]})
                 },
                 "errors": sum(r["errors"] for r in got),
+                "events_per_req": (
+                    statistics.median(r["text_events_per_request_mean"] for r in got)
+                    if got
+                    else None
+                ),
             }
         ref, ours = row["dynamo"], row["sglmesh"]
         if ref["req_per_s"] and ours["req_per_s"]:
@@ -65,16 +72,17 @@ def main() -> None:
     rows = summarise(runs)
     print(
         "| routing | N | conn | c | req/s ref | req/s sglmesh | ratio | CPU ms/req ref | "
-        "CPU ms/req sglmesh | ratio |"
+        "CPU ms/req sglmesh | ratio | events/req ref | events/req sglmesh |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref, ours = r["dynamo"], r["sglmesh"]
         print(
             f"| {r['routing']} | {r['workers']} | {r['conn']} | {r['c']} | "
             f"{ref['req_per_s'] or 0:.0f} | {ours['req_per_s'] or 0:.0f} | "
             f"{r.get('req_per_s_ratio', 0):.2f} | {ref['cpu_ms_per_req'] or 0:.2f} | "
-            f"{ours['cpu_ms_per_req'] or 0:.2f} | {r.get('cpu_ratio', 0):.2f} |"
+            f"{ours['cpu_ms_per_req'] or 0:.2f} | {r.get('cpu_ratio', 0):.2f} | "
+            f"{ref['events_per_req'] or 0:.1f} | {ours['events_per_req'] or 0:.1f} |"
         )
     if args.json:
         Path(args.json).write_text(
