@@ -201,6 +201,7 @@ def main() -> int:
     finally:
         if not args.keep:
             subprocess.run([*PODMAN, "kube", "down", str(played)], capture_output=True)
+            subprocess.run([*PODMAN, "network", "rm", NETWORK], capture_output=True)
             shutil.rmtree(root, ignore_errors=True)
     return 0 if ok else 1
 
