@@ -79,6 +79,23 @@ class StreamResult:
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+async def _until_routed_to_both(http: aiohttp.ClientSession, processor: Processor) -> None:
+    """One-token requests until the processor has routed to two workers: wait_model returns
+    once the model is servable, possibly before the second worker's card is known, and round
+    robin spreads only over the workers it knows."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        text = await processor.metrics()
+        routed = {line.split("instance=", 1)[1].split('"')[1] for line in text.splitlines()
+                  if line.startswith("sglmesh_processor_routing_decisions_total{")}  # fmt: skip
+        if len(routed) >= 2:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"routed only to {routed}"
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+        async with http.post(f"{processor.v1}/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+
+
 async def stream_completion(
     http: aiohttp.ClientSession, processor: Processor, body: dict[str, Any], out: StreamResult
 ) -> StreamResult:
@@ -357,6 +374,7 @@ async def test_a_guided_request_is_not_migrated_mid_output(
         workers = await m.add_workers(tiny, (), (), served=MODEL, speedup=SLOW)
         await processor.wait_model(MODEL)
         async with aiohttp.ClientSession() as http:
+            await _until_routed_to_both(http, processor)
             results = [StreamResult() for _ in range(2)]
             tasks = [
                 asyncio.create_task(stream_completion(http, processor, {**body, "seed": i}, r))
