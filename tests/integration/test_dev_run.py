@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -166,8 +167,12 @@ def test_run_serves_chat_then_stop_leaves_nothing(dev: Dev, mode: str) -> None:
     for proc in [p for p in state["processes"] if p.get("system_port")]:
         port = proc["system_port"]
         assert f"http://127.0.0.1:{port}" in started.stdout
-        with _OPENER.open(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-            assert response.status == 200
+        try:
+            with _OPENER.open(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                assert response.status == 200
+        except urllib.error.HTTPError as exc:  # say why, with the worker's log
+            log = (dev.run_dir / f"{proc['name']}.log").read_text(errors="replace")
+            pytest.fail(f"{proc['name']} /health {exc.code}: {exc.read()!r}\n{log[-4000:]}")
 
     # The printed curl line, sent as printed: a streamed chat completion with text in it.
     url, body = _curl_line(started.stdout)
