@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -40,6 +40,7 @@ __all__ = [
     "non_empty",
     "parse_bool",
     "resolve_flags",
+    "without_flags",
 ]
 
 Converter = Callable[[str], Any]
@@ -229,3 +230,39 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def without_flags(
+    argv: Sequence[str],
+    bare: Collection[str] = (),
+    valued: Mapping[str, str | None] | None = None,
+) -> list[str]:
+    """``argv`` minus some flags, for handing the rest to a parser that does not know them.
+
+    ``bare`` flags take no value (``--x`` and ``--x=...`` are dropped). ``valued`` maps a flag
+    that takes a value (``--x v`` or ``--x=v``) to the only value dropped, or None for any.
+    """
+    valued = valued or {}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in bare:
+            i += 1
+            continue
+        if name in valued:
+            wanted = valued[name]
+            if eq:
+                if wanted is None or value == wanted:
+                    i += 1
+                    continue
+            elif i + 1 < len(argv) and (wanted is None or argv[i + 1] == wanted):
+                i += 2
+                continue
+            elif i + 1 >= len(argv) and wanted is None:
+                i += 1
+                continue
+        out.append(arg)
+        i += 1
+    return out

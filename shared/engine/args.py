@@ -57,6 +57,7 @@ from shared.flags import (
     float_converter,
     int_converter,
     non_empty,
+    without_flags,
 )
 
 __all__ = [
@@ -582,18 +583,7 @@ def _disagg_config_argv(rest: list[str], path: str | None, key: str | None) -> I
         )
     import yaml  # _load_yaml succeeded, so PyYAML is there
 
-    stripped: list[str] = []
-    skip = False
-    for i, arg in enumerate(rest):
-        if skip:
-            skip = False
-            continue
-        if arg == "--config":
-            skip = i + 1 < len(rest)
-            continue
-        if arg.startswith("--config="):
-            continue
-        stripped.append(arg)
+    stripped = without_flags(rest, valued={"--config": None})
     fd, tmp = tempfile.mkstemp(prefix="sglmesh-disagg-", suffix=".yaml")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

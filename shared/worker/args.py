@@ -34,6 +34,7 @@ from shared.flags import (
     add_flags,
     flag_values,
     float_converter,
+    without_flags,
 )
 from shared.parser_names import (
     REASONING_PARSER_NAMES,
@@ -229,31 +230,6 @@ def is_multimodal_encode(argv: Sequence[str]) -> bool:
     return _flag_value(argv, "--disaggregation-mode") == ENCODE
 
 
-def _without_encoder_flags(argv: Sequence[str]) -> list[str]:
-    """The command line minus the encoder role flags, which no engine parser knows."""
-    out: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in (_MULTIMODAL_ENCODE_FLAG, EMBEDDING_WORKER_FLAG, "--enable-multimodal"):
-            continue
-        if arg == "--disaggregation-mode" and i + 1 < len(argv) and argv[i + 1] == ENCODE:
-            skip = True
-            continue
-        if arg == f"--disaggregation-mode={ENCODE}":
-            continue
-        out.append(arg)
-    return out
-
-
-def _without_embedding_flag(argv: Sequence[str]) -> list[str]:
-    """The command line minus ``--embedding-worker`` (a mesh flag SGLang's parser lacks)."""
-    return [a for a in argv if a.split("=", 1)[0] != EMBEDDING_WORKER_FLAG]
-
-
 def _die(prog: str, message: str) -> NoReturn:
     print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -307,7 +283,16 @@ def parse_worker_args(
     chosen = role or chosen
     vision = chosen == ENCODE and is_multimodal_encode(args)
     if chosen == ENCODE:
-        args = _without_encoder_flags(args) if vision else _without_embedding_flag(args)
+        args = (
+            without_flags(
+                args,
+                bare=(_MULTIMODAL_ENCODE_FLAG, EMBEDDING_WORKER_FLAG, "--enable-multimodal"),
+                valued={"--disaggregation-mode": ENCODE},
+            )
+            if vision
+            # --embedding-worker is a mesh flag SGLang's parser lacks.
+            else without_flags(args, bare=(EMBEDDING_WORKER_FLAG,))
+        )
     if role == PREFILL and _flag_value(args, "--disaggregation-mode") is None:
         args = [*args, "--disaggregation-mode", "prefill"]
     ns, rest = parser.parse_known_args(args)

@@ -21,6 +21,7 @@ from shared.flags import (
     non_empty,
     parse_bool,
     resolve_flags,
+    without_flags,
 )
 
 LIMIT = Flag(
@@ -171,3 +172,20 @@ def test_converters() -> None:
         non_empty("a key")("  ")
     assert parse_bool(" YES ") is True and parse_bool("off") is False
     assert math.isclose(float_converter(0.0, strict=True)("1e-3"), 0.001)
+
+
+def test_without_flags_drops_bare_and_valued_flags_in_both_spellings() -> None:
+    argv = ["--a", "--b=1", "--config", "x.yaml", "--keep", "v", "--config=y", "--mode", "encode"]
+    assert without_flags(argv, bare=("--a", "--b"), valued={"--config": None}) == [
+        "--keep", "v", "--mode", "encode",
+    ]  # fmt: skip
+    # A valued flag with a required value goes only when it has that value.
+    assert without_flags(["--mode", "encode", "--x"], valued={"--mode": "encode"}) == ["--x"]
+    assert without_flags(["--mode=prefill"], valued={"--mode": "encode"}) == ["--mode=prefill"]
+    assert without_flags(["--mode", "decode"], valued={"--mode": "encode"}) == ["--mode", "decode"]
+    # A trailing valued flag without its value goes too (the parser would refuse it anyway).
+    assert without_flags(["--p", "--config"], valued={"--config": None}) == ["--p"]
+    # A prefix is not the flag.
+    assert without_flags(["--abc", "--configs", "z"], bare=("--a",), valued={"--config": None}) == [
+        "--abc", "--configs", "z",
+    ]  # fmt: skip
