@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from shared.engine import registry
 from shared.engine.args import EngineArgs, EngineSelectionError
 from shared.engine.registry import AUTO, package_installed
+from shared.registry import NamedRegistry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
+    "VISION_ENGINES",
     "ImageEncoder",
     "VisionEngineKind",
     "VisionSettings",
@@ -92,25 +94,22 @@ class VisionEngineKind:
     fixed_image_size: int | None = None
 
 
-_KINDS: dict[str, VisionEngineKind] = {}
+VISION_ENGINES: NamedRegistry[VisionEngineKind] = NamedRegistry(
+    "image encoder", error=EngineSelectionError, reserved=(AUTO,)
+)
 
 
 def register_vision_engine(kind: VisionEngineKind) -> None:
     """Add an image encoder kind; a later registration of the same name replaces it."""
-    if kind.name == AUTO:
-        raise ValueError(f"{AUTO!r} is not an engine name")
-    _KINDS[kind.name] = kind
+    VISION_ENGINES.register(kind)
 
 
 def vision_engine_names() -> tuple[str, ...]:
-    return tuple(_KINDS)
+    return VISION_ENGINES.names()
 
 
 def vision_engine(name: str) -> VisionEngineKind:
-    try:
-        return _KINDS[name]
-    except KeyError:
-        raise EngineSelectionError(f"unknown image encoder {name!r}") from None
+    return VISION_ENGINES.get(name)
 
 
 def choose_vision_engine(
@@ -121,7 +120,7 @@ def choose_vision_engine(
     environ = os.environ if env is None else env
     if args.engine == AUTO:
         passed: list[str] = []
-        for kind in _KINDS.values():
+        for kind in VISION_ENGINES:
             ok, why = kind.auto(args, environ)
             if ok:
                 problem = kind.check(args)
@@ -133,9 +132,9 @@ def choose_vision_engine(
             f"--model-path {args.model_path!r}: --engine auto found no image encoder for it "
             f"({'; '.join(passed)})"
         )
-    kind_or_none = _KINDS.get(args.engine)
+    kind_or_none = VISION_ENGINES.find(args.engine)
     if kind_or_none is None or kind_or_none.name not in registry.engine_names():
-        nameable = [n for n in _KINDS if n in registry.engine_names()]
+        nameable = [n for n in VISION_ENGINES.names() if n in registry.engine_names()]
         raise EngineSelectionError(
             f"--engine {args.engine}: an image encode worker runs {' or '.join(nameable)} "
             f"(GPU), or auto: the ViT on onnxruntime for an .onnx model"

@@ -24,12 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from shared.registry import NamedRegistry
+
 if TYPE_CHECKING:
     from shared.engine.args import EngineArgs
     from shared.engine.protocol import Engine
 
 __all__ = [
     "AUTO",
+    "ENGINES",
     "EngineKind",
     "EngineSelectionError",
     "create_engine",
@@ -73,28 +76,23 @@ class EngineKind:
     min_tokens_without_tokenizer: bool = True
 
 
-_KINDS: dict[str, EngineKind] = {}
+ENGINES: NamedRegistry[EngineKind] = NamedRegistry(
+    "engine", error=EngineSelectionError, reserved=(AUTO,)
+)
 
 
 def register(kind: EngineKind) -> None:
     """Add an engine kind; a later registration of the same name replaces the earlier."""
-    if kind.name == AUTO:
-        raise ValueError(f"{AUTO!r} is not an engine name")
-    _KINDS[kind.name] = kind
+    ENGINES.register(kind)
 
 
 def engine_names() -> tuple[str, ...]:
     """Registered kinds in ``--engine auto``'s order of preference."""
-    return tuple(_KINDS)
+    return ENGINES.names()
 
 
 def engine_kind(name: str) -> EngineKind:
-    try:
-        return _KINDS[name]
-    except KeyError:
-        raise EngineSelectionError(
-            f"unknown engine {name!r}; choose from {', '.join((*_KINDS, AUTO))}"
-        ) from None
+    return ENGINES.get(name)
 
 
 def resolve(args: EngineArgs, env: Mapping[str, str] | None = None) -> tuple[EngineKind, str]:
@@ -107,7 +105,7 @@ def resolve(args: EngineArgs, env: Mapping[str, str] | None = None) -> tuple[Eng
             raise EngineSelectionError(f"--engine {kind.name} {why}")
         return kind, f"--engine {kind.name}"
     passed: list[str] = []
-    for kind in _KINDS.values():
+    for kind in ENGINES:
         ok, why = kind.auto(args, environ)
         if ok:
             return kind, f"--engine auto: {why}" + (f" ({'; '.join(passed)})" if passed else "")
