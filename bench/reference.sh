@@ -7,6 +7,10 @@
 #   DYNAMO_PYTHON  a Python with ai-dynamo 1.6.1 installed (see the harness's README)
 #   CLIENT_PYTHON  a Python with aiohttp, tokenizers, orjson, uvloop (the load generator's)
 #   REPEATS (3)    PHASES ("rr-main rr-n4 kv-main kv-n4")
+#   SGLMESH_SIM_TIMESLICE_MS (0.5)  sglmesh's simulator runs sub-millisecond steps back to back
+#                  for this long, so a stream item carries several tokens; 0 = one token per
+#                  item, as the reference's mocker streams (the like-for-like cost per token)
+#   RESULT (reference)  the JSON's name in bench/results/
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ANCHOR="${ANCHOR_DIR:-$ROOT/../shared/anchor}"
@@ -26,7 +30,9 @@ fi
 MODEL_DIR="$ANCHOR/tiny-model"
 RUN_DIR="$(mktemp -d -t sglmesh-reference-XXXXXX)"
 trap 'rm -rf "$RUN_DIR"' EXIT
-OUT="$ROOT/bench/results/reference.jsonl"
+RESULT="${RESULT:-reference}"
+OUT="$ROOT/bench/results/$RESULT.jsonl"
+export SGLMESH_SIM_TIMESLICE_MS="${SGLMESH_SIM_TIMESLICE_MS:-0.5}"
 : > "$OUT"
 export MODEL_DIR DYNAMO_PYTHON CLIENT_PYTHON
 export SGLMESH_BIN="$ROOT/.venv/bin/sglmesh" ETCD_BIN="$ROOT/.venv/bin/etcd" NATS_BIN="$ROOT/.venv/bin/nats-server"
@@ -43,5 +49,5 @@ for phase in ${PHASES:-rr-main rr-n4 kv-main kv-n4}; do
   esac
   "${DRIVER[@]}" --tag "$phase" --dynamo-router-mode "$mode" --sglmesh-router-mode "$mode" "${cells[@]}"
 done
-"$ROOT/.venv/bin/python" "$ROOT/bench/reference_summary.py" "$OUT" --json "$ROOT/bench/results/reference.json" \
-  --commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+"$ROOT/.venv/bin/python" "$ROOT/bench/reference_summary.py" "$OUT" --json "$ROOT/bench/results/$RESULT.json" \
+  --sim-timeslice-ms "$SGLMESH_SIM_TIMESLICE_MS" --commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"

@@ -67,9 +67,14 @@ def main() -> None:
     parser.add_argument("jsonl")
     parser.add_argument("--json", help="write the summary here")
     parser.add_argument("--commit", default="")
+    parser.add_argument(
+        "--sim-timeslice-ms", type=float, default=None, help="sglmesh's simulator timeslice"
+    )
     args = parser.parse_args()
     runs = [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line]
     rows = summarise(runs)
+    if args.sim_timeslice_ms is not None:
+        print(f"sglmesh simulator timeslice: {args.sim_timeslice_ms:g} ms")
     print(
         "| routing | N | conn | c | req/s ref | req/s sglmesh | ratio | CPU ms/req ref | "
         "CPU ms/req sglmesh | ratio | events/req ref | events/req sglmesh |"
@@ -86,7 +91,15 @@ def main() -> None:
         )
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"commit": args.commit, "cells": rows}, indent=2) + "\n"
+            json.dumps(
+                {
+                    "commit": args.commit,
+                    "sim_timeslice_ms": args.sim_timeslice_ms,
+                    "cells": rows,
+                },
+                indent=2,
+            )
+            + "\n"
         )
 
 

@@ -144,6 +144,16 @@ _ENGINE_FLAGS: tuple[Flag, ...] = (
         "sim engine: mean output length before an early EOS; 0 = never stop early",
     ),
     Flag(
+        "sim_timeslice_ms",
+        float_converter(0.0),
+        0.5,
+        "MS",
+        "sim engine: when steps are shorter than 1 ms (large --speedup-ratio), run steps back "
+        "to back for up to this long before letting the streams run, so each takes several "
+        "tokens at once; 0 = after every step, one token per stream item as the reference's "
+        "mocker streams",
+    ),
+    Flag(
         "bootstrap_timeout",
         float_converter(0.0, strict=True),
         300.0,
@@ -773,6 +783,7 @@ class EngineArgs:
     speedup_ratio: float = 1.0
     kv_bytes_per_token: int = DEFAULT_KV_BYTES_PER_TOKEN
     sim_output_len_mean: int = 0
+    sim_timeslice_ms: float = 0.5
     bootstrap_timeout: float = 300.0
     disagg_config: str | None = None
     disagg_config_key: str | None = None

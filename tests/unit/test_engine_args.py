@@ -307,11 +307,12 @@ def test_mesh_flags() -> None:
         [
             "--model-path", "m", "--engine", "sim", "--speedup-ratio", "0",
             "--kv-bytes-per-token", "1024", "--sim-output-len-mean", "50",
-            "--bootstrap-timeout", "2.5",
+            "--bootstrap-timeout", "2.5", "--sim-timeslice-ms", "0",
         ]
     )  # fmt: skip
     assert (a.engine, a.speedup_ratio, a.kv_bytes_per_token) == ("sim", 0.0, 1024)
-    assert (a.sim_output_len_mean, a.bootstrap_timeout) == (50, 2.5)
+    assert (a.sim_output_len_mean, a.bootstrap_timeout, a.sim_timeslice_ms) == (50, 2.5, 0.0)
+    assert parse(["--model-path", "m"]).sim_timeslice_ms == 0.5
 
 
 def test_env_twins_and_precedence() -> None:
@@ -321,10 +322,12 @@ def test_env_twins_and_precedence() -> None:
         "SGLMESH_KV_BYTES_PER_TOKEN": "2048",
         "SGLMESH_SIM_OUTPUT_LEN_MEAN": "9",
         "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "30",
+        "SGLMESH_SIM_TIMESLICE_MS": "2",
     }
     a = parse(["--model-path", "m"], env)
     assert (a.engine, a.speedup_ratio, a.kv_bytes_per_token) == ("sim", 4.0, 2048)
     assert (a.sim_output_len_mean, a.bootstrap_timeout) == (9, 30.0)
+    assert a.sim_timeslice_ms == 2.0
     # SGLMESH_* beats the reference's variable; the flag beats both
     env["SGLMESH_BOOTSTRAP_TIMEOUT"] = "60"
     assert parse(["--model-path", "m"], env).bootstrap_timeout == 60.0
@@ -352,6 +355,7 @@ def test_help_lists_engine_flags_with_env(capsys: pytest.CaptureFixture[str]) ->
         ("--speedup-ratio", "SGLMESH_SPEEDUP_RATIO"),
         ("--kv-bytes-per-token", "SGLMESH_KV_BYTES_PER_TOKEN"),
         ("--sim-output-len-mean", "SGLMESH_SIM_OUTPUT_LEN_MEAN"),
+        ("--sim-timeslice-ms", "SGLMESH_SIM_TIMESLICE_MS"),
         ("--bootstrap-timeout", "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT"),
         ("--disagg-config", "SGLMESH_DISAGG_CONFIG"),
         ("--disagg-config-key", "SGLMESH_DISAGG_CONFIG_KEY"),

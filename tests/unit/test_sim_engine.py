@@ -21,7 +21,6 @@ from proto.request import FAKE_BOOTSTRAP_HOST
 from shared.engine.cpu.kv_events import KvEventSubscriber
 from shared.engine.cpu.scheduler import SENDING
 from shared.engine.protocol import Engine
-from shared.engine.sim import runner as sim_runner
 from shared.engine.sim.engine import SimConfig, SimEngine
 from shared.engine.sim.tokens import TokenGenerator, Vocabulary, prompt_hash
 
@@ -182,9 +181,7 @@ async def test_stream_and_non_stream(model_dir: Path) -> None:
     await engine.shutdown()
 
 
-async def test_fast_steps_share_a_timeslice(
-    model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_fast_steps_share_a_timeslice(model_dir: Path) -> None:
     """Steps of microseconds (a speedup in the thousands) run on without handing the loop
     back until a timeslice is used up: a stream takes the tokens of several steps in one item,
     the same tokens; the loop still runs every timeslice. A timeslice of 0 yields per step."""
@@ -194,8 +191,7 @@ async def test_fast_steps_share_a_timeslice(
     }
     results: dict[float, tuple[list[int], int]] = {}
     for timeslice in (0.0, 30.0):
-        monkeypatch.setattr(sim_runner, "TIMESLICE_S", timeslice)
-        engine = SimEngine(config(model_dir, speedup_ratio=1e9))
+        engine = SimEngine(config(model_dir, speedup_ratio=1e9, timeslice_s=timeslice))
         await engine.start()
         try:
             ids, meta, n = await generate(engine, rid=f"r{timeslice}", **kw)
@@ -208,7 +204,6 @@ async def test_fast_steps_share_a_timeslice(
     assert results[30.0][1] <= 2  # the first step yields (fresh runner), the rest run on
 
     # The default timeslice keeps the loop turning during a long run of quick steps.
-    monkeypatch.undo()
     engine = SimEngine(config(model_dir, speedup_ratio=1e9))
     await engine.start()
     ticks = 0

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from shared.engine.cpu.engine import CpuConfig, CpuEngine, cpu_config_fields
 from shared.engine.cpu.runner import ModelRunner
 from shared.engine.sim.cost import CostModel
-from shared.engine.sim.runner import SimRunner
+from shared.engine.sim.runner import TIMESLICE_S, SimRunner
 from shared.engine.sim.tokens import Vocabulary
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ class SimConfig(CpuConfig):
     speedup_ratio: float = 1.0
     # > 0: requests stop early with eos after a drawn length of this mean.
     output_len_mean: float = 0.0
+    # Seconds of back-to-back sub-millisecond steps before the loop is handed back (runner.py).
+    timeslice_s: float = TIMESLICE_S
     kv_bytes_per_token: int | None = None
     cost: CostModel = field(default_factory=CostModel)
 
@@ -46,6 +48,8 @@ class SimConfig(CpuConfig):
             raise ValueError("speedup_ratio must be >= 0 (0 = no simulated delays)")
         if self.output_len_mean < 0:
             raise ValueError("output_len_mean must be >= 0")
+        if self.timeslice_s < 0:
+            raise ValueError("timeslice_s must be >= 0")
         if self.kv_bytes_per_token is not None and self.kv_bytes_per_token < 1:
             raise ValueError("kv_bytes_per_token must be >= 1")
 
@@ -92,10 +96,12 @@ class SimEngine(CpuEngine):
             speedup_ratio=cfg.speedup_ratio,
             output_len_mean=cfg.output_len_mean,
             kv_bytes_per_token=self.kv_bytes_per_token,
+            timeslice_s=cfg.timeslice_s,
         )
 
     def _describe(self) -> str:
-        return f", speedup {self.config.speedup_ratio:g}"
+        cfg = self.config
+        return f", speedup {cfg.speedup_ratio:g}, timeslice {cfg.timeslice_s * 1e3:g} ms"
 
 
 def sim_config(args: EngineArgs) -> SimConfig:
@@ -105,4 +111,5 @@ def sim_config(args: EngineArgs) -> SimConfig:
         kv_bytes_per_token=args.kv_bytes_per_token,
         speedup_ratio=args.speedup_ratio,
         output_len_mean=args.sim_output_len_mean,
+        timeslice_s=args.sim_timeslice_ms / 1e3,
     )

@@ -11,11 +11,14 @@ Steps sleep against a running deadline, so the scheduler's own CPU time does not
 A step whose remaining time is under ``MIN_SLEEP_S`` is not slept out on its own (the deadline
 carries it): at speedups in the thousands a step lasts microseconds, the next step's tokens
 are ready before the streams could take this one's, and the scheduler runs on for up to
-``TIMESLICE_S`` before it hands the loop back, so each stream wakes once for the tokens of
-several steps (one item, one frame) as it would reading an engine in another process. The
+``timeslice_s`` (``--sim-timeslice-ms``, default ``TIMESLICE_S``) before it hands the loop
+back, so each stream wakes once for the tokens of several steps (one item, one frame) as it
+would reading an engine in another process. The
 py-spy profile of a worker at c=64 showed the per-step wake-ups of every stream (their task,
 three generator layers, a frame each) as most of its CPU. Realistic step times (>= 1 ms)
-sleep every step, as before; speedup 0 yields after every step.
+sleep every step, as before; speedup 0 or a timeslice of 0 yields after every step (one
+token per stream item, as the reference's mocker streams: what a like-for-like comparison of
+the mesh's cost per token needs).
 ``min_new_tokens`` masks stop tokens as SGLang's penalizer does: a masked draw is replaced by
 another ordinary token. Logprobs are made up but well formed (``TokenGenerator.logprobs``).
 
@@ -80,6 +83,7 @@ class SimRunner:
         speedup_ratio: float = 1.0,
         output_len_mean: float = 0.0,
         kv_bytes_per_token: int = 131_072,
+        timeslice_s: float = TIMESLICE_S,
     ) -> None:
         if speedup_ratio < 0:
             raise ValueError("speedup_ratio must be >= 0 (0 = no simulated delays)")
@@ -90,6 +94,7 @@ class SimRunner:
         self.speedup_ratio = speedup_ratio
         self.output_len_mean = output_len_mean
         self.kv_bytes_per_token = kv_bytes_per_token
+        self.timeslice_s = timeslice_s
         self._next_t = 0.0
         self._yielded_at = 0.0
 
@@ -126,7 +131,7 @@ class SimRunner:
                 self._next_t = now
             self._next_t += seconds / speedup
             delay = self._next_t - now
-            if delay >= MIN_SLEEP_S or now - self._yielded_at >= TIMESLICE_S:
+            if delay >= MIN_SLEEP_S or now - self._yielded_at >= self.timeslice_s:
                 # A step worth a timer, or the timeslice is used up: let the streams and
                 # the sockets run.
                 await asyncio.sleep(delay if delay > 0 else 0)
