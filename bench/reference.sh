@@ -30,6 +30,8 @@ fi
 MODEL_DIR="$ANCHOR/tiny-model"
 RUN_DIR="$(mktemp -d -t sglmesh-reference-XXXXXX)"
 trap 'rm -rf "$RUN_DIR"' EXIT
+# The harness's load generator leaves a temp JSON per run: keep them in the run directory.
+export TMPDIR="$RUN_DIR"
 RESULT="${RESULT:-reference}"
 OUT="$ROOT/bench/results/$RESULT.jsonl"
 export SGLMESH_SIM_TIMESLICE_MS="${SGLMESH_SIM_TIMESLICE_MS:-0.5}"
