@@ -7,6 +7,8 @@ processes signalled are real ones started by the test.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -33,8 +35,13 @@ def _hermetic_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def run_dir(tmp_path: Path) -> Path:
-    return tmp_path / "run"
+def run_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "run"
+    yield path
+    # Whatever a failed test left running (a mesh a refusal test did not expect) is stopped.
+    if (path / "mesh.json").exists():
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            cli(["stop", "--run-dir", str(path), "--timeout", "5"])
 
 
 def _ports_args(run_dir: Path) -> list[str]:
@@ -161,6 +168,15 @@ def spawn() -> Iterator[Any]:
     def start(argv: list[str], *, wait_ready: bool = False) -> subprocess.Popen[str]:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
         procs.append(proc)
+        # Until the child has exec'd, its /proc cmdline is pytest's, and `run`/`stop` would
+        # (rightly) take the pid for someone else's: wait for the exec.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while cmdline.exists() and cmdline.read_bytes().split(b"\0")[1:-1] != [
+            a.encode() for a in argv[1:]
+        ]:
+            assert time.monotonic() < deadline, f"{argv} did not start"
+            time.sleep(0.01)
         if wait_ready:
             assert proc.stdout is not None
             assert proc.stdout.readline().strip() == "ready"
