@@ -82,6 +82,8 @@ _LOG_FORMATS = ("json", "text")
 # "nats" on the reply subject, "auto" tcp unless NATS is reached over TLS (the direct
 # connection has no TLS of its own).
 RESPONSE_PLANES = ("auto", "tcp", "nats")
+# Frames wait at most this long for company (see shared/runtime/response_plane.py).
+MAX_RESPONSE_FLUSH_INTERVAL = 0.05
 _NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 _ETCD_SCHEMES = ("http", "https")
 
@@ -285,6 +287,7 @@ class MeshConfig:
     response_plane: str = "auto"
     response_host: str = ""
     response_port: int = 0
+    response_flush_interval: float = 0.001
     engine_request_limit: int = 0
     log_level: str = "info"
     log_format: str = "json"
@@ -363,6 +366,7 @@ class MeshConfig:
             raise ValueError(f"response_host must be a string, got {self.response_host!r}")
         put("response_host", self.response_host.strip())
         _check_port(_integer(self.response_port, "response_port"), "response")
+        put("response_flush_interval", _check_flush_interval(self.response_flush_interval))
         if self.response_plane == "tcp" and self.nats_tls:
             raise ValueError(
                 "response_plane tcp has no TLS while NATS is reached over TLS; use nats or auto"
@@ -455,6 +459,19 @@ def _conv_port(text: str) -> int:
     # Negative = disabled, as the reference reads DYN_SYSTEM_PORT. Kept negative here (the
     # config turns it into None) because None in the namespace means "flag not given".
     return value if value < 0 else _check_port(value, "system")
+
+
+def _check_flush_interval(value: object, what: str = "response_flush_interval ") -> float:
+    interval = _finite(value, what.strip())
+    if not 0.0 <= interval <= MAX_RESPONSE_FLUSH_INTERVAL:
+        raise ValueError(
+            f"{what}must be between 0 and {MAX_RESPONSE_FLUSH_INTERVAL:g} seconds, got {interval:g}"
+        )
+    return interval
+
+
+def _conv_flush_interval(text: str) -> float:
+    return _check_flush_interval(float_converter()(text), "")
 
 
 def _conv_response_port(text: str) -> int:
@@ -588,6 +605,15 @@ _OPTIONS: tuple[Flag, ...] = (
         _DEFAULT.response_port,
         "PORT",
         "port of this process's response server; 0 = any free port",
+    ),
+    Flag(
+        "response_flush_interval",
+        _conv_flush_interval,
+        _DEFAULT.response_flush_interval,
+        "SECONDS",
+        "least time between two writes of a responder's connection to one caller: frames "
+        "that come sooner go together in the next write (the first after a quiet spell goes "
+        f"at once); 0 = a write per event-loop turn; at most {MAX_RESPONSE_FLUSH_INTERVAL:g}",
     ),
     Flag(
         "engine_request_limit",

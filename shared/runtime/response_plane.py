@@ -13,7 +13,13 @@ Wire: every message is a 4-byte big-endian length and a msgpack body. A responde
 connection with a :class:`~proto.plane.StreamHello` carrying the caller's token, which it can
 only have learned from a request envelope on the authenticated request plane; then it sends
 :class:`~proto.plane.StreamFrame` s, and the caller sends :class:`~proto.plane.Control` s.
-Writes are coalesced into one socket write per event-loop iteration and connection.
+Writes are coalesced into one socket write per event-loop iteration and connection, and a
+responder writes to a caller at most once per ``--response-flush-interval`` (1 ms): frames
+that come sooner wait for the next write, while the first frame after a quiet spell goes at
+once. At a GPU's pace (a step every 10+ ms) every step's frames still go out when made; when
+steps come faster than that (small batches on a fast engine), a write per step was the worker's
+and the caller's largest cost per token (a send, a wake-up and a read each), measured in the
+README's mesh-overhead section.
 
 Failure: a lost connection fails the caller's streams on it as retryable (migration takes
 them on) and stops the responder's handlers as for a caller gone: a killed worker is noticed
@@ -28,6 +34,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import secrets
 import socket
 import struct
@@ -95,6 +102,9 @@ class _Framed(asyncio.Protocol):
         self._out = bytearray()
         self._flush_scheduled = False
         self._writable: asyncio.Event | None = None
+        # Least seconds between two writes (0: one per loop iteration), and the last write.
+        self.flush_interval = 0.0
+        self._flushed_at = -math.inf
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; they have its methods.
@@ -132,7 +142,8 @@ class _Framed(asyncio.Protocol):
         raise NotImplementedError
 
     def send(self, data: bytes) -> None:
-        """Queue one message; everything queued in this loop iteration goes in one write."""
+        """Queue one message; everything queued until the next write goes in that write: at
+        the end of this loop iteration, or ``flush_interval`` after the previous write."""
         if self.closed:
             return
         out = self._out
@@ -140,10 +151,16 @@ class _Framed(asyncio.Protocol):
         out += data
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            loop = self._loop
+            due = self._flushed_at + self.flush_interval
+            if loop.time() >= due:
+                loop.call_soon(self._flush)
+            else:
+                loop.call_at(due, self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._flushed_at = self._loop.time()
         if self.closed or self.transport is None or not self._out:
             return
         data, self._out = self._out, bytearray()
@@ -282,8 +299,11 @@ class ResponderConnections:
         encoder: msgspec.msgpack.Encoder,
         on_control: Callable[[Control], None],
         on_lost: Callable[[ResponderConnection], None],
+        *,
+        flush_interval: float = 0.0,
     ) -> None:
         self._instance_id = instance_id
+        self._flush_interval = flush_interval
         self._encoder = encoder
         self.on_control = on_control
         self._on_lost = on_lost
@@ -326,6 +346,7 @@ class ResponderConnections:
         finally:
             self._connecting.pop(addr, None)
         self._backoff.pop(addr, None)
+        conn.flush_interval = self._flush_interval
         conn.send(self._encoder.encode(StreamHello(token, self._instance_id)))
         self._conns[addr] = conn
         metrics.response_connections.labels("responder").inc()

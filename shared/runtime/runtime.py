@@ -93,7 +93,11 @@ class DistributedRuntime:
         self.response_server: ResponseServer | None = None
         self._response_server_lock = asyncio.Lock()
         self.responder_connections = ResponderConnections(
-            self.instance_id, self.encoder, self._on_direct_control, self._on_responder_lost
+            self.instance_id,
+            self.encoder,
+            self._on_direct_control,
+            self._on_responder_lost,
+            flush_interval=config.response_flush_interval,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import socket
 import struct
@@ -101,6 +102,52 @@ async def test_answers_and_controls_use_the_direct_connection(
         server = caller.response_server
         assert server is not None
         assert [c.instance_id for c in server.connections] == [worker.instance_id]
+
+
+class _CountingTransport:
+    """Stands in for a connection's transport: counts the socket writes, forwards the rest."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("interval", [0.0, 0.05])
+async def test_frames_sooner_than_the_flush_interval_share_a_write(
+    nats_server: NatsServer, etcd_server: EtcdServer, interval: float
+) -> None:
+    """A stream of 10 chunks 2 ms apart: with no interval, every chunk is its own write;
+    with 50 ms, the first goes at once and the rest share one or two writes."""
+    cfg = make_config(nats_server, etcd_server, response_plane="tcp")
+    worker_cfg = dataclasses.replace(cfg, response_flush_interval=interval)
+    async with runtime(worker_cfg) as worker, runtime(cfg) as caller:
+        await worker.endpoint("backend", "generate").serve(counting)
+        client = await caller.client("backend", "generate")
+        await client.wait_for_instances(1, timeout=5)
+        await connected(caller, client)
+        (conn,) = worker.responder_connections._conns.values()
+        counter = _CountingTransport(conn.transport)
+        conn.transport = counter  # type: ignore[assignment]
+        await asyncio.sleep(2 * interval + 0.01)  # a quiet spell: the next frame goes at once
+        started = time.monotonic()
+        arrived: list[float] = []
+        async for chunk in await client.generate({"n": 10, "delay": 0.002}):
+            arrived.append(time.monotonic() - started)
+            assert chunk == len(arrived) - 1
+        assert len(arrived) == 10
+        if interval == 0:
+            assert counter.writes >= 10
+        else:
+            assert 2 <= counter.writes <= 4
+            # The first chunk went alone, at once; the second waited for the interval.
+            assert arrived[1] - arrived[0] >= 0.8 * interval
 
 
 async def test_a_wrong_token_is_refused(nats_server: NatsServer, etcd_server: EtcdServer) -> None:

@@ -120,6 +120,7 @@ EXPECTED_FIELDS = {
     "response_plane": "auto",
     "response_host": "",
     "response_port": 0,
+    "response_flush_interval": 0.001,
     "engine_request_limit": 0,
     "log_level": "info",
     "log_format": "json",
@@ -161,6 +162,23 @@ def test_response_plane_settings() -> None:
     cfg, _ = parse_mesh_args([], prog="svc", env={"SGLMESH_RESPONSE_PLANE": "nats",
                                                    "SGLMESH_RESPONSE_PORT": "9400"})  # fmt: skip
     assert (cfg.response_plane, cfg.response_port) == ("nats", 9400)
+
+
+def test_response_flush_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    assert MeshConfig().response_flush_interval == 0.001
+    assert MeshConfig(response_flush_interval=0).response_flush_interval == 0.0
+    for bad in (-0.001, 0.051, float("nan"), "1"):
+        with pytest.raises(ValueError, match="response_flush_interval"):
+            MeshConfig(response_flush_interval=bad)  # type: ignore[arg-type]
+    cfg, _ = parse_mesh_args(["--response-flush-interval", "0.002"], prog="svc", env={})
+    assert cfg.response_flush_interval == 0.002
+    cfg, _ = parse_mesh_args([], prog="svc", env={"SGLMESH_RESPONSE_FLUSH_INTERVAL": "0"})
+    assert cfg.response_flush_interval == 0.0
+    with pytest.raises(SystemExit):
+        parse_mesh_args(["--response-flush-interval", "1"], prog="svc", env={})
+    err = capsys.readouterr().err
+    assert "--response-flush-interval: must be between 0 and 0.05 seconds, got 1" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_mesh_config_normalises() -> None:
