@@ -309,8 +309,10 @@ class OutputMapper:
     def map(self, item: Mapping[str, Any]) -> EngineOutput | None:
         meta: Mapping[str, Any] = item.get("meta_info") or {}
         index = int(item.get("index") or 0)
-        state = self._choices.setdefault(index, _ChoiceState())
-        token_ids = [int(t) for t in item.get("output_ids") or ()]
+        state = self._choices.get(index)
+        if state is None:
+            state = self._choices[index] = _ChoiceState()
+        token_ids = list(map(int, item.get("output_ids") or ()))
         raw_reason = meta.get("finish_reason")
         finished = raw_reason is not None
 
@@ -347,14 +349,13 @@ class OutputMapper:
                 if tops:
                     output.top_logprobs = [_top_logprobs(t) for t in tops]
 
-        usage = self._usage(meta)
-        if usage is not None:
-            key = (
-                usage.prompt_tokens,
-                usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else None,
-            )
+        if "prompt_tokens" in meta:
+            # Usage goes with the first chunk, the last, and any that changes the prompt's
+            # figures; built only then (most chunks carry none).
+            cached = meta.get("cached_tokens")
+            key = (int(meta["prompt_tokens"]), None if cached is None else int(cached))
             if not state.emitted or finished or key != state.usage_key:
-                output.completion_usage = usage
+                output.completion_usage = self._usage(meta)
                 state.usage_key = key
 
         if finished:
