@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SGL_VENV := .venv-sglang
 SGL_STAMP := $(SGL_VENV)/.installed
 
-.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-torch bench-serve bench-reference bench-kv bench-router bench-model-files bench-embed bench-structured bench-multimodal compose-test model infra-up infra-down infra-status run-agg run-disagg stop clean
+.PHONY: install test test-fast test-conformance lint fmt chaos bench bench-sim bench-worker bench-torch bench-serve bench-reference bench-kv bench-router bench-model-files bench-embed bench-structured bench-multimodal compose-test model infra-up infra-down infra-status run-agg run-disagg stop clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -67,6 +67,11 @@ bench: $(STAMP)
 
 bench-sim: $(STAMP)
 	$(BIN)/python bench/sim_engine.py
+
+# A worker's CPU per step and per token without the network: engine, handler, framing
+# (bench/results/worker_path.json).
+bench-worker: $(STAMP)
+	$(BIN)/python bench/worker_path.py
 
 # The torch engine against transformers' generate and generate_batch on this CPU, side by side
 # (bench/results/torch_engine.json); BENCH_ARGS="--dtype bfloat16" for the bf16 figures.
