@@ -126,7 +126,10 @@ class ServerStream:
             await self.runtime.publish(self.reply, self.runtime.encoder.encode(frame))
             return
         # A closed connection has stopped this stream already (the caller failed its side).
-        conn.send(self.runtime.encoder.encode(StreamFrame(self.stream_id, frame)))
+        conn.send(
+            self.runtime.encoder.encode(StreamFrame(self.stream_id, frame)),
+            urgent=kind is FrameKind.END or kind is FrameKind.ERROR,
+        )
         if conn.paused:
             await conn.drain()
 

@@ -16,10 +16,11 @@ only have learned from a request envelope on the authenticated request plane; th
 Writes are coalesced into one socket write per event-loop iteration and connection, and a
 responder writes to a caller at most once per ``--response-flush-interval`` (1 ms): frames
 that come sooner wait for the next write, while the first frame after a quiet spell goes at
-once. At a GPU's pace (a step every 10+ ms) every step's frames still go out when made; when
-steps come faster than that (small batches on a fast engine), a write per step was the worker's
-and the caller's largest cost per token (a send, a wake-up and a read each), measured in the
-README's mesh-overhead section.
+once, and so does a stream's last frame (the caller's answer is complete only with it). At a
+GPU's pace (a step every 10+ ms) every step's frames still go out when made. When steps come
+faster (small batches on a fast engine) a write per step costs a send in the responder and a
+wake-up and a read in the caller, about 12 and 20 us of system time each on the test machine
+(README, "Mesh overhead").
 
 Failure: a lost connection fails the caller's streams on it as retryable (migration takes
 them on) and stops the responder's handlers as for a caller gone: a killed worker is noticed
@@ -100,7 +101,9 @@ class _Framed(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._inbuf = bytearray()
         self._out = bytearray()
-        self._flush_scheduled = False
+        # The pending write: at the end of this loop iteration (``_flush_soon``) or later.
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_soon = False
         self._writable: asyncio.Event | None = None
         # Least seconds between two writes (0: one per loop iteration), and the last write.
         self.flush_interval = 0.0
@@ -141,25 +144,31 @@ class _Framed(asyncio.Protocol):
     def _message(self, body: bytes) -> None:
         raise NotImplementedError
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, *, urgent: bool = False) -> None:
         """Queue one message; everything queued until the next write goes in that write: at
-        the end of this loop iteration, or ``flush_interval`` after the previous write."""
+        the end of this loop iteration, or ``flush_interval`` after the previous write. An
+        ``urgent`` message (a stream's last frame: its caller's answer is complete only
+        then) brings the write forward to the end of this iteration."""
         if self.closed:
             return
         out = self._out
         out += _LEN.pack(len(data))
         out += data
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop = self._loop
-            due = self._flushed_at + self.flush_interval
-            if loop.time() >= due:
-                loop.call_soon(self._flush)
-            else:
-                loop.call_at(due, self._flush)
+        handle = self._flush_handle
+        if handle is not None:
+            if not urgent or self._flush_soon:
+                return
+            handle.cancel()
+        loop = self._loop
+        if urgent or loop.time() >= self._flushed_at + self.flush_interval:
+            self._flush_handle = loop.call_soon(self._flush)
+            self._flush_soon = True
+        else:
+            self._flush_handle = loop.call_at(self._flushed_at + self.flush_interval, self._flush)
+            self._flush_soon = False
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        self._flush_handle = None
         self._flushed_at = self._loop.time()
         if self.closed or self.transport is None or not self._out:
             return
@@ -191,6 +200,8 @@ class _Framed(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
             self._flush()
             self.transport.close()
 

@@ -123,31 +123,45 @@ class _CountingTransport:
 async def test_frames_sooner_than_the_flush_interval_share_a_write(
     nats_server: NatsServer, etcd_server: EtcdServer, interval: float
 ) -> None:
-    """A stream of 10 chunks 2 ms apart: with no interval, every chunk is its own write;
-    with 50 ms, the first goes at once and the rest share one or two writes."""
+    """A stream of 10 chunks 2 ms apart. With no interval, every chunk is its own write. With
+    50 ms, the first chunk goes at once, the next ones wait for company, and the last frame
+    (END) does not wait: it takes them all out as soon as the handler is done."""
     cfg = make_config(nats_server, etcd_server, response_plane="tcp")
     worker_cfg = dataclasses.replace(cfg, response_flush_interval=interval)
+    handler_done: list[float] = []
+
+    async def paced(request: dict[str, Any], ctx: Context) -> AsyncIterator[int]:
+        for i in range(10):
+            yield i
+            await asyncio.sleep(0.002)
+        handler_done.append(time.monotonic())
+
     async with runtime(worker_cfg) as worker, runtime(cfg) as caller:
         await worker.endpoint("backend", "generate").serve(counting)
+        await worker.endpoint("backend", "paced").serve(paced)
         client = await caller.client("backend", "generate")
+        paced_client = await caller.client("backend", "paced")
         await client.wait_for_instances(1, timeout=5)
+        await paced_client.wait_for_instances(1, timeout=5)
         await connected(caller, client)
         (conn,) = worker.responder_connections._conns.values()
         counter = _CountingTransport(conn.transport)
         conn.transport = counter  # type: ignore[assignment]
         await asyncio.sleep(2 * interval + 0.01)  # a quiet spell: the next frame goes at once
-        started = time.monotonic()
         arrived: list[float] = []
-        async for chunk in await client.generate({"n": 10, "delay": 0.002}):
-            arrived.append(time.monotonic() - started)
+        async for chunk in await paced_client.generate({}):
+            arrived.append(time.monotonic())
             assert chunk == len(arrived) - 1
-        assert len(arrived) == 10
+        ended = time.monotonic()
+        assert len(arrived) == 10 and len(handler_done) == 1
         if interval == 0:
             assert counter.writes >= 10
         else:
-            assert 2 <= counter.writes <= 4
-            # The first chunk went alone, at once; the second waited for the interval.
-            assert arrived[1] - arrived[0] >= 0.8 * interval
+            # The first write, then one with the rest and END (two if the handler was so slow
+            # that the interval ran out first).
+            assert 2 <= counter.writes <= 3
+            assert arrived[1] - arrived[0] >= 0.01  # chunk 1 (made at ~2 ms) waited
+            assert ended - handler_done[0] < 0.02  # END did not wait for the interval
 
 
 async def test_a_wrong_token_is_refused(nats_server: NatsServer, etcd_server: EtcdServer) -> None:
