@@ -84,6 +84,7 @@ class ServerStream:
         "conn",
         "credit",
         "ctx",
+        "deferred",
         "last_send",
         "pending",
         "reply",
@@ -110,17 +111,23 @@ class ServerStream:
         # Set when the caller named its response server: frames go there, not to ``reply``.
         self.conn: ResponderConnection | None = None
         self.stream_id = reply[reply.rfind(".") + 1 :]
+        # Chunks wait in ``pending`` for the connection's next write (``frame_deferred``).
+        self.deferred = False
 
     def can_send_data(self) -> bool:
         return self.window <= 0 or self.seq <= self.acked + self.window
 
-    async def send(self, kind: FrameKind, **fields: Any) -> None:
+    def _frame(self, kind: FrameKind, fields: dict[str, Any]) -> Frame:
         if self.seq == 0:
             # The first frame always names the instance: it is the acknowledgement.
             fields["instance_id"] = self.runtime.instance_id
         frame = Frame(seq=self.seq, kind=kind, **fields)
         self.seq += 1
         self.last_send = time.monotonic()
+        return frame
+
+    async def send(self, kind: FrameKind, **fields: Any) -> None:
+        frame = self._frame(kind, fields)
         conn = self.conn
         if conn is None:
             await self.runtime.publish(self.reply, self.runtime.encoder.encode(frame))
@@ -132,6 +139,23 @@ class ServerStream:
         )
         if conn.paused:
             await conn.drain()
+
+    def defer_data(self, conn: ResponderConnection) -> None:
+        """Frame the pending chunks when ``conn`` writes next (its write is deferred): the
+        chunks a stream makes meanwhile travel as one frame, not one frame each."""
+        if not self.deferred:
+            self.deferred = True
+            conn.defer(self.frame_deferred)
+
+    def frame_deferred(self) -> None:
+        """Called by the connection just before its write."""
+        self.deferred = False
+        conn = self.conn
+        if not self.pending or self.ctx._stopped or conn is None or not self.can_send_data():
+            return  # ended (END took them, or an error dropped them), or waiting for credit
+        chunks, self.pending = self.pending, []
+        frame = self._frame(FrameKind.DATA, {"chunks": chunks})
+        conn.send(self.runtime.encoder.encode(StreamFrame(self.stream_id, frame)))
 
     async def flush_data(self) -> None:
         if self.pending:
@@ -330,7 +354,12 @@ class ServedEndpoint:
                 stream.pending.append(
                     chunk if isinstance(chunk, msgspec.Raw) else msgspec.Raw(encode(chunk))
                 )
-                if stream.can_send_data():
+                conn = stream.conn
+                if conn is not None and conn.write_deferred:
+                    stream.defer_data(conn)
+                    if len(stream.pending) >= MAX_PENDING_CHUNKS:
+                        await self._wait_for_credit(stream)
+                elif stream.can_send_data():
                     await stream.flush_data()
                 elif len(stream.pending) >= MAX_PENDING_CHUNKS:
                     await self._wait_for_credit(stream)

@@ -104,6 +104,8 @@ class _Framed(asyncio.Protocol):
         # The pending write: at the end of this loop iteration (``_flush_soon``) or later.
         self._flush_handle: asyncio.Handle | None = None
         self._flush_soon = False
+        # Called just before the next write, to add what they hold (``defer``).
+        self._deferred: list[Callable[[], None]] = []
         self._writable: asyncio.Event | None = None
         # Least seconds between two writes (0: one per loop iteration), and the last write.
         self.flush_interval = 0.0
@@ -167,7 +169,31 @@ class _Framed(asyncio.Protocol):
             self._flush_handle = loop.call_at(self._flushed_at + self.flush_interval, self._flush)
             self._flush_soon = False
 
+    @property
+    def write_deferred(self) -> bool:
+        """True when the next write waits for the flush interval to pass (not this loop
+        iteration): a message sent now would wait for it."""
+        if self._flush_handle is not None:
+            return not self._flush_soon
+        return self._loop.time() < self._flushed_at + self.flush_interval
+
+    def defer(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` just before the next write (it may :meth:`send`); a write is
+        due when the flush interval has passed."""
+        if self.closed:
+            return
+        self._deferred.append(callback)
+        if self._flush_handle is None:
+            due = self._flushed_at + self.flush_interval
+            self._flush_handle = self._loop.call_at(due, self._flush)
+            self._flush_soon = False
+
     def _flush(self) -> None:
+        deferred = self._deferred
+        if deferred:
+            self._deferred = []
+            for callback in deferred:
+                callback()  # their sends join this write (a flush is still pending)
         self._flush_handle = None
         self._flushed_at = self._loop.time()
         if self.closed or self.transport is None or not self._out:

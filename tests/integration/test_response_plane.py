@@ -105,14 +105,21 @@ async def test_answers_and_controls_use_the_direct_connection(
 
 
 class _CountingTransport:
-    """Stands in for a connection's transport: counts the socket writes, forwards the rest."""
+    """Stands in for a connection's transport: counts the socket writes and the messages in
+    them (each a 4-byte length and a body; a write holds whole messages), forwards the rest."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.writes = 0
+        self.messages = 0
 
     def write(self, data: bytes) -> None:
         self.writes += 1
+        pos = 0
+        while pos < len(data):
+            pos += 4 + struct.unpack_from(">I", data, pos)[0]
+            self.messages += 1
+        assert pos == len(data)
         self.inner.write(data)
 
     def __getattr__(self, name: str) -> Any:
@@ -123,9 +130,9 @@ class _CountingTransport:
 async def test_frames_sooner_than_the_flush_interval_share_a_write(
     nats_server: NatsServer, etcd_server: EtcdServer, interval: float
 ) -> None:
-    """A stream of 10 chunks 2 ms apart. With no interval, every chunk is its own write. With
-    50 ms, the first chunk goes at once, the next ones wait for company, and the last frame
-    (END) does not wait: it takes them all out as soon as the handler is done."""
+    """A stream of 10 chunks 2 ms apart. With no interval, every chunk is its own frame and
+    write. With 50 ms, the first chunk goes at once, the next ones wait, in one frame, and the
+    last frame (END) does not wait: it takes them all out as soon as the handler is done."""
     cfg = make_config(nats_server, etcd_server, response_plane="tcp")
     worker_cfg = dataclasses.replace(cfg, response_flush_interval=interval)
     handler_done: list[float] = []
@@ -156,10 +163,12 @@ async def test_frames_sooner_than_the_flush_interval_share_a_write(
         assert len(arrived) == 10 and len(handler_done) == 1
         if interval == 0:
             assert counter.writes >= 10
+            assert counter.messages == 11  # 10 DATA frames and END
         else:
             # The first write, then one with the rest and END (two if the handler was so slow
-            # that the interval ran out first).
+            # that the interval ran out first); the chunks that waited share a frame.
             assert 2 <= counter.writes <= 3
+            assert counter.messages == counter.writes
             assert arrived[1] - arrived[0] >= 0.01  # chunk 1 (made at ~2 ms) waited
             assert ended - handler_done[0] < 0.02  # END did not wait for the interval
 
