@@ -120,7 +120,7 @@ EXPECTED_FIELDS = {
     "response_plane": "auto",
     "response_host": "",
     "response_port": 0,
-    "response_flush_interval": 0.001,
+    "response_flush_interval": 0.002,
     "engine_request_limit": 0,
     "log_level": "info",
     "log_format": "json",
@@ -165,13 +165,13 @@ def test_response_plane_settings() -> None:
 
 
 def test_response_flush_interval(capsys: pytest.CaptureFixture[str]) -> None:
-    assert MeshConfig().response_flush_interval == 0.001
+    assert MeshConfig().response_flush_interval == 0.002
     assert MeshConfig(response_flush_interval=0).response_flush_interval == 0.0
     for bad in (-0.001, 0.051, float("nan"), "1"):
         with pytest.raises(ValueError, match="response_flush_interval"):
             MeshConfig(response_flush_interval=bad)  # type: ignore[arg-type]
-    cfg, _ = parse_mesh_args(["--response-flush-interval", "0.002"], prog="svc", env={})
-    assert cfg.response_flush_interval == 0.002
+    cfg, _ = parse_mesh_args(["--response-flush-interval", "0.004"], prog="svc", env={})
+    assert cfg.response_flush_interval == 0.004
     cfg, _ = parse_mesh_args([], prog="svc", env={"SGLMESH_RESPONSE_FLUSH_INTERVAL": "0"})
     assert cfg.response_flush_interval == 0.0
     with pytest.raises(SystemExit):
