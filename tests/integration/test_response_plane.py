@@ -2,6 +2,8 @@
 
 - answers travel on the TCP connection, not on NATS (a third client watching the caller's
   inbox sees nothing), and controls come back on it (a cancel stops the handler);
+- frames sooner than ``--response-flush-interval`` share a write (a stream's, one frame),
+  while the first after a quiet spell and a stream's last do not wait;
 - a connection with a wrong token is closed and its frames reach no stream;
 - a responder that cannot reach the caller's server answers over NATS instead, counted;
 - a killed responder fails its streams at once (the connection closes), long before the
@@ -50,6 +52,19 @@ async def counting(request: dict[str, Any], ctx: Context) -> AsyncIterator[int]:
         await asyncio.sleep(request.get("delay", 0))
 
 
+async def serving_two(worker: Any, caller: Any, name: str, handler: Any) -> tuple[Any, Any]:
+    """``counting`` as ``generate`` and ``handler`` as ``name`` on the worker, a client for
+    each on the caller, and the caller's response server connected to: (generate, name)."""
+    await worker.endpoint("backend", "generate").serve(counting)
+    await worker.endpoint("backend", name).serve(handler)
+    client = await caller.client("backend", "generate")
+    other = await caller.client("backend", name)
+    await client.wait_for_instances(1, timeout=5)
+    await other.wait_for_instances(1, timeout=5)
+    await connected(caller, client)
+    return client, other
+
+
 async def test_answers_and_controls_use_the_direct_connection(
     nats_server: NatsServer, etcd_server: EtcdServer
 ) -> None:
@@ -67,13 +82,7 @@ async def test_answers_and_controls_use_the_direct_connection(
             stopped.append(ctx.stop_reason)
 
     async with runtime(cfg) as worker, runtime(cfg) as caller:
-        await worker.endpoint("backend", "generate").serve(counting)
-        await worker.endpoint("backend", "endless").serve(endless)
-        client = await caller.client("backend", "generate")
-        endless_client = await caller.client("backend", "endless")
-        await client.wait_for_instances(1, timeout=5)
-        await endless_client.wait_for_instances(1, timeout=5)
-        await connected(caller, client)
+        client, endless_client = await serving_two(worker, caller, "endless", endless)
         watcher = await nats.connect(nats_server.url)
         seen: list[str] = []
 
@@ -144,13 +153,7 @@ async def test_frames_sooner_than_the_flush_interval_share_a_write(
         handler_done.append(time.monotonic())
 
     async with runtime(worker_cfg) as worker, runtime(cfg) as caller:
-        await worker.endpoint("backend", "generate").serve(counting)
-        await worker.endpoint("backend", "paced").serve(paced)
-        client = await caller.client("backend", "generate")
-        paced_client = await caller.client("backend", "paced")
-        await client.wait_for_instances(1, timeout=5)
-        await paced_client.wait_for_instances(1, timeout=5)
-        await connected(caller, client)
+        _, paced_client = await serving_two(worker, caller, "paced", paced)
         (conn,) = worker.responder_connections._conns.values()
         counter = _CountingTransport(conn.transport)
         conn.transport = counter  # type: ignore[assignment]
