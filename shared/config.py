@@ -366,7 +366,8 @@ class MeshConfig:
             raise ValueError(f"response_host must be a string, got {self.response_host!r}")
         put("response_host", self.response_host.strip())
         _check_port(_integer(self.response_port, "response_port"), "response")
-        put("response_flush_interval", _check_flush_interval(self.response_flush_interval))
+        interval = _finite(self.response_flush_interval, "response_flush_interval")
+        put("response_flush_interval", _check_flush_interval(interval, "response_flush_interval "))
         if self.response_plane == "tcp" and self.nats_tls:
             raise ValueError(
                 "response_plane tcp has no TLS while NATS is reached over TLS; use nats or auto"
@@ -461,17 +462,17 @@ def _conv_port(text: str) -> int:
     return value if value < 0 else _check_port(value, "system")
 
 
-def _check_flush_interval(value: object, what: str = "response_flush_interval ") -> float:
-    interval = _finite(value, what.strip())
+def _check_flush_interval(interval: float, prefix: str = "") -> float:
     if not 0.0 <= interval <= MAX_RESPONSE_FLUSH_INTERVAL:
         raise ValueError(
-            f"{what}must be between 0 and {MAX_RESPONSE_FLUSH_INTERVAL:g} seconds, got {interval:g}"
+            f"{prefix}must be between 0 and {MAX_RESPONSE_FLUSH_INTERVAL:g} seconds, "
+            f"got {interval:g}"
         )
     return interval
 
 
 def _conv_flush_interval(text: str) -> float:
-    return _check_flush_interval(float_converter()(text), "")
+    return _check_flush_interval(float_converter()(text))
 
 
 def _conv_response_port(text: str) -> int:
@@ -612,8 +613,9 @@ _OPTIONS: tuple[Flag, ...] = (
         _DEFAULT.response_flush_interval,
         "SECONDS",
         "least time between two writes of a responder's connection to one caller: frames "
-        "that come sooner go together in the next write (the first after a quiet spell goes "
-        f"at once); 0 = a write per event-loop turn; at most {MAX_RESPONSE_FLUSH_INTERVAL:g}",
+        "that come sooner go together in the next write (the first after a quiet spell, and a "
+        "stream's last, go at once); 0 = a write per event-loop turn; at most "
+        f"{MAX_RESPONSE_FLUSH_INTERVAL:g}",
     ),
     Flag(
         "engine_request_limit",

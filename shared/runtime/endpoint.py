@@ -132,13 +132,13 @@ class ServerStream:
         if conn is None:
             await self.runtime.publish(self.reply, self.runtime.encoder.encode(frame))
             return
-        # A closed connection has stopped this stream already (the caller failed its side).
-        conn.send(
-            self.runtime.encoder.encode(StreamFrame(self.stream_id, frame)),
-            urgent=kind is FrameKind.END or kind is FrameKind.ERROR,
-        )
+        self._write(conn, frame, urgent=kind is FrameKind.END or kind is FrameKind.ERROR)
         if conn.paused:
             await conn.drain()
+
+    def _write(self, conn: ResponderConnection, frame: Frame, *, urgent: bool = False) -> None:
+        # A closed connection has stopped this stream already (the caller failed its side).
+        conn.send(self.runtime.encoder.encode(StreamFrame(self.stream_id, frame)), urgent=urgent)
 
     def defer_data(self, conn: ResponderConnection) -> None:
         """Frame the pending chunks when ``conn`` writes next (its write is deferred): the
@@ -154,8 +154,7 @@ class ServerStream:
         if not self.pending or self.ctx._stopped or conn is None or not self.can_send_data():
             return  # ended (END took them, or an error dropped them), or waiting for credit
         chunks, self.pending = self.pending, []
-        frame = self._frame(FrameKind.DATA, {"chunks": chunks})
-        conn.send(self.runtime.encoder.encode(StreamFrame(self.stream_id, frame)))
+        self._write(conn, self._frame(FrameKind.DATA, {"chunks": chunks}))
 
     async def flush_data(self) -> None:
         if self.pending:
@@ -356,12 +355,10 @@ class ServedEndpoint:
                 )
                 conn = stream.conn
                 if conn is not None and conn.write_deferred:
-                    stream.defer_data(conn)
-                    if len(stream.pending) >= MAX_PENDING_CHUNKS:
-                        await self._wait_for_credit(stream)
+                    stream.defer_data(conn)  # framed just before the connection's next write
                 elif stream.can_send_data():
                     await stream.flush_data()
-                elif len(stream.pending) >= MAX_PENDING_CHUNKS:
+                if len(stream.pending) >= MAX_PENDING_CHUNKS:
                     await self._wait_for_credit(stream)
             chunks, stream.pending = stream.pending, []
             await stream.send(FrameKind.END, chunks=chunks)

@@ -19,8 +19,8 @@ that come sooner wait for the next write, while the first frame after a quiet sp
 once, and so does a stream's last frame (the caller's answer is complete only with it). At a
 GPU's pace (a step every 10+ ms) every step's frames still go out when made. When steps come
 faster (small batches on a fast engine) a write per step costs a send in the responder and a
-wake-up and a read in the caller, about 12 and 20 us of system time each on the test machine
-(README, "Mesh overhead").
+wake-up and a read in the caller, for a frame or two each; the side-by-side figures are in the
+README ("Mesh overhead").
 
 Failure: a lost connection fails the caller's streams on it as retryable (migration takes
 them on) and stops the responder's handlers as for a caller gone: a killed worker is noticed
