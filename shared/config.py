@@ -287,7 +287,7 @@ class MeshConfig:
     response_plane: str = "auto"
     response_host: str = ""
     response_port: int = 0
-    response_flush_interval: float = 0.002
+    response_flush_interval: float = 0.005
     engine_request_limit: int = 0
     log_level: str = "info"
     log_format: str = "json"

@@ -14,7 +14,7 @@ connection with a :class:`~proto.plane.StreamHello` carrying the caller's token,
 only have learned from a request envelope on the authenticated request plane; then it sends
 :class:`~proto.plane.StreamFrame` s, and the caller sends :class:`~proto.plane.Control` s.
 Writes are coalesced into one socket write per event-loop iteration and connection, and a
-responder writes to a caller at most once per ``--response-flush-interval`` (2 ms): frames
+responder writes to a caller at most once per ``--response-flush-interval`` (5 ms): frames
 that come sooner wait for the next write, while the first frame after a quiet spell goes at
 once, and so does a stream's last frame (the caller's answer is complete only with it). At a
 GPU's pace (a step every 10+ ms) every step's frames still go out when made. When steps come

@@ -120,7 +120,7 @@ EXPECTED_FIELDS = {
     "response_plane": "auto",
     "response_host": "",
     "response_port": 0,
-    "response_flush_interval": 0.002,
+    "response_flush_interval": 0.005,
     "engine_request_limit": 0,
     "log_level": "info",
     "log_format": "json",
@@ -165,7 +165,7 @@ def test_response_plane_settings() -> None:
 
 
 def test_response_flush_interval(capsys: pytest.CaptureFixture[str]) -> None:
-    assert MeshConfig().response_flush_interval == 0.002
+    assert MeshConfig().response_flush_interval == 0.005
     assert MeshConfig(response_flush_interval=0).response_flush_interval == 0.0
     for bad in (-0.001, 0.051, float("nan"), "1"):
         with pytest.raises(ValueError, match="response_flush_interval"):
