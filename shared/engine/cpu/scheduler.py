@@ -499,8 +499,11 @@ class Scheduler:
         self._retracted_during_plan = False
         if not chunks and not batch.decode:
             return None
-        batch.sample = [r for r, start, n in chunks if start + n >= r.target]
-        batch.sample.extend(batch.decode)
+        if chunks:
+            batch.sample = [r for r, start, n in chunks if start + n >= r.target]
+            batch.sample.extend(batch.decode)
+        else:
+            batch.sample = batch.decode.copy()
         running = self.num_running
         if running > self.stats.max_running:
             self.stats.max_running = running

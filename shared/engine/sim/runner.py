@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterator
+import types
+from collections.abc import Generator, Iterator
 
 from shared.engine.cpu.request import Req, TokenLogprob
 from shared.engine.cpu.runner import ForwardBatch, StepOutput
@@ -45,6 +46,13 @@ __all__ = ["MIN_SLEEP_S", "TIMESLICE_S", "SimRunner"]
 MIN_SLEEP_S = 1e-3
 # ... but the scheduler still hands the event loop back at least this often.
 TIMESLICE_S = 5e-4
+
+
+@types.coroutine
+def _yield_now() -> Generator[None, None, None]:
+    """One pass of the event loop, as ``asyncio.sleep(0)`` gives, without its call layers:
+    with the timeslice at 0 the scheduler yields after every step."""
+    yield
 
 
 class _StandInKv:
@@ -139,7 +147,7 @@ class SimRunner:
                 # The timeslice is used up: let them run, without arming a timer for the
                 # microseconds left (the deadline carries them). A timer per step was half
                 # the CPU of a step with the timeslice at 0.
-                await asyncio.sleep(0)
+                await _yield_now()
                 self._yielded_at = loop.time()
             # else: the simulated GPU is far quicker than this process (speedups in the
             # thousands), so the next step's tokens are ready before the streams could
@@ -173,9 +181,12 @@ class SimRunner:
             seconds += cost.prefill_overhead_s
             for _, start, n in batch.prefill:
                 seconds += cost.chunk_time(n, start + n)
-        if batch.decode:
-            kv_tokens = sum(r.kv_len + 1 for r in batch.decode)
-            seconds += cost.decode_time(len(batch.decode), kv_tokens)
+        decode = batch.decode
+        if decode:
+            kv_tokens = len(decode)
+            for r in decode:
+                kv_tokens += r.kv_len
+            seconds += cost.decode_time(len(decode), kv_tokens)
         return seconds
 
     @staticmethod
