@@ -5,8 +5,10 @@ what it pays per engine step and per token, and a profile of the whole mesh on t
 blames whatever line a process was preempted on. Here one process runs, alone, what a worker
 runs for a request: the simulated engine (speedup 10000, timeslice 0: a token per stream item,
 as the reference's mocker streams), ``DecodeHandler`` with its ``OutputMapper``, and the
-endpoint's framing (a chunk, a ``Frame``, a ``StreamFrame``), for batches of 2 and 14 running
-requests (what the mesh runs at c=64 with a new connection per request, and with keep-alive).
+endpoint's framing (a chunk, a ``Frame``, a ``StreamFrame``), for batches of 1, 2 and 14
+running requests (what the mesh mostly runs at c=64 with a new connection per request, where
+the processor hands requests over one at a time and each finishes in about a millisecond, and
+with keep-alive).
 
 Three layers, each a superset of the previous one:
 
@@ -16,7 +18,7 @@ Three layers, each a superset of the previous one:
 
 Prints CPU microseconds per step and per token, and writes ``bench/results/worker_path.json``.
 
-    python bench/worker_path.py [--rounds N] [--batch 2 --batch 14]
+    python bench/worker_path.py [--rounds N] [--batch 1 --batch 2 --batch 14]
 """
 
 from __future__ import annotations
@@ -147,13 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=600, help="rounds of BATCH requests")
     parser.add_argument(
-        "--batch", type=int, action="append", help="running requests (default: 2 and 14)"
+        "--batch", type=int, action="append", help="running requests (default: 1, 2 and 14)"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "worker_path.json")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
-    batches = args.batch or [2, 14]
+    batches = args.batch or [1, 2, 14]
     import uvloop
 
     report: dict[str, Any] = {
