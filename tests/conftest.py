@@ -10,6 +10,7 @@ lives in `shared.infra`; this file only maps it onto pytest scopes.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -37,6 +38,9 @@ _Server = TypeVar("_Server", NatsServer, EtcdServer)
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="sglmesh-tests-"))
 os.environ["TMPDIR"] = str(_SESSION_TMP)
 tempfile.tempdir = None  # recomputed from TMPDIR on next use
+# A run that stops before its session starts (a bad command-line argument) never reaches
+# pytest_sessionfinish; the directory goes at exit then.
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
