@@ -11,6 +11,10 @@
 #                  for this long, so a stream item carries several tokens; 0 = one token per
 #                  item, as the reference's mocker streams (the like-for-like cost per token)
 #   RESULT (reference)  the JSON's name in bench/results/
+#   CONNS, CONCURRENCY  only these cells of every phase (connection modes; c among 1, 16, 64),
+#                  e.g. CONNS=per-request CONCURRENCY=64
+#                  for a quick look at the closest cells, with a RESULT of its own so the
+#                  full run's JSON stays (default: each phase's own cells)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ANCHOR="${ANCHOR_DIR:-$ROOT/../shared/anchor}"
@@ -46,9 +50,11 @@ for phase in ${PHASES:-rr-main rr-n4 kv-main kv-n4}; do
   mode=round-robin; [ "${phase%%-*}" = kv ] && mode=kv
   case "${phase#*-}" in
     main) cells=(--workers 1 --conns per-request,keepalive --concurrency 1,16,64 --n 1:300,16:1000,64:1920) ;;
-    n4)   cells=(--workers 4 --conns per-request,keepalive --concurrency 64 --n 64:1920) ;;
+    n4)   cells=(--workers 4 --conns per-request,keepalive --concurrency 64 --n 1:300,16:1000,64:1920) ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
+  [ -n "${CONNS:-}" ] && cells+=(--conns "$CONNS")
+  [ -n "${CONCURRENCY:-}" ] && cells+=(--concurrency "$CONCURRENCY")
   "${DRIVER[@]}" --tag "$phase" --dynamo-router-mode "$mode" --sglmesh-router-mode "$mode" "${cells[@]}"
 done
 "$ROOT/.venv/bin/python" "$ROOT/bench/reference_summary.py" "$OUT" --json "$ROOT/bench/results/$RESULT.json" \
