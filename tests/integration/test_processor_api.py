@@ -238,14 +238,16 @@ async def test_stop_string_cuts_the_text_and_finishes_with_stop(
     cwords = ctext.split()
     cstop = cwords[20]
     cut = ctext.index(cstop)
-    # Room for 400 tokens: the stop string, not the length, must end the engine request (the
-    # first 40 tokens are the same whatever max_tokens is: the same seed).
+    # Room for 4000 tokens: the stop string, not the length, must end the engine request (the
+    # first 40 tokens are the same whatever max_tokens is: the same seed). The simulator here
+    # has no step time, so the room must outlast a worker's --response-flush-interval (5 ms)
+    # by far: tokens reach the processor (and its cancel the engine) no sooner than that.
     stopped = await client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=400, seed=21, stop=cstop, extra_body=IGNORE_EOS
+        model=MODEL, prompt=PROMPT, max_tokens=4000, seed=21, stop=cstop, extra_body=IGNORE_EOS
     )
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == ctext[:cut]
-    assert stopped.usage is not None and stopped.usage.completion_tokens < 400
+    assert stopped.usage is not None and stopped.usage.completion_tokens < 4000
 
 
 async def test_n_choices(client: openai.AsyncOpenAI) -> None:
