@@ -110,6 +110,9 @@ async def write_stream(request: web.Request, gen: Generation) -> web.StreamRespo
             chunk = completion_chunk(rid, created, name, deltas, logprobs, offsets)
         return b"data: " + _encode(chunk) + b"\n\n"
 
+    # The events of the batch that ends the answer wait for the end of the body: they go
+    # out in one write with the usage event, [DONE] and the chunked body's terminator.
+    tail = b""
     try:
         try:
             item = gen.first
@@ -118,6 +121,9 @@ async def write_stream(request: web.Request, gen: Generation) -> web.StreamRespo
                 deltas = assembler.feed(prompt, batch)
                 if deltas:
                     tracker.tokens_written(sum(len(o.token_ids) for o in batch))
+                    if assembler.done:
+                        tail = render(deltas)
+                        break
                     await response.write(render(deltas))
                 if assembler.done:
                     break
@@ -125,13 +131,14 @@ async def write_stream(request: web.Request, gen: Generation) -> web.StreamRespo
                     await response.write(b"")  # the headers: no event carried them
                 item = await anext(gen.outputs, None)
             deltas = assembler.finish_all()
-            tail = render(deltas) if deltas else b""
+            if deltas:
+                tail += render(deltas)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:
             failure = failure_for(exc, gen.retry_after)
             tracker.status = failure.status
-            await response.write_eof(b"data: " + failure.body + b"\n\n")
+            await response.write_eof(tail + b"data: " + failure.body + b"\n\n")
             return response
         if gen.include_usage:
             usage_chunk: Any = (
