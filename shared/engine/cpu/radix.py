@@ -497,6 +497,11 @@ class RadixCache:
 
     # ----- events -----
 
+    @property
+    def has_events(self) -> bool:
+        """Whether events wait for :meth:`take_events`."""
+        return bool(self._events)
+
     def take_events(self) -> list[KVEvent]:
         """The events recorded since the last call (one scheduler step's batch)."""
         events = self._events

@@ -569,7 +569,8 @@ class Scheduler:
         if batch.prefill or self._decode_since_report >= self.config.decode_log_interval:
             self._decode_since_report = 0
             self._metrics_due = True
-        self._publish_soon(now_only=True)
+        if self._metrics_due or self.cache.has_events:  # else nothing to publish: no clock read
+            self._publish_soon(now_only=True)
 
     def _decode_batch(
         self,
