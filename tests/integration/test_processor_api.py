@@ -242,12 +242,13 @@ async def test_stop_string_cuts_the_text_and_finishes_with_stop(
     # first 40 tokens are the same whatever max_tokens is: the same seed). The simulator here
     # has no step time, so the room must outlast a worker's --response-flush-interval (5 ms)
     # by far: tokens reach the processor (and its cancel the engine) no sooner than that.
+    # Locally the cancel lands after 310-380 tokens; under half the room says it was prompt.
     stopped = await client.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=4000, seed=21, stop=cstop, extra_body=IGNORE_EOS
     )
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == ctext[:cut]
-    assert stopped.usage is not None and stopped.usage.completion_tokens < 4000
+    assert stopped.usage is not None and stopped.usage.completion_tokens < 2000
 
 
 async def test_n_choices(client: openai.AsyncOpenAI) -> None:
