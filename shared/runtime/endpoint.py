@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, "Context"], AsyncIterator[Any]]
+# Merges the chunks of one stream that wait for the same frame into fewer (an endpoint's own
+# rule: for generate, consecutive token chunks of one choice become one, as SGLang merges the
+# increments a slow reader has not picked up). Its chunks then wait unencoded until framed.
+Coalesce = Callable[[list[Any]], list[Any]]
 
 # A handler may run this many chunks ahead of the caller's credit before it is paused.
 MAX_PENDING_CHUNKS = 4096
@@ -81,6 +85,7 @@ class ServerStream:
 
     __slots__ = (
         "acked",
+        "coalesce",
         "conn",
         "credit",
         "ctx",
@@ -104,7 +109,9 @@ class ServerStream:
         self.window = window
         self.seq = 0  # next seq to send
         self.acked = 0
-        self.pending: list[msgspec.Raw] = []
+        # Chunks not yet framed: encoded, or (with ``coalesce``) as the handler made them.
+        self.pending: list[Any] = []
+        self.coalesce: Coalesce | None = None
         self.last_send = time.monotonic()
         self.credit = asyncio.Event()
         self.ctx = Context(request_id, runtime.instance_id)
@@ -116,6 +123,17 @@ class ServerStream:
 
     def can_send_data(self) -> bool:
         return self.window <= 0 or self.seq <= self.acked + self.window
+
+    def take_chunks(self) -> list[msgspec.Raw]:
+        """The pending chunks, merged by ``coalesce`` and encoded, for one frame."""
+        chunks, self.pending = self.pending, []
+        coalesce = self.coalesce
+        if coalesce is None:
+            return chunks
+        if len(chunks) > 1:
+            chunks = coalesce(chunks)
+        encode = self.runtime.encoder.encode
+        return [c if isinstance(c, msgspec.Raw) else msgspec.Raw(encode(c)) for c in chunks]
 
     def _frame(self, kind: FrameKind, fields: dict[str, Any]) -> Frame:
         if self.seq == 0:
@@ -153,13 +171,20 @@ class ServerStream:
         conn = self.conn
         if not self.pending or self.ctx._stopped or conn is None or not self.can_send_data():
             return  # ended (END took them, or an error dropped them), or waiting for credit
-        chunks, self.pending = self.pending, []
+        try:
+            chunks = self.take_chunks()
+        except Exception as exc:
+            # Outside the handler's task: answer its error here and stop it.
+            log.exception("a handler's chunks did not encode")
+            body = ErrorBody(ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}", False)
+            self._write(conn, self._frame(FrameKind.ERROR, {"error": body}), urgent=True)
+            self.ctx._stop(StopReason.CALLER_GONE)
+            return
         self._write(conn, self._frame(FrameKind.DATA, {"chunks": chunks}))
 
     async def flush_data(self) -> None:
         if self.pending:
-            chunks, self.pending = self.pending, []
-            await self.send(FrameKind.DATA, chunks=chunks)
+            await self.send(FrameKind.DATA, chunks=self.take_chunks())
 
     async def grant(self, consumed_seq: int) -> None:
         if consumed_seq > self.acked:
@@ -180,11 +205,13 @@ class ServedEndpoint:
         request_type: Any,
         limit: int,
         record_fields: dict[str, Any],
+        coalesce: Coalesce | None = None,
     ) -> None:
         self.runtime = runtime
         self.eid = eid
         self.name = str(eid)
         self._handler = handler
+        self._coalesce = coalesce
         self._decoder = msgspec.msgpack.Decoder(request_type)
         self._limit = limit
         fields = dict(record_fields)
@@ -346,13 +373,15 @@ class ServedEndpoint:
             stream.conn = self.runtime.responder_connections.get(env.reply_addr, env.reply_token)
         asyncio.get_running_loop().call_later(ACK_DELAY, self._ack_if_quiet, stream)
         encode = self.runtime.encoder.encode
+        coalesce = stream.coalesce = self._coalesce
         error: ErrorBody | None = None
         agen = self._handler(request, stream.ctx)
         try:
             async for chunk in agen:
-                stream.pending.append(
-                    chunk if isinstance(chunk, msgspec.Raw) else msgspec.Raw(encode(chunk))
-                )
+                if coalesce is not None or isinstance(chunk, msgspec.Raw):
+                    stream.pending.append(chunk)
+                else:
+                    stream.pending.append(msgspec.Raw(encode(chunk)))
                 conn = stream.conn
                 if conn is not None and conn.write_deferred:
                     stream.defer_data(conn)  # framed just before the connection's next write
@@ -360,8 +389,7 @@ class ServedEndpoint:
                     await stream.flush_data()
                 if len(stream.pending) >= MAX_PENDING_CHUNKS:
                     await self._wait_for_credit(stream)
-            chunks, stream.pending = stream.pending, []
-            await stream.send(FrameKind.END, chunks=chunks)
+            await stream.send(FrameKind.END, chunks=stream.take_chunks())
         except asyncio.CancelledError:
             reason = stream.ctx.stop_reason
             if reason is None:
@@ -427,18 +455,22 @@ class Endpoint:
         request_type: Any = Any,
         concurrency_limit: int | None = None,
         register: bool = True,
+        coalesce: Coalesce | None = None,
         **record_fields: Any,
     ) -> ServedEndpoint:
         """Start serving ``handler``; returns once subscribed and registered.
 
         ``record_fields`` go into the instance record (model, worker_type, runtime_config,
         zmq, metadata). ``concurrency_limit`` defaults to ``--engine-request-limit``.
+        ``coalesce`` merges a stream's chunks that wait for the same frame (see ``Coalesce``).
         """
         limit = (
             self.runtime.config.engine_request_limit
             if concurrency_limit is None
             else concurrency_limit
         )
-        served = ServedEndpoint(self.runtime, self.id, handler, request_type, limit, record_fields)
+        served = ServedEndpoint(
+            self.runtime, self.id, handler, request_type, limit, record_fields, coalesce
+        )
         await self.runtime.add_served(served, register=register)
         return served

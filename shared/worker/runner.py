@@ -27,10 +27,11 @@ from shared.engine.args import EngineArgs
 from shared.engine.protocol import Engine, EngineInfo
 from shared.engine.registry import create_engine
 from shared.runtime import DistributedRuntime
-from shared.runtime.endpoint import Context, ServedEndpoint
+from shared.runtime.endpoint import Coalesce, Context, ServedEndpoint
 from shared.runtime.service import Cleanup, StartupError, run_service
 from shared.runtime.system_server import SystemServer
 from shared.worker.args import WorkerConfig
+from shared.worker.coalesce import coalesce_outputs
 from shared.worker.engine_routes import register_engine_routes
 from shared.worker.handlers import ClearKvBlocksHandler
 from shared.worker.health import Canary, CanaryProbe, canary_payload, generate_probe
@@ -82,6 +83,8 @@ class WorkerRole(Generic[E]):
     # ``Engine`` (the LLM protocol), which has a KV cache and the control methods.
     clear_kv_blocks: bool = True
     engine_routes: bool = True
+    # Merges a stream's chunks that wait for the same frame (see ``Coalesce``).
+    coalesce: Coalesce | None = None
 
 
 def _llm_canary(engine: Engine, config: WorkerConfig, card: ModelCard) -> CanaryProbe:
@@ -103,6 +106,7 @@ def llm_role(
         canary=_llm_canary,
         card=lambda engine, config, iid: model_card(engine.info, config, iid),
         instance_fields=lambda engine, config: instance_fields(engine.info, config),
+        coalesce=coalesce_outputs,
     )
 
 
@@ -161,6 +165,7 @@ def worker_main(config: WorkerConfig, role: WorkerRole[E]) -> int:
             served = await runtime.endpoint(eid).serve(
                 handler.generate,
                 request_type=role.request_type,
+                coalesce=role.coalesce,
                 **role.instance_fields(engine, config),
             )
             if role.clear_kv_blocks:

@@ -4,6 +4,7 @@
   inbox sees nothing), and controls come back on it (a cancel stops the handler);
 - frames sooner than ``--response-flush-interval`` share a write (a stream's, one frame),
   while the first after a quiet spell and a stream's last do not wait;
+- an endpoint's ``coalesce`` merges the chunks that wait for one frame;
 - a connection with a wrong token is closed and its frames reach no stream;
 - a responder that cannot reach the caller's server answers over NATS instead, counted;
 - a killed responder fails its streams at once (the connection closes), long before the
@@ -174,6 +175,42 @@ async def test_frames_sooner_than_the_flush_interval_share_a_write(
             assert counter.messages == counter.writes
             assert arrived[1] - arrived[0] >= 0.01  # chunk 1 (made at ~2 ms) waited
             assert ended - handler_done[0] < 0.02  # END did not wait for the interval
+
+
+async def test_chunks_that_wait_for_a_frame_are_coalesced(
+    nats_server: NatsServer, etcd_server: EtcdServer
+) -> None:
+    """An endpoint served with ``coalesce`` gets the chunks that wait for one frame, unencoded,
+    and its caller reads what it made of them: here 10 lists 2 ms apart with a 50 ms interval
+    arrive as the first list (no wait), then one list of the other nine."""
+    cfg = make_config(nats_server, etcd_server, response_plane="tcp")
+    worker_cfg = dataclasses.replace(cfg, response_flush_interval=0.05)
+    merges: list[int] = []
+
+    def concat(chunks: list[Any]) -> list[Any]:
+        merges.append(len(chunks))
+        return [[x for chunk in chunks for x in chunk]]
+
+    async def lists(request: dict[str, Any], ctx: Context) -> AsyncIterator[list[int]]:
+        for i in range(10):
+            yield [i]
+            await asyncio.sleep(0.002)
+
+    async with runtime(worker_cfg) as worker, runtime(cfg) as caller:
+        await worker.endpoint("backend", "generate").serve(counting)
+        await worker.endpoint("backend", "lists").serve(lists, coalesce=concat)
+        client = await caller.client("backend", "generate")
+        lists_client = await caller.client("backend", "lists")
+        await client.wait_for_instances(1, timeout=5)
+        await lists_client.wait_for_instances(1, timeout=5)
+        await connected(caller, client)
+        await asyncio.sleep(0.11)  # a quiet spell: the first frame goes at once
+        got = [chunk async for chunk in await lists_client.generate({})]
+    # The first list, then the rest in one (two if the handler was so slow that the interval
+    # ran out first), every number once and in order.
+    assert got[0] == [0] and 2 <= len(got) <= 3
+    assert [x for chunk in got for x in chunk] == list(range(10))
+    assert sum(merges) >= 8 and all(n > 1 for n in merges)
 
 
 async def test_a_wrong_token_is_refused(nats_server: NatsServer, etcd_server: EtcdServer) -> None:
