@@ -1,11 +1,17 @@
-"""Running CPU-heavy request preparation (JSON decoding, chat templates, tokenization of large
-inputs) on a few threads, so one big request never stalls the event loop and with it every
-other stream, ``/health`` included.
+"""Running CPU-heavy request preparation off the event loop, on a few threads.
 
+Large requests (JSON decoding, chat templates, tokenization) go there whole, so one big
+request never stalls the event loop and with it every other stream, ``/health`` included.
 Bounded: at most ``threads`` jobs run and ``queue`` more wait; beyond that a new job is
 refused at once (:class:`OffloadBusy`, a 503 for the client), so a flood of large bodies costs
-a bounded amount of memory and never an unbounded queue. Small requests skip the threads
-entirely: handing them over would cost more than the work.
+a bounded amount of memory and never an unbounded queue.
+
+Every other request's tokenization goes there too (:meth:`Offloader.tokenize`): the
+tokenizer is Rust and releases the GIL, so the loop serves other connections meanwhile, and
+requests prepared together reach the workers together (which batch them). Side by side with a
+connection per request at c=64 this was ~30% more requests per second for less CPU in the
+processor, the worker and nats-server; the rest of a small request's preparation stays on
+the loop, where handing it over would cost more than the work.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ class Offloader:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         finally:
             self.pending -= 1
+
+    async def tokenize(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` (a tokenizer call, which releases the GIL) on a thread. Not bounded
+        by the queue: each job is a request already admitted, and one of them is short."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

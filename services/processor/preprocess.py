@@ -385,6 +385,17 @@ class ModelPreprocessor:
         embeddings) of the request's image parts in order; each takes as many prompt positions
         as it has embeddings, holding its placeholder ids (``shared.multimodal``), where the
         part stood in the rendered prompt."""
+        prompt = self.chat_prompt(req, images=bool(images))
+        items: list[MultimodalItem] = []
+        if images:
+            token_ids = self._with_images(prompt, images, items)
+        else:
+            token_ids = self.encode(prompt, add_special_tokens=False)
+        return self.chat_request(req, token_ids, guide, items)
+
+    def chat_prompt(self, req: ChatCompletionRequest, *, images: bool = False) -> str:
+        """The rendered chat prompt of ``req`` (image parts as ``IMAGE_MARKER`` if
+        ``images``), its length checked: what :meth:`preprocess_chat` tokenizes."""
         for message in req.messages:
             if isinstance(message.content, str):
                 self.check_length(message.content, "messages")
@@ -394,11 +405,16 @@ class ModelPreprocessor:
         marker = IMAGE_MARKER if images else None
         prompt = self.render_chat(req.messages, True, image_marker=marker, **kwargs)
         self.check_length(prompt, "messages")
-        items: list[MultimodalItem] = []
-        if images:
-            token_ids = self._with_images(prompt, images, items)
-        else:
-            token_ids = self.encode(prompt, add_special_tokens=False)
+        return prompt
+
+    def chat_request(
+        self,
+        req: ChatCompletionRequest,
+        token_ids: list[int],
+        guide: GuidedDecodingOptions | None = None,
+        items: list[MultimodalItem] | None = None,
+    ) -> PreprocessedRequest:
+        """The engine request for ``req`` whose prompt tokenized to ``token_ids``."""
         if not token_ids:
             raise RequestError("The prompt is empty", param="messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -442,15 +458,39 @@ class ModelPreprocessor:
         decoder = self.tokenizer.get_added_tokens_decoder()
         return frozenset(t.content for t in decoder.values() if t.special)
 
-    def preprocess_completion(self, req: CompletionRequest) -> list[PreprocessedRequest]:
-        """One request per prompt; token-id prompts pass through (validated)."""
+    def completion_texts(self, req: CompletionRequest) -> list[str]:
+        """The text prompts of ``req`` that need tokenizing, in order, their lengths checked:
+        what :meth:`preprocess_completion` takes as ``encoded``."""
+        prompts = req.prompts()
+        texts: list[str] = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str) and prompt:
+                self.check_length(prompt, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+                texts.append(prompt)
+        return texts
+
+    def encode_all(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """:meth:`encode` of each text."""
+        return [self.encode(text, add_special_tokens) for text in texts]
+
+    def preprocess_completion(
+        self, req: CompletionRequest, encoded: Sequence[list[int]] | None = None
+    ) -> list[PreprocessedRequest]:
+        """One request per prompt; token-id prompts pass through (validated). ``encoded``:
+        the token ids of :meth:`completion_texts`, if tokenized already."""
         out: list[PreprocessedRequest] = []
         prompts = req.prompts()
+        done = iter(encoded) if encoded is not None else None
         for i, prompt in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             if isinstance(prompt, str):
-                self.check_length(prompt, param)
-                token_ids = self.encode(prompt, add_special_tokens=True) if prompt else []
+                if not prompt:
+                    token_ids = []
+                elif done is not None:
+                    token_ids = next(done)
+                else:
+                    self.check_length(prompt, param)
+                    token_ids = self.encode(prompt, add_special_tokens=True)
             else:
                 token_ids = prompt
                 self._check_token_ids(token_ids, param)

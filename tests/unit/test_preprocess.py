@@ -204,6 +204,26 @@ def test_preprocess_completion(pre: ModelPreprocessor) -> None:
     assert [o.token_ids for o in outs] == [[5], [6, 7]]
 
 
+def test_tokenized_apart_the_requests_are_the_same(pre: ModelPreprocessor) -> None:
+    """What the processor does for a small request (the prompt rendered on the loop, the
+    tokenizer on a thread, the request built from its ids) gives what one call gives."""
+    for req in (chat_req(), chat_req(logprobs=True, top_logprobs=2, stop=["x"])):
+        ids = pre.encode(pre.chat_prompt(req), add_special_tokens=False)
+        assert pre.chat_request(req, ids) == pre.preprocess_chat(req)
+    creq = completion_req(prompt=["hello", "world"], max_tokens=4)
+    texts = pre.completion_texts(creq)
+    assert texts == ["hello", "world"]
+    encoded = pre.encode_all(texts)
+    assert pre.preprocess_completion(creq, encoded) == pre.preprocess_completion(creq)
+    ids = completion_req(prompt=[5, 6])
+    assert pre.completion_texts(ids) == []
+    assert pre.preprocess_completion(ids, []) == pre.preprocess_completion(ids)
+    with pytest.raises(RequestError, match="empty"):
+        pre.chat_request(chat_req(), [])
+    with pytest.raises(RequestError, match="empty"):
+        pre.preprocess_completion(completion_req(prompt=["a", ""]), pre.encode_all(["a"]))
+
+
 def test_completion_token_ids_validated(pre: ModelPreprocessor) -> None:
     with pytest.raises(RequestError, match="vocabulary") as info:
         pre.preprocess_completion(completion_req(prompt=[5, pre.vocab_size]))

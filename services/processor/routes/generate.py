@@ -52,7 +52,13 @@ async def chat(s: Serving, ctx: RequestContext) -> web.StreamResponse:
     if parts:
         s.images.check(model, parts)
         images = [(e.hash, e.embedding) for e in await s.images.encode_all(parts)]
-    preq = await s.prepare(ctx, pre.preprocess_chat, req, parsing.guide, images)
+    if images or ctx.large:
+        preq = await s.prepare(ctx, pre.preprocess_chat, req, parsing.guide, images)
+    else:
+        # Only the tokenizer leaves the loop (see ``offload.py``).
+        prompt = pre.chat_prompt(req)
+        token_ids = await s.offload.tokenize(pre.encode, prompt, False)
+        preq = pre.chat_request(req, token_ids, parsing.guide)
     if parsing.reasoning is not None:
         tail = pre.tokenizer.decode(preq.token_ids[-_PROMPT_TAIL:], skip_special_tokens=False)
         parsing = parsing.after_prompt(tail)
@@ -68,7 +74,12 @@ async def completion(s: Serving, ctx: RequestContext) -> web.StreamResponse:
     pre = model.preprocessor
     assert pre is not None
     s.admission.check_cost(len(req.prompts()) * (req.n or 1))
-    preqs = await s.prepare(ctx, pre.preprocess_completion, req)
+    if ctx.large:
+        preqs = await s.prepare(ctx, pre.preprocess_completion, req)
+    else:
+        texts = pre.completion_texts(req)
+        encoded = await s.offload.tokenize(pre.encode_all, texts) if texts else []
+        preqs = pre.preprocess_completion(req, encoded)
     echo = None
     if req.echo:
         n = req.n or 1
