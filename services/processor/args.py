@@ -188,7 +188,8 @@ _FLAGS: tuple[Flag, ...] = (
     Flag("idle_timeout", float_converter(0.0, strict=True), _D.idle_timeout, "SECONDS",
          "a keep-alive connection idle this long is closed"),
     Flag("preprocess_threads", int_converter(1), _D.preprocess_threads, "N",
-         "threads that decode, template and tokenize large requests off the event loop"),
+         "threads that decode, template and tokenize large requests, and tokenize every "
+         "other one, off the event loop"),
     Flag("preprocess_queue", int_converter(1), _D.preprocess_queue, "N",
          "large requests waiting for a preprocessing thread before new ones get 503"),
     Flag("model_root", _directories, (), "DIR[,DIR...]",
