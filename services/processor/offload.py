@@ -8,10 +8,9 @@ a bounded amount of memory and never an unbounded queue.
 
 Every other request's tokenization goes there too (:meth:`Offloader.tokenize`): the
 tokenizer is Rust and releases the GIL, so the loop serves other connections meanwhile, and
-requests prepared together reach the workers together (which batch them). Side by side with a
-connection per request at c=64 this was ~30% more requests per second for less CPU in the
-processor, the worker and nats-server; the rest of a small request's preparation stays on
-the loop, where handing it over would cost more than the work.
+requests prepared together reach the workers together (which batch them): measured in the
+README's "Mesh overhead". The rest of a small request's preparation stays on the loop, where
+handing it over would cost more than the work.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
   inbox sees nothing), and controls come back on it (a cancel stops the handler);
 - frames sooner than ``--response-flush-interval`` share a write (a stream's, one frame),
   while the first after a quiet spell and a stream's last do not wait;
-- an endpoint's ``coalesce`` merges the chunks that wait for one frame;
+- an endpoint's ``coalesce`` merges the chunks that wait for one frame, and a merged chunk
+  that does not encode ends its stream with a handler error;
 - a connection with a wrong token is closed and its frames reach no stream;
 - a responder that cannot reach the caller's server answers over NATS instead, counted;
 - a killed responder fails its streams at once (the connection closes), long before the
@@ -27,12 +28,12 @@ import msgspec
 import nats
 import pytest
 
-from proto.plane import Frame, FrameKind, StreamFrame, StreamHello
+from proto.plane import ErrorCode, Frame, FrameKind, StreamFrame, StreamHello
 from shared.infra import EtcdServer, NatsServer
 from shared.runtime import Context, RouterMode
 from shared.runtime import metrics as runtime_metrics
 from shared.runtime.endpoint import StopReason
-from shared.runtime.errors import ResponderDeadError
+from shared.runtime.errors import RemoteError, ResponderDeadError
 from tests.integration.mesh import Responder, make_config, runtime
 
 
@@ -211,6 +212,50 @@ async def test_chunks_that_wait_for_a_frame_are_coalesced(
     assert got[0] == [0] and 2 <= len(got) <= 3
     assert [x for chunk in got for x in chunk] == list(range(10))
     assert sum(merges) >= 8 and all(n > 1 for n in merges)
+
+
+async def test_a_coalesced_chunk_that_does_not_encode_is_a_handler_error(
+    nats_server: NatsServer, etcd_server: EtcdServer
+) -> None:
+    """Coalesced chunks are encoded when framed, which for a deferred frame is outside the
+    handler's task: one that does not encode still ends its stream with a handler error (not a
+    silent stall until the stream timeout), and stops the handler."""
+    cfg = make_config(nats_server, etcd_server, response_plane="tcp")
+    worker_cfg = dataclasses.replace(cfg, response_flush_interval=0.05)
+    stopped: list[bool] = []
+
+    async def bad(request: dict[str, Any], ctx: Context) -> AsyncIterator[Any]:
+        yield [0]
+        await asyncio.sleep(0.01)  # the first frame is written: the next one is deferred
+        yield object()  # nothing msgpack can encode
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            stopped.append(True)  # cancelled while it waited: the deferred frame stopped it
+            raise
+
+    async with runtime(worker_cfg) as worker, runtime(cfg) as caller:
+        await worker.endpoint("backend", "generate").serve(counting)
+        await worker.endpoint("backend", "bad").serve(bad, coalesce=lambda chunks: chunks)
+        client = await caller.client("backend", "generate")
+        bad_client = await caller.client("backend", "bad")
+        await client.wait_for_instances(1, timeout=5)
+        await bad_client.wait_for_instances(1, timeout=5)
+        await connected(caller, client)
+        await asyncio.sleep(0.11)
+        got: list[Any] = []
+        started = time.monotonic()
+        with pytest.raises(RemoteError) as info:
+            async for chunk in await bad_client.generate({}):
+                got.append(chunk)
+        assert got == [[0]]
+        assert info.value.code == ErrorCode.HANDLER_ERROR and not info.value.retryable
+        assert time.monotonic() - started < 2
+        for _ in range(100):
+            if stopped:
+                break
+            await asyncio.sleep(0.01)
+        assert stopped == [True]
 
 
 async def test_a_wrong_token_is_refused(nats_server: NatsServer, etcd_server: EtcdServer) -> None:
